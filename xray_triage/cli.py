@@ -1,0 +1,281 @@
+"""The ``xray-triage`` command line: serve, stations, studies, predict, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xray_triage import __version__
+from xray_triage.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("xray_triage")
+
+
+class CliError(Exception):
+    """An error to print as one line, exit status 2."""
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return load_settings(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None), **overrides)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xray_triage.logging_setup import configure_logging
+    from xray_triage.serve import run_server
+
+    settings = _settings(
+        args,
+        dicom_port=args.dicom_port,
+        http_port=args.http_port,
+        dicom_host=args.dicom_host,
+        http_host=args.http_host,
+        model_dir=args.model,
+        ae_title=args.ae_title,
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    return run_server(settings)
+
+
+# -- stations --------------------------------------------------------------------------
+
+
+def cmd_stations(args: argparse.Namespace) -> int:
+    from xray_triage.serve import open_database
+    from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
+
+    db = open_database(_settings(args))
+    try:
+        with db.session() as session:
+            if args.stations_cmd == "add":
+                station = add_station(session, args.ae_title, args.name or "", args.allow_ip)
+                print(f"added station {station.ae_title} ({station.name or 'no name'})")
+            elif args.stations_cmd == "remove":
+                if not remove_station(session, args.ae_title):
+                    raise CliError(f"no station with AE title {args.ae_title!r} (see 'xray-triage stations list')")
+                print(f"removed station {args.ae_title}")
+            else:
+                rows = [
+                    {"ae_title": s.ae_title, "name": s.name, "allowed_ips": s.allowed_ips or "", "created_at": s.created_at}
+                    for s in list_stations(session)
+                ]
+                if args.json:
+                    _print_json(rows)
+                elif not rows:
+                    print("no stations registered; add one with: xray-triage stations add AE_TITLE --name NAME")
+                else:
+                    for r in rows:
+                        print(f"{r['ae_title']:<16}  {r['name']:<40}  {r['allowed_ips'] or 'any address'}")
+    except StationError as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        db.dispose()
+    return 0
+
+
+# -- studies ---------------------------------------------------------------------------
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from xray_triage.serve import open_database
+    from xray_triage.store.queries import get_study, list_studies
+
+    db = open_database(_settings(args))
+    try:
+        with db.session() as session:
+            if args.studies_cmd == "show":
+                study = get_study(session, args.study_uid)
+                if study is None:
+                    raise CliError(f"no study with Study Instance UID {args.study_uid}")
+                _print_json(study) if args.json else _print_study(study)
+            else:
+                studies = list_studies(session, limit=args.limit)
+                _print_json(studies) if args.json else _print_study_table(studies)
+    finally:
+        db.dispose()
+    return 0
+
+
+def _findings_text(findings: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{f['label']} {f['probability']:.2f}" for f in findings[:3]) or "-"
+
+
+def _print_study_table(studies: list[dict[str, Any]]) -> None:
+    if not studies:
+        print("no studies yet")
+        return
+    print(f"{'PRIORITY':<9} {'AI':<15} {'RECEIVED':<20} {'STATION':<16} {'PATIENT':<28} {'FINDINGS':<32} STUDY UID")
+    for s in studies:
+        print(
+            f"{s['priority'] or '-':<9} {s['ai_status']:<15} {s['received_at'][:19]:<20} "
+            f"{s['station']['ae_title']:<16} {s['patient_name'][:28]:<28} {_findings_text(s['findings'])[:32]:<32} "
+            f"{s['study_uid']}"
+        )
+
+
+def _print_study(study: dict[str, Any]) -> None:
+    print(f"Study      {study['study_uid']}")
+    print(f"Patient    {study['patient_name']} ({study['patient_id']}), {study['patient_sex']} {study['patient_age']}")
+    print(f"Station    {study['station']['ae_title']} {study['station']['name']}")
+    print(f"Received   {study['received_at']}")
+    print(f"AI status  {study['ai_status']}    priority: {study['priority'] or '-'}")
+    print(f"Findings   {_findings_text(study['findings'])}")
+    for image in study["images"]:
+        print(f"- {image['sop_instance_uid']}  {image['modality']} {image['view_position']}  ai={image['ai_status']}")
+        if image["ai_error"]:
+            print(f"    error: {image['ai_error']}")
+        if image["result"]:
+            r = image["result"]
+            probs = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["probabilities"].items(), key=lambda kv: -kv[1]))
+            print(f"    {r['priority']}  abnormal_score {r['abnormal_score']:.3f}  model {r['model_version']}")
+            print(f"    probabilities: {probs}")
+            print(f"    timings ms: {r['timings_ms']}")
+    print(f"\n{study.get('disclaimer', '')}".rstrip())
+
+
+# -- predict ---------------------------------------------------------------------------
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from xray_triage.inference.card import load_card
+    from xray_triage.inference.runner import ModelRunner
+    from xray_triage.pipeline.pixels import PixelError
+    from xray_triage.triage.analyze import analyze_file
+
+    settings = _settings(args, model_dir=args.model)
+    card = load_card(settings.model_dir)
+    runner = ModelRunner(card, providers=settings.providers, intra_op_threads=settings.intra_op_threads)
+    failures = 0
+    for file in args.files:
+        try:
+            analysis = analyze_file(Path(file), runner)
+        except (PixelError, OSError) as exc:
+            failures += 1
+            record = {"file": file, "error": str(exc)}
+        else:
+            record = {
+                "file": file,
+                "probabilities": analysis.score.probabilities,
+                "flagged": analysis.score.flagged,
+                "abnormal_score": analysis.score.abnormal_score,
+                "priority": analysis.score.priority,
+                "model_version": analysis.model_version,
+            }
+        if args.json or "error" in record:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            flagged = ", ".join(record["flagged"]) or "none"
+            print(f"{file}: {record['priority']} (abnormal_score {record['abnormal_score']:.3f}; flagged: {flagged})")
+    return 1 if failures else 0
+
+
+# -- models ----------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from xray_triage.inference.card import load_card
+    from xray_triage.inference.runner import ModelRunner
+
+    settings = _settings(args, model_dir=args.model)
+    card = load_card(settings.model_dir)  # verifies sha256
+    if args.models_cmd == "verify":
+        runner = ModelRunner(card, providers=settings.providers, warm_up=False)
+        seconds = runner.warm_up()
+        print(f"ok: {card.model_version} sha256 {card.sha256[:16]}… smoke inference {seconds * 1000:.0f} ms on {runner.providers[0]}")
+    else:
+        print(f"{card.model_version}  {card.path}")
+        print(f"  labels: {', '.join(card.labels)}")
+        print(f"  input: {card.input.channels}x{card.input.height}x{card.input.width} ({card.input.resize})")
+        print(f"  intended use: {card.intended_use}")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML settings file (also XRAY_TRIAGE_CONFIG)")
+    common.add_argument("--data-dir", type=Path, help="data directory (also XRAY_TRIAGE_DATA_DIR; default ./xray-triage-data)")
+
+    parser = argparse.ArgumentParser(
+        prog="xray-triage",
+        description="AI-assisted chest X-ray triage server. AI output is decision support, not a diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"xray-triage {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the DICOM gateway, triage workers and HTTP app")
+    serve.add_argument("--dicom-port", type=int, help="DICOM listening port (default 11112)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--dicom-host", help="DICOM bind address (default 0.0.0.0)")
+    serve.add_argument("--http-host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--ae-title", help="our AE title (default XRAY_TRIAGE)")
+    serve.add_argument("--model", type=Path, help="model directory or card (default: the shipped demo model)")
+    serve.set_defaults(func=cmd_serve)
+
+    stations = sub.add_parser("stations", help="register the X-ray machines allowed to send")
+    st_sub = stations.add_subparsers(dest="stations_cmd", required=True, metavar="ACTION")
+    st_add = st_sub.add_parser("add", parents=[common], help="register a station by its calling AE title")
+    st_add.add_argument("ae_title", metavar="AE_TITLE")
+    st_add.add_argument("--name", default="", help='human name, e.g. "Trạm Y tế Thạnh An"')
+    st_add.add_argument("--allow-ip", help="only accept from these addresses/networks, comma-separated")
+    st_rm = st_sub.add_parser("remove", parents=[common], help="unregister a station")
+    st_rm.add_argument("ae_title", metavar="AE_TITLE")
+    st_ls = st_sub.add_parser("list", parents=[common], help="list registered stations")
+    st_ls.add_argument("--json", action="store_true")
+    stations.set_defaults(func=cmd_stations)
+
+    studies = sub.add_parser("studies", help="read studies and their AI results")
+    sd_sub = studies.add_subparsers(dest="studies_cmd", required=True, metavar="ACTION")
+    sd_ls = sd_sub.add_parser("list", parents=[common], help="studies, most urgent first")
+    sd_ls.add_argument("--json", action="store_true")
+    sd_ls.add_argument("--limit", type=int, default=200)
+    sd_show = sd_sub.add_parser("show", parents=[common], help="one study with every image's result")
+    sd_show.add_argument("study_uid", metavar="STUDY_UID")
+    sd_show.add_argument("--json", action="store_true")
+    studies.set_defaults(func=cmd_studies)
+
+    predict = sub.add_parser("predict", parents=[common], help="triage DICOM/PNG/JPEG files without the server")
+    predict.add_argument("files", nargs="+", metavar="FILE")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--model", type=Path, help="model directory or card")
+    predict.set_defaults(func=cmd_predict)
+
+    models = sub.add_parser("models", help="inspect and verify models")
+    md_sub = models.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    for name, text in (("list", "show the configured model's card"), ("verify", "check sha256 and run a smoke inference")):
+        p = md_sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--model", type=Path, help="model directory or card")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from xray_triage.inference.card import ModelCardError
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, SettingsError, ModelCardError) as exc:
+        print(f"xray-triage: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

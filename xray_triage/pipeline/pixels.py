@@ -1,0 +1,142 @@
+"""From a DICOM dataset (or a PNG/JPEG file) to a display-ready grey image in [0, 1].
+
+The model never sees raw stored values: it sees what a radiologist would see on a
+monitor. Every source therefore goes through the same steps, in the order PS3.3
+C.11 prescribes:
+
+1. decode the pixel data (pydicom + its pylibjpeg / openjpeg / rle plugins),
+2. mask to Bits Stored (some devices leave garbage in the unused high bits),
+3. Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence),
+4. VOI LUT or Window Center / Width when the dataset carries one, otherwise
+   the image's own min/max (many DX "for presentation" devices omit the VOI),
+5. invert MONOCHROME1 so that 1.0 is always bright (bone, metal).
+
+The result is float32, shape (rows, cols), 0 = black, 1 = white.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class PixelError(ValueError):
+    """The image cannot be turned into pixels; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DisplayImage:
+    """A decoded image ready for preprocessing, plus how it was obtained."""
+
+    pixels: np.ndarray  # float32 (rows, cols) in [0, 1], 1 = bright
+    source_shape: tuple[int, int]  # rows, cols of the stored image
+    window: str  # which VOI was applied, for logs and the result record
+
+
+def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImage:
+    """Decode ``ds`` and apply Modality LUT, VOI and MONOCHROME1 inversion."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PixelError(f"{source}: no Pixel Data (7FE0,0010); the dataset holds no image")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise PixelError(
+            f"{source}: Photometric Interpretation (0028,0004) is {photometric or 'missing'!r}; "
+            "only MONOCHROME1/MONOCHROME2 radiographs can be triaged"
+        )
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        log.info("multi-frame image, using first frame", extra={"source": source})
+    try:
+        stored = ds.pixel_array if int(ds.get("NumberOfFrames", 1) or 1) == 1 else ds.pixel_array[0]
+    except Exception as exc:  # decoder plugins raise many types; report them as one
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        ts_name = getattr(ts, "name", ts) or "unknown transfer syntax"
+        raise PixelError(f"{source}: cannot decode Pixel Data ({ts_name}): {exc}") from exc
+    stored = _mask_bits_stored(stored, ds)
+    values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)
+    values, window = _apply_voi(values, ds)
+    lo, hi = float(values.min()), float(values.max())
+    if window == "minmax":
+        span = hi - lo
+        image = (values - lo) / span if span > 0 else np.zeros_like(values)
+    else:
+        image = values  # _apply_voi already returned [0, 1]
+    if photometric == "MONOCHROME1":
+        image = 1.0 - image
+    image = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
+    return DisplayImage(pixels=image, source_shape=tuple(stored.shape[:2]), window=window)
+
+
+def _mask_bits_stored(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Clear bits above Bits Stored for unsigned data (PS3.5 8.1.1)."""
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    bits_allocated = int(ds.get("BitsAllocated", 0) or 0)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 0 and 0 < bits_stored < bits_allocated:
+        return stored & ((1 << bits_stored) - 1)
+    return stored
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Apply the dataset's first VOI LUT or window; return values in [0, 1]."""
+    has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if not (has_lut or has_window):
+        return values, "minmax"
+    try:
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32, copy=False)
+    except Exception as exc:  # a malformed VOI must not make the image unreadable
+        log.warning("ignoring unusable VOI LUT/window: %s", exc)
+        return values, "minmax"
+    if has_lut:
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return out / float((1 << lut_bits) - 1), "voi_lut"
+    # pydicom maps a window onto the output range of the rescaled stored values; find
+    # that range by windowing two extreme values rather than re-deriving its rules.
+    lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e12, 1e12]), ds, index=0))
+    span = hi - lo
+    return ((out - lo) / span if span > 0 else np.zeros_like(out)), "window"
+
+
+def read_dicom_display(path: Path) -> DisplayImage:
+    """Read a DICOM file from disk and decode it for display."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise PixelError(f"{path}: not a readable DICOM file ({exc})") from exc
+    return dataset_to_display(ds, source=str(path))
+
+
+def read_picture_display(path: Path) -> DisplayImage:
+    """Read a PNG/JPEG (8 or 16 bit, grey, RGB or RGBA) as a display image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                top = 65535.0 if arr.max() > 255 else 255.0
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.float32)
+                top = 255.0
+    except Exception as exc:
+        raise PixelError(f"{path}: not a readable PNG/JPEG image ({exc})") from exc
+    pixels = np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+    return DisplayImage(pixels=pixels, source_shape=pixels.shape[:2], window="picture")
+
+
+def read_any_display(path: Path) -> DisplayImage:
+    """DICOM or picture, by content first (DICM preamble) and suffix second."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return read_picture_display(path)
+    return read_dicom_display(path)

@@ -1,0 +1,130 @@
+"""``xray-triage serve``: DICOM gateway, triage workers and HTTP app in one process.
+
+Start-up order is chosen so that nothing is acknowledged that cannot be
+processed: the model is loaded, checked against its card's sha256 and warmed up
+*before* the gateway starts listening. Shutdown runs the other way: the gateway
+stops accepting and lets in-flight associations finish (or aborts them after a
+grace period), then the workers finish the image in hand; queued jobs stay in
+the database for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from consult_web.app import create_app
+from dicom_gateway.scp import DicomGateway, GatewayConfig
+from xray_triage.inference.card import load_card
+from xray_triage.inference.runner import ModelRunner
+from xray_triage.settings import Settings
+from xray_triage.store.db import Database
+from xray_triage.store.files import clean_incoming, remove_file, stored_files
+from xray_triage.store.ingest import Ingestor, TriagePolicy
+from xray_triage.store.schema import Instance
+from xray_triage.triage.worker import TriageWorkers
+
+log = logging.getLogger(__name__)
+
+
+def open_database(settings: Settings) -> Database:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    db.create_schema()
+    return db
+
+
+def reconcile_files(settings: Settings, db: Database) -> None:
+    """Remove what a crash left between writing a file and committing its row.
+
+    Such files were never acknowledged to the modality (it will resend them),
+    so removing them loses nothing and keeps "no file without a row" true.
+    """
+    parts = clean_incoming(settings.data_dir)
+    with db.session() as session:
+        known = set(session.scalars(select(Instance.file_path)))
+    orphans = stored_files(settings.data_dir) - known
+    for relpath in orphans:
+        remove_file(settings.data_dir, Path(relpath))
+    missing = len(known - stored_files(settings.data_dir)) if known else 0
+    if parts or orphans:
+        log.warning("removed unacknowledged leftovers of an interrupted run", extra={"partial": parts, "orphans": len(orphans)})
+    if missing:
+        log.error("instances whose DICOM file is missing from the data directory", extra={"count": missing})
+
+
+def gateway_config(settings: Settings) -> GatewayConfig:
+    return GatewayConfig(
+        ae_title=settings.ae_title,
+        host=settings.dicom_host,
+        port=settings.dicom_port,
+        accept_unknown_stations=settings.accept_unknown_stations,
+        max_associations=settings.max_associations,
+        acse_timeout_s=settings.acse_timeout_s,
+        dimse_timeout_s=settings.dimse_timeout_s,
+        network_timeout_s=settings.network_timeout_s,
+        max_pdu=settings.max_pdu,
+    )
+
+
+def run_server(settings: Settings) -> int:
+    import uvicorn
+
+    card = load_card(settings.model_dir)  # sha256 checked here: a bad model stops start-up
+    runner = ModelRunner(card, providers=settings.providers, intra_op_threads=settings.intra_op_threads)
+    db = open_database(settings)
+    reconcile_files(settings, db)
+    log.info(
+        "starting",
+        extra={"data_dir": str(settings.data_dir.resolve()), "database": db.engine.url.render_as_string(hide_password=True)},
+    )
+    workers = TriageWorkers(
+        db, runner, settings.data_dir, count=settings.triage_workers, max_attempts=settings.max_job_attempts
+    )
+    workers.start()
+    ingestor = Ingestor(
+        settings.data_dir,
+        db,
+        TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
+        on_job_queued=workers.notify,
+    )
+    gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    health: dict[str, Any] = {"dicom_gateway": "starting"}
+    stop_requested = threading.Event()
+    try:
+        gateway.start()
+        health["dicom_gateway"] = "ok"
+        app = create_app(db, card, health)
+        config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False)
+        server = uvicorn.Server(config)
+        _install_quiet_signal_handlers(stop_requested)
+        log.info("HTTP app listening", extra={"host": settings.http_host, "port": settings.http_port})
+        server.run()
+        if not server.started:
+            log.error("HTTP app could not start (is the port free?)", extra={"port": settings.http_port})
+            return 1
+        return 0
+    finally:
+        log.info("shutting down")
+        health["dicom_gateway"] = "stopping"
+        gateway.stop(settings.shutdown_grace_s)
+        workers.stop()
+        db.dispose()
+        log.info("stopped")
+
+
+def _install_quiet_signal_handlers(flag: threading.Event) -> None:
+    """uvicorn re-raises the signal it caught once it has stopped; with these
+    handlers in place that re-raise only sets a flag, so our own shutdown
+    (gateway, workers, database) still runs."""
+
+    def _handler(signum: int, _frame: object) -> None:
+        flag.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)

@@ -1,0 +1,122 @@
+"""One typed settings object for the whole server.
+
+Sources, highest priority first:
+1. values given in code (CLI flags such as ``--dicom-port``),
+2. environment variables ``XRAY_TRIAGE_<NAME>`` (e.g. ``XRAY_TRIAGE_DATA_DIR``),
+3. the TOML file from ``--config FILE`` or ``XRAY_TRIAGE_CONFIG`` (top-level keys),
+4. the defaults below: SQLite and local files under the data directory, the
+   model shipped in ``models/default``, CPU unless a GPU build sees a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "default"
+CONFIG_ENV = "XRAY_TRIAGE_CONFIG"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XRAY_TRIAGE_", extra="forbid", validate_default=True)
+
+    # Storage
+    data_dir: Path = Field(Path("xray-triage-data"), description="DICOM files, database, logs")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+
+    # DICOM gateway
+    ae_title: str = Field("XRAY_TRIAGE", max_length=16)
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    accept_unknown_stations: bool = False
+    max_associations: int = Field(32, ge=1)
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu: int = Field(0, ge=0, description="0 = unlimited")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight associations may finish")
+
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+
+    # Model and triage
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")
+    providers: list[str] | None = Field(None, description="ONNX Runtime providers; default CUDA if present, else CPU")
+    intra_op_threads: int | None = Field(None, ge=1)
+    triage_workers: int = Field(1, ge=0, description="0 = store only; jobs wait in the queue")
+    triage_modalities: list[str] = Field(["CR", "DX"])
+    triage_body_parts: list[str] = Field(["CHEST"])
+    max_job_attempts: int = Field(3, ge=1)
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: str = Field("text", pattern="^(text|json)$")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_ok(cls, value: str) -> str:
+        value = value.strip()
+        if not value or "\\" in value or not value.isascii():
+            raise ValueError("AE title must be 1-16 ASCII characters without backslash")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'xray-triage.db').resolve()}"
+
+    @property
+    def dicom_dir(self) -> Path:
+        return self.data_dir / "dicom"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.data_dir / "incoming"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    """Configuration is missing or invalid; the message names the file and key."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a TOML file (optional), the environment and CLI overrides."""
+    from pydantic import ValidationError
+
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise SettingsError(f"{config_file}: configuration file not found")
+        os.environ[CONFIG_ENV] = str(config_file)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        where = os.environ.get(CONFIG_ENV) or "environment"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"invalid settings ({where}): {problems}") from exc

@@ -1,0 +1,140 @@
+"""Database operations on studies, series and instances (no DICOM networking here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from xray_triage.store.dicom_meta import InstanceMeta
+from xray_triage.store.schema import (
+    AI_DONE,
+    AI_FAILED,
+    AI_NOT_APPLICABLE,
+    AI_PENDING,
+    PRIORITY_RANK,
+    Instance,
+    Series,
+    Study,
+    TriageJob,
+    TriageResult,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Where and how an instance arrived (for the record and the timings)."""
+
+    relpath: str
+    file_size: int
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+    receive_ms: float | None
+    store_ms: float | None
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, triage: bool) -> Instance:
+    """Insert the instance (with its study and series if new) and, if asked, its triage job."""
+    study = _get_or_create_study(session, meta, receipt.calling_ae)
+    series = _get_or_create_series(session, meta, study)
+    instance = Instance(
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        series=series,
+        transfer_syntax_uid=receipt.transfer_syntax_uid,
+        instance_number=meta.instance_number,
+        view_position=meta.view_position,
+        rows=meta.rows,
+        columns=meta.columns,
+        file_path=receipt.relpath,
+        file_size=receipt.file_size,
+        calling_ae=receipt.calling_ae,
+        peer_address=receipt.peer_address,
+        receive_ms=receipt.receive_ms,
+        store_ms=receipt.store_ms,
+        ai_status=AI_PENDING if triage else AI_NOT_APPLICABLE,
+    )
+    session.add(instance)
+    session.flush()
+    if triage:
+        session.add(TriageJob(instance_id=instance.id))
+    refresh_study(session, study)
+    return instance
+
+
+def _get_or_create_study(session: Session, meta: InstanceMeta, calling_ae: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
+    if study is not None:
+        return study
+    study = Study(
+        study_instance_uid=meta.study_instance_uid,
+        patient_id=meta.patient_id,
+        patient_name=meta.patient_name,
+        patient_sex=meta.patient_sex,
+        patient_birth_date=meta.patient_birth_date,
+        patient_age=meta.patient_age,
+        study_date=meta.study_date,
+        study_time=meta.study_time,
+        accession_number=meta.accession_number,
+        description=meta.study_description,
+        institution_name=meta.institution_name,
+        station_ae=calling_ae,
+    )
+    session.add(study)
+    session.flush()
+    return study
+
+
+def _get_or_create_series(session: Session, meta: InstanceMeta, study: Study) -> Series:
+    series = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+    if series is not None:
+        return series
+    series = Series(
+        series_instance_uid=meta.series_instance_uid,
+        study=study,
+        modality=meta.modality,
+        body_part=meta.body_part,
+        series_number=meta.series_number,
+        description=meta.series_description,
+    )
+    session.add(series)
+    session.flush()
+    return series
+
+
+def refresh_study(session: Session, study: Study) -> None:
+    """Recompute the study's AI status and priority from its instances.
+
+    Status: pending while any image waits; else done if any image was triaged;
+    else failed if any failed; else not_applicable. Priority: the highest of
+    its images' results.
+    """
+    session.flush()
+    rows = session.execute(
+        select(Instance.ai_status, Instance.id)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+    ).all()
+    statuses = {status for status, _ in rows}
+    if AI_PENDING in statuses:
+        study.ai_status = AI_PENDING
+    elif AI_DONE in statuses:
+        study.ai_status = AI_DONE
+    elif AI_FAILED in statuses:
+        study.ai_status = AI_FAILED
+    else:
+        study.ai_status = AI_NOT_APPLICABLE
+    priorities = session.scalars(
+        select(TriageResult.priority).where(TriageResult.instance_id.in_([i for _, i in rows]))
+    ).all()
+    best = max(priorities, key=lambda p: PRIORITY_RANK.get(p, 0), default=None)
+    study.priority = best
+    study.priority_rank = PRIORITY_RANK.get(best, 0)
+    study.updated_at = utcnow()

@@ -1,0 +1,152 @@
+"""SQLAlchemy 2 models: stations, studies, series, instances, triage jobs and results.
+
+Only portable column types and constraints are used (no SQLite-only SQL), so the
+same schema runs on PostgreSQL by changing ``database_url``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# AI status of an instance or study, and the triage priority, as stored strings.
+AI_PENDING = "pending"
+AI_DONE = "done"
+AI_FAILED = "failed"
+AI_NOT_APPLICABLE = "not_applicable"
+
+PRIORITY_URGENT = "urgent"
+PRIORITY_ABNORMAL = "abnormal"
+PRIORITY_NORMAL = "normal"
+PRIORITY_RANK = {PRIORITY_URGENT: 3, PRIORITY_ABNORMAL: 2, PRIORITY_NORMAL: 1, None: 0}
+
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Station(Base):
+    """A modality (X-ray machine) allowed to send, identified by its calling AE title."""
+
+    __tablename__ = "stations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False, default="")
+    allowed_ips: Mapped[str | None] = mapped_column(Text, nullable=True)  # comma-separated; NULL = any
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_age: Mapped[str] = mapped_column(String(4), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    description: Mapped[str] = mapped_column(String(64), default="")
+    institution_name: Mapped[str] = mapped_column(String(64), default="")
+    station_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Summaries of the instances, kept up to date in the same transactions that change them.
+    ai_status: Mapped[str] = mapped_column(String(16), default=AI_PENDING, index=True)
+    priority: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    priority_rank: Mapped[int] = mapped_column(Integer, default=0, index=True)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+    description: Mapped[str] = mapped_column(String(64), default="")
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), nullable=False)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), nullable=False, index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    instance_number: Mapped[str] = mapped_column(String(12), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    file_path: Mapped[str] = mapped_column(Text, nullable=False)  # relative to the data directory
+    file_size: Mapped[int] = mapped_column(Integer, default=0)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    receive_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    store_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ai_status: Mapped[str] = mapped_column(String(16), default=AI_PENDING, index=True)
+    ai_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    result: Mapped[TriageResult | None] = relationship(back_populates="instance", uselist=False)
+
+
+class TriageJob(Base):
+    """The durable queue: one row per instance to triage; survives a crash."""
+
+    __tablename__ = "triage_jobs"
+    __table_args__ = (UniqueConstraint("instance_id", name="uq_triage_jobs_instance"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), default=JOB_QUEUED, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TriageResult(Base):
+    """Exactly one per triaged instance (unique on instance_id)."""
+
+    __tablename__ = "triage_results"
+    __table_args__ = (UniqueConstraint("instance_id", name="uq_triage_results_instance"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
+    model_version: Mapped[str] = mapped_column(String(128), nullable=False)
+    probabilities: Mapped[dict] = mapped_column(JSON, nullable=False)
+    thresholds: Mapped[dict] = mapped_column(JSON, nullable=False)
+    flagged: Mapped[list] = mapped_column(JSON, nullable=False)
+    abnormal_score: Mapped[float] = mapped_column(Float, nullable=False)
+    priority: Mapped[str] = mapped_column(String(16), nullable=False)
+    timings_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="result")

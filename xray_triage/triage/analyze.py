@@ -1,0 +1,53 @@
+"""One image through the whole pipeline: decode, preprocess, infer, score.
+
+Used by the server's triage worker and by ``xray-triage predict``, so the CLI
+and the server give the same answer for the same file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xray_triage.inference.runner import ModelRunner
+from xray_triage.pipeline.pixels import DisplayImage, read_any_display
+from xray_triage.pipeline.preprocess import to_model_input
+from xray_triage.triage.scoring import Score, score
+
+
+@dataclass(frozen=True)
+class Analysis:
+    score: Score
+    model_version: str
+    thresholds: dict[str, float]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    source_shape: tuple[int, int] = (0, 0)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def analyze_display(image: DisplayImage, runner: ModelRunner, decode_ms: float) -> Analysis:
+    card = runner.card
+    start = time.perf_counter()
+    tensor = to_model_input(image.pixels, card.input)
+    preprocess_ms = _ms(start)
+    start = time.perf_counter()
+    outputs = runner.run(tensor[None])
+    inference_ms = _ms(start)
+    return Analysis(
+        score=score(outputs.probabilities[0], card),
+        model_version=card.model_version,
+        thresholds=dict(card.thresholds),
+        timings_ms={"decode": decode_ms, "preprocess": preprocess_ms, "inference": inference_ms},
+        source_shape=image.source_shape,
+    )
+
+
+def analyze_file(path: Path, runner: ModelRunner) -> Analysis:
+    """Raise :class:`xray_triage.pipeline.pixels.PixelError` if the image cannot be read."""
+    start = time.perf_counter()
+    image = read_any_display(Path(path))
+    return analyze_display(image, runner, _ms(start))

@@ -1,0 +1,109 @@
+"""Triage worker threads: take jobs from the durable queue and run the model.
+
+Workers are woken at once when the gateway queues a job (``notify``) and also
+poll every second, so jobs queued by another process or recovered after a
+crash are never stranded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from xray_triage.inference.runner import ModelRunner
+from xray_triage.pipeline.pixels import PixelError
+from xray_triage.store.db import Database
+from xray_triage.triage import jobs
+from xray_triage.triage.analyze import analyze_file
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+
+
+class TriageWorkers:
+    def __init__(
+        self,
+        db: Database,
+        runner: ModelRunner,
+        data_dir: Path,
+        *,
+        count: int = 1,
+        max_attempts: int = 3,
+    ) -> None:
+        self.db = db
+        self.runner = runner
+        self.data_dir = data_dir
+        self.count = count
+        self.max_attempts = max_attempts
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def notify(self) -> None:
+        """Called by the gateway when a job was queued."""
+        self._wake.set()
+
+    def start(self) -> None:
+        recovered = jobs.recover_interrupted(self.db)
+        if recovered:
+            log.info("re-queued jobs interrupted by a previous shutdown or crash", extra={"jobs": recovered})
+        for n in range(self.count):
+            thread = threading.Thread(target=self._loop, name=f"triage-worker-{n}", args=(f"worker-{n}",), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._wake.set()
+        if self.count == 0:
+            log.warning("triage_workers = 0: images are stored and queued but not triaged")
+        else:
+            log.info("triage workers started", extra={"workers": self.count, "model": self.runner.card.model_version})
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the job in hand, then stop. Unstarted jobs stay queued in the database."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout_s)
+        self._threads.clear()
+
+    def _loop(self, name: str) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(POLL_INTERVAL_S)
+            self._wake.clear()
+            try:
+                while not self._stop.is_set() and self.run_one(name):
+                    pass
+            except Exception:  # the database may be briefly unavailable; keep the worker alive
+                log.exception("triage worker error; retrying shortly")
+                time.sleep(POLL_INTERVAL_S)
+
+    def run_one(self, name: str = "worker") -> bool:
+        """Process one queued job; return False when the queue is empty."""
+        job = jobs.claim_next(self.db, name)
+        if job is None:
+            return False
+        path = self.data_dir / job.file_path
+        try:
+            analysis = analyze_file(path, self.runner)
+        except PixelError as exc:
+            jobs.fail(self.db, job, str(exc), permanent=True, max_attempts=self.max_attempts)
+            log.warning("triage failed: image cannot be decoded", extra={"instance_id": job.instance_id, "error": str(exc)})
+            return True
+        except Exception as exc:
+            final = jobs.fail(self.db, job, f"{type(exc).__name__}: {exc}", permanent=False, max_attempts=self.max_attempts)
+            log.exception("triage error", extra={"instance_id": job.instance_id, "final": final})
+            return True
+        jobs.complete(self.db, job, analysis)
+        log.info(
+            "triage done",
+            extra={
+                "instance_id": job.instance_id,
+                "priority": analysis.score.priority,
+                "abnormal_score": analysis.score.abnormal_score,
+                "flagged": ",".join(analysis.score.flagged) or "-",
+                **{f"{k}_ms": v for k, v in analysis.timings_ms.items()},
+            },
+        )
+        return True
