@@ -94,11 +94,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_ENV)
-        if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        return tuple(sources)
+        # The TOML file is the class's model_config["toml_file"]; load_settings sets it.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 class SettingsError(ValueError):
@@ -109,14 +106,16 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build settings from a TOML file (optional), the environment and CLI overrides."""
     from pydantic import ValidationError
 
+    config_file = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    settings_cls = Settings
     if config_file is not None:
         if not Path(config_file).is_file():
             raise SettingsError(f"{config_file}: configuration file not found")
-        os.environ[CONFIG_ENV] = str(config_file)
+        settings_cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**overrides)
+        return settings_cls(**overrides)
     except ValidationError as exc:
-        where = os.environ.get(CONFIG_ENV) or "environment"
+        where = str(config_file) if config_file else "environment"
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise SettingsError(f"invalid settings ({where}): {problems}") from exc

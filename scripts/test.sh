@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what the tests need (Debian dcmtk, a virtualenv with the project and its
+# dev extras) and run the test suite. Safe to run again: each step is skipped when
+# already done. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null; then
+  echo "== installing dcmtk (Debian package) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv =="
+  python3 -m venv .venv
+fi
+echo "== installing xray-triage[dev] into .venv =="
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+echo "== ruff =="
+.venv/bin/ruff check .
+
+echo "== pytest =="
+exec .venv/bin/python -m pytest "$@"
