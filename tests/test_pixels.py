@@ -45,7 +45,7 @@ def test_every_shared_dicom_matches_its_png(row: dict[str, str]) -> None:
     image = read_dicom_display(DICOM_DIR / row["file"])
     assert image.source_shape == (int(row["rows"]), int(row["cols"]))
     assert image.pixels.dtype == np.float32
-    assert 0.0 <= image.pixels.min() and image.pixels.max() <= 1.0
+    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
     png = read_any_display(PNG_DIR / row["source_png"])
     # Compare what the model sees: both through the same preprocessing.
     ours = to_model_input(image.pixels, SPEC)[0]

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # AI status of an instance or study, and the triage priority, as stored strings.
@@ -32,6 +42,27 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator):
+    """Timestamps stored in UTC and always read back timezone-aware.
+
+    SQLite keeps no time zone, so without this a value read back would be naive
+    and an API client could not tell UTC from local time.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -45,7 +76,7 @@ class Station(Base):
     ae_title: Mapped[str] = mapped_column(String(16), unique=True, nullable=False)
     name: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     allowed_ips: Mapped[str | None] = mapped_column(Text, nullable=True)  # comma-separated; NULL = any
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Study(Base):
@@ -64,8 +95,8 @@ class Study(Base):
     description: Mapped[str] = mapped_column(String(64), default="")
     institution_name: Mapped[str] = mapped_column(String(64), default="")
     station_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Summaries of the instances, kept up to date in the same transactions that change them.
     ai_status: Mapped[str] = mapped_column(String(16), default=AI_PENDING, index=True)
     priority: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
@@ -105,7 +136,7 @@ class Instance(Base):
     file_size: Mapped[int] = mapped_column(Integer, default=0)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_address: Mapped[str] = mapped_column(String(64), default="")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     receive_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     store_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     ai_status: Mapped[str] = mapped_column(String(16), default=AI_PENDING, index=True)
@@ -125,9 +156,9 @@ class TriageJob(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), nullable=False)
     state: Mapped[str] = mapped_column(String(16), default=JOB_QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -147,6 +178,6 @@ class TriageResult(Base):
     abnormal_score: Mapped[float] = mapped_column(Float, nullable=False)
     priority: Mapped[str] = mapped_column(String(16), nullable=False)
     timings_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="result")

@@ -45,6 +45,7 @@ class ClaimedJob:
     attempts: int
     receive_ms: float | None
     store_ms: float | None
+    queue_ms: float | None  # from the instance's commit to this claim
 
 
 def recover_interrupted(db: Database) -> int:
@@ -74,6 +75,7 @@ def claim_next(db: Database, worker: str) -> ClaimedJob | None:
                 continue  # another worker took it; try the next one
             job = session.get(TriageJob, job_id)
             instance = session.get(Instance, job.instance_id)
+            waited = (utcnow() - instance.received_at).total_seconds() * 1000 if instance.received_at else None
             return ClaimedJob(
                 job_id=job_id,
                 instance_id=instance.id,
@@ -81,6 +83,7 @@ def claim_next(db: Database, worker: str) -> ClaimedJob | None:
                 attempts=job.attempts,
                 receive_ms=instance.receive_ms,
                 store_ms=instance.store_ms,
+                queue_ms=round(waited, 2) if waited is not None else None,
             )
 
 
@@ -95,7 +98,7 @@ def _study_of(session, instance_id: int) -> Study:  # type: ignore[no-untyped-de
 
 def complete(db: Database, job: ClaimedJob, analysis: Analysis) -> None:
     """Record the result, mark instance and job done, refresh the study: one transaction."""
-    timings = {"receive": job.receive_ms, "store": job.store_ms, **analysis.timings_ms}
+    timings = {"receive": job.receive_ms, "store": job.store_ms, "queue": job.queue_ms, **analysis.timings_ms}
     try:
         with db.session() as session:
             session.add(
