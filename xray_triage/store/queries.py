@@ -79,6 +79,7 @@ def _instance_detail(instance: Instance, series: Series) -> dict[str, Any]:
             "abnormal_score": result.abnormal_score,
             "priority": result.priority,
             "timings_ms": result.timings_ms,
+            "heatmaps": result.heatmaps,
             "created_at": _iso(result.created_at),
         },
     }

@@ -178,6 +178,8 @@ class TriageResult(Base):
     abnormal_score: Mapped[float] = mapped_column(Float, nullable=False)
     priority: Mapped[str] = mapped_column(String(16), nullable=False)
     timings_ms: Mapped[dict] = mapped_column(JSON, nullable=False)
+    # flagged label -> {"grid": [[0..1]], "box": [top, left, height, width] in source pixels}
+    heatmaps: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="result")

@@ -13,6 +13,7 @@ from pathlib import Path
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.pipeline.pixels import DisplayImage, read_any_display
 from xray_triage.pipeline.preprocess import to_model_input
+from xray_triage.triage.heatmaps import heatmap_records
 from xray_triage.triage.scoring import Score, score
 
 
@@ -23,6 +24,7 @@ class Analysis:
     thresholds: dict[str, float]
     timings_ms: dict[str, float] = field(default_factory=dict)
     source_shape: tuple[int, int] = (0, 0)
+    heatmaps: dict[str, dict] = field(default_factory=dict)  # flagged label -> grid + source box
 
 
 def _ms(start: float) -> float:
@@ -37,8 +39,13 @@ def analyze_display(image: DisplayImage, runner: ModelRunner, decode_ms: float) 
     start = time.perf_counter()
     outputs = runner.run(tensor[None])
     inference_ms = _ms(start)
+    result = score(outputs.probabilities[0], card)
+    heatmaps = {}
+    if outputs.heatmaps is not None and result.flagged:
+        heatmaps = heatmap_records(outputs.heatmaps[0], card.labels, result.flagged, image.source_shape, card.input)
     return Analysis(
-        score=score(outputs.probabilities[0], card),
+        score=result,
+        heatmaps=heatmaps,
         model_version=card.model_version,
         thresholds=dict(card.thresholds),
         timings_ms={"decode": decode_ms, "preprocess": preprocess_ms, "inference": inference_ms},

@@ -111,6 +111,7 @@ def complete(db: Database, job: ClaimedJob, analysis: Analysis) -> None:
                     abnormal_score=analysis.score.abnormal_score,
                     priority=analysis.score.priority,
                     timings_ms=timings,
+                    heatmaps=analysis.heatmaps,
                 )
             )
             _finish(session, job, AI_DONE, JOB_DONE, None)
