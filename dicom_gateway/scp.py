@@ -106,6 +106,11 @@ class DicomGateway:
         server = self._server
         # Stop the accept loop and close the listening socket first.
         server.shutdown()  # the pynetdicom server's shutdown aborts nothing by itself
+        # A connection that never sent an A-ASSOCIATE-RQ (port probe, stalled client) has
+        # nothing in flight: drop it at once instead of waiting out the grace period.
+        for assoc in server.active_associations:
+            if not assoc.is_established:
+                assoc.abort()
         deadline = time.monotonic() + grace_s
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)

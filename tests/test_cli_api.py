@@ -15,8 +15,8 @@ from onnx_factory import write_tiny_model_dir
 from xray_triage.cli import main
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
-from xray_triage.serve import open_database
 from xray_triage.settings import load_settings
+from xray_triage.store.db import open_database
 from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.triage.worker import TriageWorkers
 

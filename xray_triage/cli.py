@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stations(args: argparse.Namespace) -> int:
-    from xray_triage.serve import open_database
+    from xray_triage.store.db import open_database
     from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
 
     db = open_database(_settings(args))
@@ -88,7 +88,7 @@ def cmd_stations(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from xray_triage.serve import open_database
+    from xray_triage.store.db import open_database
     from xray_triage.store.queries import get_study, list_studies
 
     db = open_database(_settings(args))

@@ -23,20 +23,13 @@ from dicom_gateway.scp import DicomGateway, GatewayConfig
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import Settings
-from xray_triage.store.db import Database
+from xray_triage.store.db import Database, open_database
 from xray_triage.store.files import clean_incoming, remove_file, stored_files
 from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance
 from xray_triage.triage.worker import TriageWorkers
 
 log = logging.getLogger(__name__)
-
-
-def open_database(settings: Settings) -> Database:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_database_url)
-    db.create_schema()
-    return db
 
 
 def reconcile_files(settings: Settings, db: Database) -> None:

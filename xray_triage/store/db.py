@@ -17,11 +17,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from xray_triage.store.schema import Base
+
+if TYPE_CHECKING:
+    from xray_triage.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +83,11 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def open_database(settings: Settings) -> Database:
+    """The configured database, with its schema created; the data directory made if needed."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    db.create_schema()
+    return db
