@@ -16,6 +16,8 @@ The result is float32, shape (rows, cols), 0 = black, 1 = white.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 log = logging.getLogger(__name__)
 
 SUPPORTED_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2"}
+JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -56,6 +59,7 @@ def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImag
         )
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         log.info("multi-frame image, using first frame", extra={"source": source})
+    _prefer_fast_decoder(ds)
     try:
         stored = ds.pixel_array if int(ds.get("NumberOfFrames", 1) or 1) == 1 else ds.pixel_array[0]
     except Exception as exc:  # decoder plugins raise many types; report them as one
@@ -75,6 +79,22 @@ def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImag
         image = 1.0 - image
     image = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
     return DisplayImage(pixels=image, source_shape=tuple(stored.shape[:2]), window=window)
+
+
+def _prefer_fast_decoder(ds: Dataset) -> None:
+    """Use CharLS (pyjpegls) for JPEG-LS when installed.
+
+    pydicom would try pylibjpeg-libjpeg first, which decodes a 2800x2800 12-bit
+    JPEG-LS image about 4x slower than CharLS here, with identical pixels.
+    """
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts in JPEG_LS and _has_module("jpeg_ls"):
+        ds.pixel_array_options(decoding_plugin="pyjpegls")
+
+
+@functools.cache
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
 def _mask_bits_stored(stored: np.ndarray, ds: Dataset) -> np.ndarray:

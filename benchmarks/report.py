@@ -1,0 +1,248 @@
+"""The run's report: a JSON document with every figure, and Markdown tables for the console."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _target(target: dict[str, Any] | None, fmt: str) -> str:
+    if not target:
+        return ""
+    mark = "met" if target["met"] else "MISSED"
+    return f"{fmt.format(target['target'])} ({mark})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _machine_lines(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    v = m["versions"]
+    gpu = ", ".join(g["name"] for g in m["gpus"]) or "none"
+    fs = m.get("work_dir_filesystem") or {}
+    return [
+        f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable of {m['logical_cpus']} CPUs, {m['ram_gib']} GiB RAM, "
+        f"GPU: {gpu}; load average at start {m['load_average_at_start']}, at end {report.get('load_average_at_end')}",
+        f"Software: Python {v['python']}, onnxruntime {v['onnxruntime']}, pynetdicom {v['pynetdicom']}, "
+        f"pydicom {v['pydicom']}, {v['dcmtk']}, xray-triage {v['xray_triage']} ({v['xray_triage_git']})",
+        f"Mode: {report['mode']}; total {report['duration_s']} s; TCP_NODELAY=1 for every dcmtk process; "
+        f"data on {fs.get('type', '?')} ({fs.get('mount', '?')}).",
+    ]
+
+
+def _latency_lines(latency: dict[str, Any]) -> list[str]:
+    cases = latency["cases"]
+    echo = latency["echo_baseline"]["xray_triage_s"]
+    echo_ref = latency["echo_baseline"]["storescp_s"]
+    lines = [
+        "",
+        "### End-to-end latency (storescu spawned -> triage result committed), one image at a time",
+        "",
+    ]
+    rows = []
+    for c in cases:
+        e = c["e2e_s"]
+        rows.append(
+            [
+                c["case"],
+                c["transfer_syntax_name"],
+                f"{c['rows']}x{c['cols']}",
+                _f(c["size_mb"], 1),
+                str(e["n"]),
+                _f(e["p50"]),
+                _f(e["p95"]),
+                _f(e["max"]),
+                _target(c.get("target"), "<= {:.1f} s"),
+                _f(c["ack_s"]["p50"]),
+                _f(c["observed_s"]["p50"]),
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "transfer syntax",
+            "pixels",
+            "MB",
+            "n",
+            "e2e p50 s",
+            "e2e p95 s",
+            "e2e max s",
+            "target p95",
+            "ack p50 s",
+            "seen p50 s",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        f"C-ECHO round trip (echoscu spawn -> exit: client start-up + association + release): p50 {_f(echo['p50'])} s, "
+        f"p95 {_f(echo['p95'])} s; against storescp p50 {_f(echo_ref['p50'])} s.",
+        "",
+        "Where the time goes, median ms. Left: the server's own stage timers (triage_results.timings_ms);",
+        "'other' is DERIVED = e2e - those stages (storescu start-up, association set-up, dataset parsing,",
+        "scoring, heatmaps, result insert; slightly low because the queue timer starts before the store's",
+        "commit ends). Right: intervals between the server's timestamps in its DB (instances.received_at,",
+        "triage_jobs.started_at, triage_results.created_at): measured, not derived; per send they add up to e2e.",
+        "",
+    ]
+    stage_names = ["receive", "store", "queue", "decode", "preprocess", "inference"]
+    segment_names = ["spawn_to_stored_ms", "stored_to_claimed_ms", "claimed_to_result_ms"]
+    rows = []
+    for c in cases:
+        st, seg = c["server_stages_ms_median"], c["segments_ms_median"]
+        rows.append(
+            [
+                c["case"],
+                *(_f(st.get(k), 1) for k in stage_names),
+                _f(c["other_derived_ms_median"], 1),
+                *(_f(seg.get(k), 1) for k in segment_names),
+            ]
+        )
+    lines += _table(
+        ["case", *stage_names, "other (derived)", "spawn -> row", "row -> claimed", "claimed -> result"], rows
+    )
+    return lines
+
+
+def _throughput_lines(throughput: dict[str, Any]) -> list[str]:
+    runs = throughput["runs"]
+    if not runs:
+        return []
+    first = runs[0]
+    lines = [
+        "",
+        f"### Ingest throughput: {first['images']} x {first['image']} ({first['transfer_syntax']}, "
+        f"{first['total_mb']} MB in all) from K concurrent storescu",
+        "",
+    ]
+    rows = []
+    for r in runs:
+        ours, ref = r["xray_triage"], r["storescp"]
+        rows.append(
+            [
+                str(r["concurrency"]),
+                _f(ref["mb_per_s"], 1),
+                _f(ours["ingest"]["mb_per_s"], 1),
+                _f(ours["ingest"]["images_per_s"], 2),
+                _f(r["ingest_mb_s_ratio_vs_storescp"], 2),
+                _target(r["target"], ">= {:.1f}"),
+                _f((r.get("xray_triage_store_only") or {}).get("mb_per_s"), 1),
+                _f(r.get("store_only_mb_s_ratio_vs_storescp"), 2),
+                _f(ours["all_triaged"]["seconds"], 2),
+                _f(ours["all_triaged"]["images_per_s"], 2),
+                _f(ours["per_image_e2e_s"]["p95"], 2),
+                f"{ours['stored']}/{ours['triaged']}/{r['images']}",
+                _f(ours["peak_rss_mb_sampled"], 0),
+            ]
+        )
+    lines += _table(
+        [
+            "K",
+            "storescp MB/s",
+            "ours ingest MB/s",
+            "ours img/s",
+            "ratio",
+            "target ratio",
+            "ours, triage off, MB/s",
+            "its ratio",
+            "all triaged s",
+            "triaged img/s",
+            "e2e p95 s",
+            "stored/triaged/sent",
+            "peak RSS MB",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "ratio = ours (triaging) / storescp MB/s. 'triage off' = a second server with XRAY_TRIAGE_TRIAGE_WORKERS=0:",
+        "the storage path alone. e2e p95: per image, first storescu spawn -> that image's triage result (queueing included).",
+        f"Server VmHWM (lifetime peak RSS) at the end of the throughput runs: {throughput['server_vm_hwm_mb']} MB.",
+    ]
+    return lines
+
+
+def _inference_lines(inference: dict[str, Any]) -> list[str]:
+    results = inference["results"]
+    if not results:
+        return []
+    lines = ["", f"### Inference ({inference['model']}), ms per call, warm-up excluded", ""]
+    rows = []
+    for r in results:
+        ms = r["ms"]
+        rows.append(
+            [
+                r["provider"].replace("ExecutionProvider", ""),
+                str(r["batch"]),
+                str(r["timed_calls"]),
+                f"{_f(ms['bare']['p50'], 2)} / {_f(ms['bare']['p95'], 2)}",
+                f"{_f(ms['runner']['p50'], 2)} / {_f(ms['runner']['p95'], 2)}",
+                f"{r['runner_overhead']:+.1%}" if r["runner_overhead"] is not None else "-",
+                _target(r["target"], "<= {:.0%}"),
+                f"{_f(ms['runner_with_preprocess']['p50'], 2)} / {_f(ms['runner_with_preprocess']['p95'], 2)}",
+                _f(r["per_image_ms_p50"]["runner_with_preprocess"], 2),
+            ]
+        )
+    lines += _table(
+        [
+            "provider",
+            "batch",
+            "n",
+            "bare p50/p95",
+            "runner p50/p95",
+            "overhead",
+            "target",
+            "runner+preprocess p50/p95",
+            "with preprocess per image",
+        ],
+        rows,
+    )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["## xray-triage benchmark", "", *_machine_lines(report)]
+    if report.get("latency"):
+        lines += _latency_lines(report["latency"])
+    if report.get("throughput"):
+        lines += _throughput_lines(report["throughput"])
+    if report.get("inference"):
+        lines += _inference_lines(report["inference"])
+    if report.get("warnings"):
+        lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
+    if report.get("failures"):
+        lines += ["", f"FAILED ({len(report['failures'])}):", *(f"- {f}" for f in report["failures"])]
+    else:
+        lines += ["", "Every image sent was stored and triaged."]
+    return "\n".join(lines)
+
+
+def collect_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with where it came from, for the JSON summary."""
+    targets = []
+    for c in (report.get("latency") or {}).get("cases", []):
+        if c.get("target"):
+            targets.append({"where": f"latency {c['case']}", **c["target"]})
+    for r in (report.get("throughput") or {}).get("runs", []):
+        targets.append({"where": f"throughput K={r['concurrency']}", **r["target"]})
+    for r in (report.get("inference") or {}).get("results", []):
+        targets.append({"where": f"inference {r['provider']} batch {r['batch']}", **r["target"]})
+    return targets
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
