@@ -14,6 +14,7 @@ from xray_triage import __version__
 from xray_triage.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("xray_triage")
+VARIANT_CHOICES = ("fp32", "int8", "fp16")  # xray_triage.inference.card.VARIANTS (not imported: keeps --help fast)
 
 
 class CliError(Exception):
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dicom_host=args.dicom_host,
         http_host=args.http_host,
         model_dir=args.model,
+        model_variant=args.variant,
         ae_title=args.ae_title,
     )
     configure_logging(settings.log_level, settings.log_format)
@@ -153,8 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from xray_triage.pipeline.pixels import PixelError
     from xray_triage.triage.analyze import analyze_file
 
-    settings = _settings(args, model_dir=args.model)
-    card = load_card(settings.model_dir)
+    settings = _settings(args, model_dir=args.model, model_variant=args.variant)
+    card = load_card(settings.model_dir, variant=settings.model_variant)
     runner = ModelRunner(card, providers=settings.providers, intra_op_threads=settings.intra_op_threads)
     failures = 0
     for file in args.files:
@@ -184,11 +186,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from xray_triage.inference.card import load_card
+    from xray_triage.inference.card import ModelCardError, list_cards, load_card
     from xray_triage.inference.runner import ModelRunner
 
-    settings = _settings(args, model_dir=args.model)
-    card = load_card(settings.model_dir)  # verifies sha256
+    settings = _settings(args, model_dir=args.model, model_variant=args.variant)
+    card = load_card(settings.model_dir, variant=settings.model_variant)  # verifies sha256
     if args.models_cmd == "verify":
         runner = ModelRunner(card, providers=settings.providers, warm_up=False)
         seconds = runner.warm_up()
@@ -198,6 +200,36 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  labels: {', '.join(card.labels)}")
         print(f"  input: {card.input.channels}x{card.input.height}x{card.input.width} ({card.input.resize})")
         print(f"  intended use: {card.intended_use}")
+        variants = list_cards(settings.model_dir) if Path(settings.model_dir).is_dir() else {}
+        if variants:
+            print(f"  variants in {settings.model_dir} (model_variant = {settings.model_variant!r}):")
+        for variant, path in variants.items():
+            try:
+                other = load_card(path)
+                size_mb = other.onnx_file.stat().st_size / 1e6
+                text = f"{other.model_version}  {other.onnx_file.name} {size_mb:.1f} MB, sha256 ok"
+            except ModelCardError as exc:
+                text = f"error: {exc}"
+            print(f"  {'*' if path == card.path else ' '} {variant:<5} {path.name:<16} {text}")
+    return 0
+
+
+def cmd_models_evaluate(args: argparse.Namespace) -> int:
+    from xray_triage.evaluation.evaluate import EvaluationError, evaluate, format_table
+    from xray_triage.inference.card import load_card
+    from xray_triage.inference.runner import ModelRunner
+    from xray_triage.pipeline.pixels import PixelError
+
+    settings = _settings(args, model_dir=args.model)
+    runner = ModelRunner(load_card(settings.model_dir), providers=settings.providers)
+    try:
+        result = evaluate(runner, args.data, n_boot=args.bootstrap, seed=args.seed)
+    except (EvaluationError, PixelError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_table(result))
     return 0
 
 
@@ -223,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-host", help="HTTP bind address (default 127.0.0.1)")
     serve.add_argument("--ae-title", help="our AE title (default XRAY_TRIAGE)")
     serve.add_argument("--model", type=Path, help="model directory or card (default: the shipped demo model)")
+    serve.add_argument("--variant", choices=VARIANT_CHOICES, help="model_variant: which card in the model directory")
     serve.set_defaults(func=cmd_serve)
 
     stations = sub.add_parser("stations", help="register the X-ray machines allowed to send")
@@ -251,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", metavar="FILE")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--model", type=Path, help="model directory or card")
+    predict.add_argument("--variant", choices=VARIANT_CHOICES, help="model_variant: which card in the model directory")
     predict.set_defaults(func=cmd_predict)
 
     models = sub.add_parser("models", help="inspect and verify models")
@@ -258,7 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("list", "show the configured model's card"), ("verify", "check sha256 and run a smoke inference")):
         p = md_sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--model", type=Path, help="model directory or card")
-    models.set_defaults(func=cmd_models)
+        p.add_argument("--variant", choices=VARIANT_CHOICES, help="model_variant: which card in the model directory")
+        p.set_defaults(func=cmd_models)
+    evaluate = md_sub.add_parser(
+        "evaluate", parents=[common], help="AUROC with CIs, sensitivity/specificity, heatmap-in-box on a labelled set"
+    )
+    evaluate.add_argument("--model", type=Path, help="model directory or card")
+    evaluate.add_argument("--data", type=Path, required=True, help="directory with images/ and labels.csv")
+    evaluate.add_argument("--json", action="store_true", help="print the full result as JSON")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=cmd_models_evaluate)
+    from xray_triage.export.cli import register as register_export_commands
+
+    register_export_commands(md_sub, common)
     return parser
 
 

@@ -1,0 +1,89 @@
+"""``models evaluate`` on a fixture whose answer is known, and on the shipped model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnx_factory import write_tiny_model_dir
+from xray_triage.cli import main
+from xray_triage.evaluation.evaluate import EvaluationError, evaluate, read_labelled_set
+from xray_triage.inference.card import load_card
+from xray_triage.inference.runner import ModelRunner
+
+SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+
+# background level, abnormal, findings, patch (x, y), box (x, y, w, h) or None
+FIXTURE = [
+    (0.10, 0, "No Finding", (10, 10), None),
+    (0.20, 1, "Effusion", (10, 10), None),
+    (0.30, 0, "No Finding", (10, 10), None),
+    (0.40, 1, "Mass", (10, 10), None),
+    (0.50, 1, "Effusion|Mass", (80, 70), (72, 64, 48, 48)),  # box around the patch: a hit
+    (0.60, 1, "Effusion", (80, 70), (0, 0, 40, 40)),  # box away from the patch: a miss
+]
+
+
+def _write_fixture(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "finding_labels", "abnormal", "view", "bbox_label", "bbox_x", "bbox_y", "bbox_w", "bbox_h"])
+        for n, (level, abnormal, findings, (px, py), box) in enumerate(FIXTURE):
+            pixels = np.full((128, 128), level, dtype=np.float32)
+            pixels[py : py + 32, px : px + 32] = 1.0
+            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(root / "images" / f"img{n}.png")
+            box_cols = ["Effusion", *box] if box else ["", "", "", "", ""]
+            writer.writerow([f"img{n}.png", findings, abnormal, "PA" if n % 2 else "AP", *box_cols])
+    return root
+
+
+def test_known_answer(tmp_path: Path) -> None:
+    data = _write_fixture(tmp_path / "data")
+    runner = ModelRunner(load_card(write_tiny_model_dir(tmp_path / "model")))
+    result = evaluate(runner, data, n_boot=200, seed=1, show_progress=False)
+    # Abnormal score rises with brightness: ranks 1..6, positives at 2, 4, 5, 6 -> 7 of 8 pairs.
+    assert result["abnormal_vs_normal"]["auroc"] == 0.875
+    low, high = result["abnormal_vs_normal"]["ci95"]
+    assert low <= 0.875 <= high
+    # Effusion positives are images 1, 4, 5 of 0..5 -> ranks 2, 5, 6 vs 1, 3, 4 -> 7 of 9 pairs.
+    assert result["per_label"]["Effusion"]["auroc"] == round(7 / 9, 4)
+    assert "Pneumothorax" not in result["per_label"]  # the data set does not label it
+    means = [np.mean(np.asarray(Image.open(data / "images" / f"img{n}.png"), dtype=np.float32) / 255) for n in range(6)]
+    flagged = [1 / (1 + np.exp(-(4 * m - 2))) >= 0.5 for m in means]
+    y = [row[1] for row in FIXTURE]
+    expected_sens = sum(f and t for f, t in zip(flagged, y, strict=True)) / sum(y)
+    assert result["abnormal_vs_normal"]["sensitivity"] == round(expected_sens, 4)
+    assert result["heatmap_peak_in_box"] == {"hits": 1, "n": 2, "rate": 0.5}
+    assert set(result["per_view"]) == {"AP", "PA"}
+    assert result["data"]["n"] == 6 and result["data"]["n_abnormal"] == 4
+
+
+def test_cli_json_and_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_fixture(tmp_path / "data")
+    model = write_tiny_model_dir(tmp_path / "model").parent
+    assert main(["models", "evaluate", "--model", str(model), "--data", str(data), "--json", "--bootstrap", "50"]) == 0
+    assert json.loads(capsys.readouterr().out)["abnormal_vs_normal"]["auroc"] == 0.875
+    (data / "labels.csv").write_text("file,abnormal\nx.png,1\n")
+    with pytest.raises(EvaluationError, match="missing columns"):
+        read_labelled_set(data)
+    assert main(["models", "evaluate", "--model", str(model), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "labels.csv" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHARED_CXR.is_dir(), reason="shared/data/cxr not found")
+def test_default_model_card_matches_what_evaluate_recomputes() -> None:
+    """The shipped card's evaluation numbers must be reproducible by our own command."""
+    card = load_card(DEFAULT_MODEL)
+    claimed = card.extra.get("evaluation", {})
+    if "auroc_abnormal" not in claimed:
+        pytest.skip("the shipped card has no [evaluation].auroc_abnormal yet")
+    result = evaluate(ModelRunner(card), SHARED_CXR, n_boot=100, show_progress=False)
+    assert result["data"]["n"] == claimed["n"]
+    assert result["abnormal_vs_normal"]["auroc"] == pytest.approx(claimed["auroc_abnormal"], abs=1e-3)

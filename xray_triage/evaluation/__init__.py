@@ -1,0 +1,1 @@
+"""Evaluating models on labelled image sets: metrics and the `models evaluate` command."""
