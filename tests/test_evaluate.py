@@ -81,9 +81,13 @@ def test_cli_json_and_bad_data(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_default_model_card_matches_what_evaluate_recomputes() -> None:
     """The shipped card's evaluation numbers must be reproducible by our own command."""
     card = load_card(DEFAULT_MODEL)
-    claimed = card.extra.get("evaluation", {})
-    if "auroc_abnormal" not in claimed:
-        pytest.skip("the shipped card has no [evaluation].auroc_abnormal yet")
+    claimed = card.extra["evaluation"]
+    assert claimed["model_sha256"] == card.sha256, "the card's evaluation is of another model file"
     result = evaluate(ModelRunner(card), SHARED_CXR, n_boot=100, show_progress=False)
-    assert result["data"]["n"] == claimed["n"]
-    assert result["abnormal_vs_normal"]["auroc"] == pytest.approx(claimed["auroc_abnormal"], abs=1e-3)
+    assert result["data"]["n"] == claimed["n_images"]
+    assert result["data"]["labels_csv_sha256"] == claimed["labels_sha256"]
+    assert result["abnormal_vs_normal"]["auroc"] == pytest.approx(claimed["abnormal"]["auroc"], abs=1e-3)
+    for label, numbers in claimed.get("labels", {}).items():
+        assert result["per_label"][label]["auroc"] == pytest.approx(numbers["auroc"], abs=1e-3), label
+    for view, numbers in claimed.get("per_view", {}).items():
+        assert result["per_view"][view]["auroc"] == pytest.approx(numbers["auroc"], abs=1e-3), view

@@ -68,8 +68,19 @@ def gateway_config(settings: Settings) -> GatewayConfig:
 def run_server(settings: Settings) -> int:
     import uvicorn
 
-    card = load_card(settings.model_dir)  # sha256 checked here: a bad model stops start-up
-    runner = ModelRunner(card, providers=settings.providers, intra_op_threads=settings.intra_op_threads)
+    card = load_card(settings.model_dir, variant=settings.model_variant)  # sha256 checked: a bad model stops start-up
+    runner = ModelRunner(
+        card,
+        providers=settings.providers,
+        intra_op_threads=settings.intra_op_threads,
+        batch_max_size=settings.batch_max_size,
+        batch_max_wait_ms=settings.batch_max_wait_ms,
+    )
+    if runner.batcher is not None and settings.triage_workers < settings.batch_max_size:
+        log.warning(
+            "batch_max_size > triage_workers: batches can never fill, each waits batch_max_wait_ms",
+            extra={"batch_max_size": settings.batch_max_size, "triage_workers": settings.triage_workers},
+        )
     db = open_database(settings)
     reconcile_files(settings, db)
     log.info(
@@ -107,6 +118,7 @@ def run_server(settings: Settings) -> int:
         health["dicom_gateway"] = "stopping"
         gateway.stop(settings.shutdown_grace_s)
         workers.stop()
+        runner.close()
         db.dispose()
         log.info("stopped")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import (
@@ -54,6 +54,19 @@ class Settings(BaseSettings):
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")
     providers: list[str] | None = Field(None, description="ONNX Runtime providers; default CUDA if present, else CPU")
     intra_op_threads: int | None = Field(None, ge=1)
+    model_variant: Literal["fp32", "int8", "fp16"] = Field(
+        "fp32",
+        description="which card in model_dir: model.toml (fp32), model.int8.toml (CPU) or model.fp16.toml (GPU)",
+    )
+    batch_max_size: int = Field(
+        1,
+        ge=1,
+        description="micro-batching: up to this many concurrent images per model call; 1 = no batching "
+        "(the CPU default). Batches only fill with triage_workers >= batch_max_size",
+    )
+    batch_max_wait_ms: float = Field(
+        5.0, ge=0, description="micro-batching: how long the first image of a batch waits for others"
+    )
     triage_workers: int = Field(1, ge=0, description="0 = store only; jobs wait in the queue")
     triage_modalities: list[str] = Field(["CR", "DX"])
     triage_body_parts: list[str] = Field(["CHEST"])

@@ -4,8 +4,8 @@
     xray-triage models export-torchxrayvision --weights FILE.pt --out DIR [--preset NAME]
 
 The ONNX graph gives ``probabilities`` exactly as ``model(x)`` does (sigmoid and
-torchxrayvision's operating-point normalisation ``op_norm`` included) and a
-class-activation map per label. The card reproduces torchxrayvision's
+torchxrayvision's operating-point normalisation ``op_norm`` included; outputs that
+carry no finding are set to 0) and a class-activation map per label. The card reproduces torchxrayvision's
 preprocessing (``normalize`` to [-1024, 1024], ``XRayCenterCrop``,
 ``XRayResizer(224)``). See ``models/EXPORT.md``.
 """
@@ -43,7 +43,7 @@ from xray_triage.export.common import (
 from xray_triage.inference.card import sha256_file
 
 SIZE = 224
-VALUE_RANGE = (-1024.0, 1024.0)  # xrv.datasets.normalize(img, 255): [0, 255] -> [-1024, 1024]
+VALUE_RANGE = (-1024.0, 1024.0)  # xrv.utils.normalize(img, 255): [0, 255] -> [-1024, 1024]
 UNUSED_THRESHOLD = 1.01  # above any probability: an unused output can never flag
 OPERATING_POINT = 0.5  # op_norm maps each label's calibrated operating point to 0.5
 URGENT_CANDIDATES = ("Pneumothorax", "Consolidation", "Pneumonia", "Effusion")
@@ -131,7 +131,9 @@ def download_published(name: str) -> Path:
         raise ExportError(
             f"could not download the torchxrayvision weights {name!r} ({type(exc).__name__}: {exc}). "
             f"Without internet access, download {url} on a machine that has it, copy the file here and "
-            f"pass the local file instead: --weights /path/to/{os.path.basename(url)}"
+            f"pass the local file instead: --weights /path/to/{os.path.basename(url)} --allow-pickle "
+            "(the published files are whole pickled models), or put it in torchxrayvision's cache "
+            f"({_cache_folders()[0]}) and run this command again"
         ) from exc
     if not local.is_file() or local.stat().st_size == 0:
         _remove_partial_download(url)
@@ -140,7 +142,7 @@ def download_published(name: str) -> Path:
 
 
 def _remove_partial_download(url: str) -> None:
-    """torchxrayvision opens the cache file before downloading: drop an empty one."""
+    """Older torchxrayvision versions open the cache file before downloading: drop an empty one."""
     for folder in _cache_folders():
         candidate = folder / os.path.basename(url)
         if candidate.is_file() and candidate.stat().st_size == 0:
@@ -149,13 +151,9 @@ def _remove_partial_download(url: str) -> None:
 
 def _cache_folders() -> list[Path]:
     folders = [Path(os.path.expanduser(os.path.join("~", ".torchxrayvision", "models_data")))]
-    get_cache_dir = getattr(xrv.utils, "get_cache_dir", None)
+    get_cache_dir = getattr(xrv.utils, "get_cache_dir", None)  # torchxrayvision >= 1.3
     if callable(get_cache_dir):
-        try:
-            folders.insert(0, Path(get_cache_dir()) / "models_data")
-            folders.insert(0, Path(get_cache_dir()))
-        except Exception:  # noqa: BLE001 - best effort only
-            pass
+        folders.insert(0, Path(get_cache_dir()))
     return folders
 
 
@@ -223,11 +221,15 @@ def load_model(source: WeightsSource, *, allow_pickle: bool = False) -> tuple[nn
             f"{source.path}: the classifier has {n_out} outputs, torchxrayvision's DenseNet-121 "
             f"({source.preset}) has {len(labels)}; this is not such a state_dict"
         )
-    model = xrv.models.DenseNet(weights=None, num_classes=len(labels), op_threshs=op)
+    model = xrv.models.DenseNet(weights=None, num_classes=len(labels))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ExportError(f"{source.path}: does not fit torchxrayvision's DenseNet-121: {exc}") from exc
+    if op is not None:
+        if op.numel() != len(labels):
+            raise ExportError(f"{source.path}: {op.numel()} operating points for {len(labels)} outputs")
+        model.op_threshs = op.to(torch.float32)  # as DenseNet(weights=NAME) sets them
     model.targets = labels
     model.pathologies = labels
     model.eval()
@@ -290,40 +292,40 @@ def returns_probabilities(model: nn.Module) -> bool:
 
 
 class XrvHead(nn.Module):
-    """torchxrayvision's output stage, export-friendly (no boolean indexing).
+    """torchxrayvision's output stage (``DenseNet.forward``, 1.5.x), export-friendly.
 
-    ``DenseNet.forward``: sigmoid if ``apply_sigmoid``; then, with ``op_threshs``,
-    sigmoid again and ``op_norm`` (outputs below the operating point t are scaled to
-    p / 2t, the rest to 1 - (1 - p) / 2(1 - t); NaN t gives 0.5). Models that return
-    logits get one sigmoid, so the output is always a probability.
+    With ``op_threshs``: sigmoid, then ``op_norm``: a probability p below its label's
+    operating point t becomes p / 2t, otherwise 1 - (1 - p) / 2(1 - t), and a NaN t
+    gives 0.5. Without: the sigmoid only (``apply_sigmoid``). Models that would
+    return logits (neither) get the sigmoid too, so the output is always a
+    probability. Same arithmetic as ``xrv.models.op_norm``, but with ``torch.where``
+    instead of boolean indexing so that it exports with a dynamic batch.
     """
 
-    def __init__(self, apply_sigmoid: bool, op_threshs: np.ndarray | None) -> None:
+    def __init__(self, op_threshs: np.ndarray | None) -> None:
         super().__init__()
-        self.apply_sigmoid = apply_sigmoid
         self.has_op = op_threshs is not None
         op = np.full(1, 0.5, np.float32) if op_threshs is None else np.asarray(op_threshs, np.float32)
         valid = ~np.isnan(op)
         self.register_buffer("thresh", torch.from_numpy(np.where(valid, op, 0.5).astype(np.float32)), persistent=False)
         self.register_buffer("valid", torch.from_numpy(valid), persistent=False)
 
-    def forward(self, out: torch.Tensor) -> torch.Tensor:
-        if self.apply_sigmoid:
-            out = torch.sigmoid(out)
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        # not torch.sigmoid: ONNX Runtime's Sigmoid kernel is accurate to ~1e-7 absolute, which
+        # op_norm multiplies by 1/2t (up to ~1100 for the smallest operating points); 1/(1+exp(-x))
+        # keeps the *relative* error at float32 level, like PyTorch's sigmoid.
+        out = 1.0 / (1.0 + torch.exp(-logits))
         if self.has_op:
-            out = torch.sigmoid(out)
             t = self.thresh
             scaled = torch.where(out < t, out / (t * 2), 1.0 - ((1.0 - out) / ((1 - t) * 2)))
             out = torch.where(self.valid, scaled, torch.full_like(scaled, 0.5))
-        elif not self.apply_sigmoid:
-            out = torch.sigmoid(out)
         return out
 
 
 def build_export_module(model: nn.Module, plan: LabelPlan) -> CamClassifier:
     """The module that is exported: last feature map (after the final ReLU) -> probabilities + CAMs."""
     features = nn.Sequential(model.features, nn.ReLU())
-    head = XrvHead(bool(getattr(model, "apply_sigmoid", False)), op_threshs_of(model))
+    head = XrvHead(op_threshs_of(model))
     return CamClassifier(features, model.classifier, head, plan.used).eval()
 
 
@@ -378,7 +380,9 @@ def card_tables(
         )
     else:
         provenance = f"the local weights file {source.path.name} (sha256 {weights_sha256[:16]}…), uncalibrated (no operating points)"
-    description = spec.get("description", "") if published else ""
+    description = spec.get("description", "").strip() if published else ""
+    if description and not description.endswith("."):
+        description += "."
     intended_use = (
         f"NOT A MEDICAL DEVICE. torchxrayvision DenseNet-121 with {provenance}. "
         + (f"{description} " if description else "")
@@ -408,7 +412,7 @@ def card_tables(
     if spec.get("weights_url"):
         source_table["weights_url"] = spec["weights_url"]
     if calibrated:
-        source_table["op_threshs"] = [float(x) for x in op_threshs]
+        source_table["op_threshs"] = [float(f"{x:.9g}") for x in op_threshs]  # float32, shortest exact
     tables: dict[str, dict[str, Any]] = {
         "model": {
             "name": name,
@@ -451,21 +455,26 @@ def card_tables(
         },
         "source": source_table,
         "preprocessing": {
-            "equivalent_to": "xrv.datasets.normalize(img, 255) -> XRayCenterCrop() -> XRayResizer(224)",
-            "value_range": "display image [0, 1] -> [-1024, 1024], as normalize maps 8-bit [0, 255]",
-            "resize": "center_crop: the centred square (XRayCenterCrop), then an antialiased bilinear resize to 224 (XRayResizer uses skimage; interpolation differs slightly)",
+            "equivalent_to": "xrv.utils.normalize(img, 255) (alias xrv.datasets.normalize) -> xrv.datasets.XRayCenterCrop() -> xrv.datasets.XRayResizer(224)",
+            "value_range": "the display image [0, 1] (after Modality LUT, VOI window, MONOCHROME1 inversion) -> [-1024, 1024], as normalize maps 8-bit [0, 255]",
+            "resize": "center_crop: the centred square (XRayCenterCrop; same to within one pixel), then an antialiased bilinear resize to 224 (XRayResizer uses skimage, the server PIL: interpolation-level differences)",
         },
         "export": {
             "exporter": "torch.onnx (TorchScript) via xray-triage models export-torchxrayvision",
             "torch_version": torch.__version__,
             "opset": opset,
             "dynamic_batch": True,
-            "probabilities": "exactly DenseNet.forward(x) (sigmoid and op_norm included), unused outputs set to 0"
-            + ("; forward(x) returns logits for these weights, so this is sigmoid(forward(x))" if logits_only else ""),
+            "probabilities": (
+                "sigmoid(DenseNet.forward(x)): forward returns logits for these weights"
+                if logits_only
+                else "exactly DenseNet.forward(x) (sigmoid and op_norm included)"
+            )
+            + ", unused outputs set to 0",
             "heatmaps": "class-activation maps (N, labels, 7, 7): sum_c W[label, c] * F[c, y, x] over the last feature map F (after the final ReLU, before pooling), classifier weights W, no bias",
             "parity_max_abs_diff_probabilities": parity.max_abs_diff_probabilities,
             "parity_max_abs_diff_heatmaps": parity.max_abs_diff_heatmaps,
             "parity_batch_sizes": list(parity.batch_sizes),
+            "parity_max_abs_heatmap": parity.max_abs_heatmap,
             "parity_inputs": "uniform random in [-1024, 1024], seed 0; ONNX Runtime CPU vs PyTorch",
             "parity_tolerance": parity.tolerance,
         },
@@ -525,7 +534,7 @@ def export_torchxrayvision(
     log(
         f"parity ONNX Runtime vs PyTorch (batches {list(parity.batch_sizes)}): max abs diff "
         f"probabilities {parity.max_abs_diff_probabilities:.3g}, heatmaps {parity.max_abs_diff_heatmaps:.3g} "
-        f"(tolerance {parity.tolerance:g})"
+        f"(tolerance {parity.tolerance:g}; heatmap values up to {parity.max_abs_heatmap:.3g})"
     )
     if not parity.ok:
         card_path.unlink(missing_ok=True)

@@ -5,6 +5,12 @@ particular model: labels, input geometry, normalisation, thresholds and the
 triage rules all come from here, so a clinic can drop in a validated model by
 writing a card for it.
 
+A model directory may hold faster variants of the same model beside the fp32
+card ``model.toml``: ``model.int8.toml`` (INT8, for CPU) and ``model.fp16.toml``
+(FP16, for GPU), each a complete card with its own ``onnx_file`` and ``sha256``,
+written by ``models/quantize.py``. The ``model_variant`` setting picks one
+(:func:`find_card`).
+
 Example (see ``models/default/model.toml`` for a complete one)::
 
     [model]
@@ -42,10 +48,13 @@ Example (see ``models/default/model.toml`` for a complete one)::
 from __future__ import annotations
 
 import hashlib
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("squash", "center_crop")
 
@@ -90,6 +99,12 @@ class ModelCard:
     extra: dict[str, Any] = field(default_factory=dict)  # evaluation, training, …
 
     @property
+    def variant(self) -> str:
+        """``fp32``, or the ``[variant].name`` of a card written by ``models/quantize.py``."""
+        table = self.extra.get("variant")
+        return str(table.get("name", "fp32")) if isinstance(table, dict) else "fp32"
+
+    @property
     def model_version(self) -> str:
         """``name@version``: what each triage result records."""
         return f"{self.name}@{self.version}"
@@ -104,25 +119,81 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_card(model: Path) -> Path:
-    """Accept a card file, or a directory holding exactly one ``*.toml`` card."""
+VARIANTS = ("fp32", "int8", "fp16")
+"""Model variants a directory may hold: ``model.toml`` (fp32) and ``model.<variant>.toml``."""
+
+
+def variant_card_name(variant: str) -> str:
+    """The card file name of a variant: ``model.toml`` for fp32, else ``model.<variant>.toml``."""
+    if variant not in VARIANTS:
+        raise ModelCardError(f"unknown model variant {variant!r}; choose one of {list(VARIANTS)}")
+    return "model.toml" if variant == "fp32" else f"model.{variant}.toml"
+
+
+def _is_variant_card(path: Path) -> bool:
+    return any(path.name.endswith(f".{v}.toml") for v in VARIANTS if v != "fp32")
+
+
+def list_cards(directory: Path) -> dict[str, Path]:
+    """The variants found in a model directory, ``{variant: card path}`` in :data:`VARIANTS` order.
+
+    fp32 is ``model.toml``, or the directory's only card when it holds exactly one
+    card that is not a ``*.int8.toml``/``*.fp16.toml`` variant (older layouts).
+    """
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    for variant in VARIANTS:
+        path = directory / variant_card_name(variant)
+        if path.is_file():
+            found[variant] = path
+    if "fp32" not in found:
+        plain = [c for c in sorted(directory.glob("*.toml")) if not _is_variant_card(c)]
+        if len(plain) == 1:
+            found = {"fp32": plain[0], **found}
+    return found
+
+
+def find_card(model: Path, variant: str = "fp32") -> Path:
+    """The card to load: a card file as given, or the ``variant``'s card in a directory.
+
+    In a directory, fp32 is ``model.toml`` (or, for older layouts, the directory's
+    only card); ``int8`` / ``fp16`` are ``model.int8.toml`` / ``model.fp16.toml``.
+    A card file named directly is used as is, whatever ``variant`` says.
+    """
     model = Path(model)
+    card_name = variant_card_name(variant)  # validates the variant name
     if model.is_file():
+        if variant != "fp32" and not model.name.endswith(f".{variant}.toml"):
+            log.warning(
+                "model_dir names a card file, so model_variant is not used to choose the card",
+                extra={"card": str(model), "model_variant": variant},
+            )
         return model
-    if model.is_dir():
-        cards = sorted(model.glob("*.toml"))
-        if len(cards) == 1:
-            return cards[0]
-        if not cards:
-            raise ModelCardError(f"{model}: no model card (*.toml) in this directory")
-        names = ", ".join(c.name for c in cards)
-        raise ModelCardError(f"{model}: several model cards ({names}); name the one to use")
-    raise ModelCardError(f"{model}: no such model card or directory")
+    if not model.is_dir():
+        raise ModelCardError(f"{model}: no such model card or directory")
+    cards = sorted(model.glob("*.toml"))
+    if not cards:
+        raise ModelCardError(f"{model}: no model card (*.toml) in this directory")
+    chosen = list_cards(model).get(variant)
+    if chosen is not None:
+        return chosen
+    names = ", ".join(c.name for c in cards)
+    present = list(list_cards(model))
+    if variant != "fp32":
+        hint = "create it with models/quantize.py"
+    else:
+        hint = "name the card file to use as model_dir"
+    hint += f", or set model_variant to one this directory has ({present})" if present else ""
+    raise ModelCardError(f"{model}: no {variant} model card {card_name} (cards present: {names}); {hint}")
 
 
-def load_card(model: Path, *, verify_sha256: bool = True) -> ModelCard:
-    """Load and validate a model card; check the ONNX file's sha256 against it."""
-    card_path = find_card(model)
+def load_card(model: Path, *, verify_sha256: bool = True, variant: str = "fp32") -> ModelCard:
+    """Load and validate a model card; check the ONNX file's sha256 against it.
+
+    ``variant`` picks ``model.<variant>.toml`` when ``model`` is a directory
+    (see :func:`find_card`).
+    """
+    card_path = find_card(model, variant)
     try:
         raw = tomllib.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -37,12 +37,12 @@ def analyze_display(image: DisplayImage, runner: ModelRunner, decode_ms: float) 
     tensor = to_model_input(image.pixels, card.input)
     preprocess_ms = _ms(start)
     start = time.perf_counter()
-    outputs = runner.run(tensor[None])
+    probabilities, heatmap_grids = runner.infer_one(tensor)  # micro-batched when configured
     inference_ms = _ms(start)
-    result = score(outputs.probabilities[0], card)
+    result = score(probabilities, card)
     heatmaps = {}
-    if outputs.heatmaps is not None and result.flagged:
-        heatmaps = heatmap_records(outputs.heatmaps[0], card.labels, result.flagged, image.source_shape, card.input)
+    if heatmap_grids is not None and result.flagged:
+        heatmaps = heatmap_records(heatmap_grids, card.labels, result.flagged, image.source_shape, card.input)
     return Analysis(
         score=result,
         heatmaps=heatmaps,
