@@ -23,4 +23,13 @@ echo "== ruff =="
 .venv/bin/ruff check .
 
 echo "== pytest =="
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+
+# The model-export parity test needs torch + torchxrayvision, which the server never
+# needs: it runs in its own virtualenv. XRAY_TRIAGE_EXPORT_TESTS=0 skips this stage.
+if [ "${XRAY_TRIAGE_EXPORT_TESTS:-1}" != "0" ]; then
+  echo "== export tests (torch, torchxrayvision in .venv-export) =="
+  [ -x .venv-export/bin/python ] || python3 -m venv .venv-export
+  .venv-export/bin/python -m pip install -q --disable-pip-version-check -e ".[export,dev]"
+  .venv-export/bin/python -m pytest "$@" tests/test_export_torchxrayvision.py
+fi
