@@ -26,6 +26,10 @@ Run from the repository root in the project venv::
 
     .venv/bin/python models/quantize.py                 # both variants of models/default
     .venv/bin/python models/quantize.py --variants int8
+    .venv/bin/python models/quantize.py --remeasure      # keep the files, time them again
+
+On a GPU host, ``--remeasure`` still times the CPU provider; the FP16 GPU speed-up
+is not measured by this script.
 
 Re-run it whenever ``model.onnx`` changes: a variant card records the sha256 of
 the fp32 model it was made from (``[variant].base_sha256``).
@@ -52,16 +56,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # allow `python models/quantize.py` without PYTHONPATH
     sys.path.insert(0, str(REPO))
 
+from xray_triage.evaluation.metrics import auroc  # noqa: E402
 from xray_triage.inference.card import ModelCard, load_card, sha256_file, variant_card_name  # noqa: E402
 from xray_triage.inference.runner import ModelRunner  # noqa: E402
 from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
 from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
 from xray_triage.triage.scoring import score  # noqa: E402
-
-try:  # the server's metrics module if present, else the training script's copy
-    from xray_triage.evaluation.metrics import auroc  # noqa: E402
-except ImportError:  # pragma: no cover
-    from xray_triage.evaluation.metrics import auroc  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 DEFAULT_CALIB = SHARED / "cxr-train" / "images"
@@ -161,6 +161,32 @@ def median_ms_interleaved(
             runners[i].run(x1)
             times[i].append((time.perf_counter() - start) * 1000)
     return [float(np.median(t)) for t in times]
+
+
+def kernel_ms_by_op(runner: ModelRunner, x1: np.ndarray, runs: int = 20) -> dict[str, float]:
+    """Mean kernel ms per run by op type (op types above 0.5 ms), from an onnxruntime profile."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = runner.session.get_session_options().intra_op_num_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(
+            str(runner.card.onnx_file), options, providers=["CPUExecutionProvider"]
+        )
+        for _ in range(runs):
+            session.run(None, {runner.card.input.name: x1})
+        events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000.0 / runs
+    return {op: ms for op, ms in sorted(totals.items(), key=lambda kv: -kv[1]) if ms >= 0.5}
 
 
 def cpu_runner(card: ModelCard, threads: int | None) -> ModelRunner:
@@ -457,6 +483,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=50, help="timed batch-1 runs per model (>= 30)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per model first")
     p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="keep the existing variant files; only measure speed and AUROC again and rewrite [variant.speed] "
+        "and [variant.accuracy] (e.g. on a quiet machine)",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (default: all cores, as the server)"
     )
     return p.parse_args(argv)
@@ -500,7 +532,31 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for variant in args.variants:
             onnx_path = model_dir / f"model.{variant}.onnx"
-            table: dict = {
+            card_path = model_dir / variant_card_name(variant)
+            if args.remeasure:
+                table = existing_variant_table(model_dir, variant, base)
+                onnx_path = load_card(model_dir, variant=variant).onnx_file
+                progress(f"{variant}: re-measuring the existing {onnx_path.name}")
+                runner = try_cpu_runner(load_card(model_dir, variant=variant), threads, variant)
+                table["speed"] = measure_speed(args, base_runner, runner, x_eval[:1], machine, variant)
+                table["accuracy"] = measure_accuracy(
+                    args,
+                    base,
+                    runner,
+                    x_eval,
+                    y_eval,
+                    labels_sha,
+                    p_base,
+                    h_base,
+                    auroc_base,
+                    prio_base,
+                    variant,
+                )
+                card_path.write_text(variant_card_text(base, variant, onnx_path, table), encoding="utf-8")
+                load_card(model_dir, variant=variant)
+                progress(f"updated {card_path.name}")
+                continue
+            table = {
                 "name": variant,
                 "base_card": base.path.name,
                 "base_version": base.version,
@@ -515,16 +571,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress("FP16: converting")
                 table["method"] = "FP16 weights and activations, float32 inputs and outputs"
                 table.update(convert_fp16(base.onnx_file, onnx_path))
-            card_path = model_dir / variant_card_name(variant)
             table["onnx_size_bytes"] = onnx_path.stat().st_size
             # a provisional card so that ModelRunner loads the variant exactly as the server would
             card_path.write_text(variant_card_text(base, variant, onnx_path, table), encoding="utf-8")
-            card = load_card(model_dir, variant=variant)
-            try:
-                runner = cpu_runner(card, threads)
-            except Exception as exc:  # noqa: BLE001 - e.g. no FP16 kernels in this CPU build
-                progress(f"{variant}: onnxruntime cannot run it on CPU here: {exc}")
-                runner = None
+            runner = try_cpu_runner(load_card(model_dir, variant=variant), threads, variant)
             table["speed"] = measure_speed(args, base_runner, runner, x_eval[:1], machine, variant)
             table["accuracy"] = measure_accuracy(
                 args, base, runner, x_eval, y_eval, labels_sha, p_base, h_base, auroc_base, prio_base, variant
@@ -533,6 +583,28 @@ def main(argv: list[str] | None = None) -> int:
             load_card(model_dir, variant=variant)  # must load with the server's loader
             progress(f"wrote {onnx_path.name} ({table['onnx_size_bytes'] / 1e6:.1f} MB) and {card_path.name}")
     return 0
+
+
+def try_cpu_runner(card: ModelCard, threads: int | None, variant: str) -> ModelRunner | None:
+    try:
+        return cpu_runner(card, threads)
+    except Exception as exc:  # noqa: BLE001 - e.g. an FP16 graph this CPU build cannot run
+        progress(f"{variant}: onnxruntime cannot run it on CPU here: {exc}")
+        return None
+
+
+def existing_variant_table(model_dir: Path, variant: str, base: ModelCard) -> dict:
+    """The [variant] table of an existing variant card, for --remeasure (refused if stale)."""
+    card = load_card(model_dir, variant=variant)  # verifies the variant's sha256
+    table = dict(card.extra.get("variant", {}))
+    if table.get("base_sha256") != base.sha256:
+        raise SystemExit(
+            f"{card.path.name} was made from another model.onnx (base_sha256 {table.get('base_sha256')}, "
+            f"model.toml says {base.sha256}): run without --remeasure to make it again"
+        )
+    table.pop("speed", None)
+    table.pop("accuracy", None)
+    return table
 
 
 def make_int8(args: argparse.Namespace, base: ModelCard, onnx_path: Path, workdir: Path) -> dict:
@@ -627,6 +699,13 @@ def measure_speed(args, base_runner, runner, x1, machine: str, variant: str) -> 
         speed["load_average_1min_before"] = round(os.getloadavg()[0], 2)
         fp32_ms, variant_ms = median_ms_interleaved([base_runner, runner], x1, args.repeats, args.warmup)
         speed.update({"fp32_ms": fp32_ms, "variant_ms": variant_ms, "speedup_vs_fp32": fp32_ms / variant_ms})
+        speed["kernel_ms_by_op"] = {
+            "note": "onnxruntime profile of 20 batch-1 runs (first run included), mean kernel ms per run, op types "
+            "above 0.5 ms: "
+            "shows where the time goes (e.g. float ops that the variant leaves as they were)",
+            "fp32": kernel_ms_by_op(base_runner, x1),
+            variant: kernel_ms_by_op(runner, x1),
+        }
         progress(
             f"{variant}: fp32 {fp32_ms:.2f} ms, {variant} {variant_ms:.2f} ms, speed-up x{fp32_ms / variant_ms:.2f} (CPU)"
         )
