@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import re
@@ -58,6 +57,7 @@ if str(REPO) not in sys.path:  # allow `python models/quantize.py` without PYTHO
 
 from xray_triage.evaluation.metrics import auroc  # noqa: E402
 from xray_triage.inference.card import ModelCard, load_card, sha256_file, variant_card_name  # noqa: E402
+from xray_triage.inference.card_toml import toml_value as _toml_value  # noqa: E402
 from xray_triage.inference.runner import ModelRunner  # noqa: E402
 from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
 from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
@@ -394,19 +394,7 @@ def fix_casts_to_float(model) -> int:  # type: ignore[no-untyped-def]
 
 
 def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return repr(round(v, 6))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    return _toml_value(v, digits=6)
 
 
 def toml_table(name: str, table: dict) -> str:

@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:  # allow `python models/train.py` without PYTHONPA
 
 from xray_triage.evaluation.metrics import auroc, bootstrap_ci, sens_spec, youden_threshold  # noqa: E402
 from xray_triage.inference.card import InputSpec, load_card, sha256_file  # noqa: E402
+from xray_triage.inference.card_toml import toml_value as _toml_value  # noqa: E402
 from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
 from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
 
@@ -493,21 +494,7 @@ def export_onnx(model, path: Path, spec: InputSpec, sample: np.ndarray) -> dict:
 
 
 def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(round(v, 6))
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+    return _toml_value(v, digits=6)
 
 
 def toml_tables(tables: dict, comments: dict[str, str] | None = None) -> str:

@@ -10,9 +10,7 @@ it against PyTorch, and writes the model card beside it.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import tomllib
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from xray_triage.inference.card_toml import toml_key, toml_value
 
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
@@ -205,31 +205,6 @@ def check_parity(
 
 # -- the model card --------------------------------------------------------------------
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def toml_dumps(tables: dict[str, dict[str, Any]], comments: dict[str, str] | None = None) -> str:
     """Serialise ``{table: {key: value}}`` (one level of sub-tables) to TOML.
 
@@ -246,13 +221,13 @@ def toml_dumps(tables: dict[str, dict[str, Any]], comments: dict[str, str] | Non
         subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
         for key, value in table.items():
             if not isinstance(value, dict):
-                out.append(f"{_toml_key(key)} = {_toml_value(value)}")
+                out.append(f"{toml_key(key)} = {toml_value(value)}")
         out.append("")
         for key, value in subtables.items():
-            emit(f"{name}.{_toml_key(key)}", value)
+            emit(f"{name}.{toml_key(key)}", value)
 
     for name, table in tables.items():
-        emit(_toml_key(name), table)
+        emit(toml_key(name), table)
     return "\n".join(out)
 
 
