@@ -1,64 +1,188 @@
-"""The HTTP side: health check and the JSON read API.
+"""The HTTP side: the teleconsult web view, the JSON API and the health check.
 
-The teleconsult pages (worklist, viewer, annotations, consults) and
-authentication are built on this app by the web issue.
+``create_app`` wires the routers (one module each under ``consult_web/routes``),
+the error pages and two small ASGI middlewares: a request-size limit and
+security headers. Everything but ``/login``, ``/healthz`` and ``/static`` needs a
+logged-in user (``auth.current_user``).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
-from sqlalchemy import text
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api
+from consult_web.i18n import translate
+from consult_web.templating import render, request_language
 from xray_triage import __version__
 from xray_triage.inference.card import ModelCard
+from xray_triage.settings import Settings
 from xray_triage.store.db import Database
-from xray_triage.store.queries import get_study, list_studies
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 DISCLAIMER = (
     "AI output is decision support, not a diagnosis. The default model is a demonstration "
     "trained on a small public data set and is not a clinical device."
 )
 
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
-def create_app(db: Database, card: ModelCard | None = None, health: dict[str, Any] | None = None) -> FastAPI:
+
+def create_app(
+    db: Database,
+    card: ModelCard | None = None,
+    health: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> FastAPI:
     """Build the app around an open database; ``health`` holds live component state."""
-    app = FastAPI(title="xray-triage", version=__version__)
-    state = health if health is not None else {}
+    from consult_web.routes import admin, annotations, api, images, live, login, studies, worklist
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        try:
-            with db.session() as session:
-                session.execute(text("SELECT 1"))
-            database = "ok"
-        except Exception as exc:  # report, don't crash: this is what monitoring reads
-            database = f"error: {exc}"
-        ok = database == "ok" and all(v == "ok" for v in state.values())
-        body = {
-            "status": "ok" if ok else "degraded",
-            "version": __version__,
-            "database": database,
-            "model": card.model_version if card else None,
-            **state,
-        }
-        if not ok:
-            raise HTTPException(status_code=503, detail=body)
-        return body
+    settings = settings or Settings()
+    app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None)
+    app.state.db = db
+    app.state.card = card
+    app.state.settings = settings
+    app.state.health = health if health is not None else {}
+    app.state.limiter = LoginLimiter(settings.login_max_failures, settings.login_lockout_s)
+    app.state.disclaimer = DISCLAIMER
 
-    @app.get("/api/studies")
-    def api_studies(limit: int = Query(200, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        with db.session() as session:
-            return {"studies": list_studies(session, limit=limit, offset=offset), "disclaimer": DISCLAIMER}
-
-    @app.get("/api/studies/{study_uid}")
-    def api_study(study_uid: str) -> dict[str, Any]:
-        with db.session() as session:
-            study = get_study(session, study_uid)
-        if study is None:
-            raise HTTPException(status_code=404, detail=f"no study with Study Instance UID {study_uid}")
-        study["disclaimer"] = DISCLAIMER
-        return study
-
+    for module in (login, worklist, studies, images, annotations, admin, live, api):
+        app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _install_error_handlers(app)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app
+
+
+def _error(request: Request, status: int, message_key: str, detail: str = "") -> Response:
+    if is_api(request):
+        return JSONResponse({"detail": detail or translate("en", message_key)}, status_code=status)
+    return render(
+        request,
+        "error.html",
+        {"status": status, "message": translate(request_language(request), message_key), "detail": detail},
+        status_code=status,
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotAuthenticated)
+    async def _not_authenticated(request: Request, _exc: NotAuthenticated) -> Response:
+        if is_api(request) or request.url.path == "/events":
+            return JSONResponse({"detail": "not authenticated"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={_quote(target)}", status_code=303)
+
+    @app.exception_handler(CsrfError)
+    async def _csrf(request: Request, _exc: CsrfError) -> Response:
+        return _error(request, 403, "error.csrf", "CSRF token missing or invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        key = {403: "error.forbidden", 404: "error.not_found", 405: "error.method", 413: "error.too_large"}.get(
+            exc.status_code, "error.generic"
+        )
+        detail = exc.detail if isinstance(exc.detail, str) else ""
+        response = _error(request, exc.status_code, key, detail)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        if is_api(request):
+            return JSONResponse({"detail": problems}, status_code=422)
+        return _error(request, 400, "error.bad_request", problems)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return _error(request, 500, "error.internal")
+
+
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _plain_413(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(status_code=413, detail="request body too large")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _plain_413(send: Send) -> None:
+    body = b'{"detail":"request body too large"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeaders:
+    """CSP without inline scripts, no framing, no MIME sniffing, no referrer leaks."""
+
+    HEADERS = [
+        (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+    ]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + self.HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -306,10 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_triage.export.cli import register as register_export_commands
 
     register_export_commands(md_sub, common)
+    from xray_triage.cli_users import register as register_user_commands
+
+    register_user_commands(sub, common, _settings)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from xray_triage.cli_users import UsersCliError
     from xray_triage.inference.card import ModelCardError
 
     args = build_parser().parse_args(argv)
@@ -317,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CliError, SettingsError, ModelCardError) as exc:
+    except (CliError, SettingsError, ModelCardError, UsersCliError) as exc:
         print(f"xray-triage: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -103,7 +103,7 @@ def run_server(settings: Settings) -> int:
     try:
         gateway.start()
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health)
+        app = create_app(db, card, health, settings)
         config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False)
         server = uvicorn.Server(config)
         _install_quiet_signal_handlers(stop_requested)

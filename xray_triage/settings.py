@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
 
+    # Web view (consult_web)
+    session_hours: float = Field(12.0, gt=0, description="how long a browser login lasts")
+    cookie_secure: Literal["auto", "always", "never"] = Field(
+        "auto", description="Secure flag on the session cookie: auto = when the request came over HTTPS"
+    )
+    login_max_failures: int = Field(5, ge=1, description="failed logins per user name or IP before a lock-out")
+    login_lockout_s: float = Field(900.0, gt=0, description="window and lock-out time for failed logins")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body the web app accepts")
+    default_language: Literal["vi", "en"] = "vi"
+    default_timezone: str = "Asia/Ho_Chi_Minh"
+    render_cache_images: int = Field(4, ge=0, description="decoded images kept in memory for the viewer")
+    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update stream looks for changes")
+
     # Model and triage
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")
     providers: list[str] | None = Field(None, description="ONNX Runtime providers; default CUDA if present, else CPU")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from xray_triage.store import consult_schema  # noqa: F401  (registers the consult tables on Base)
 from xray_triage.store.schema import Base
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _top_findings(study: Study) -> list[dict[str, Any]]:
+def top_findings(study: Study) -> list[dict[str, Any]]:
     """Flagged findings over the study's images, highest probability first."""
     best: dict[str, float] = {}
     for series in study.series:
@@ -46,7 +46,7 @@ def study_summary(study: Study, station_names: dict[str, str]) -> dict[str, Any]
         "updated_at": _iso(study.updated_at),
         "ai_status": study.ai_status,
         "priority": study.priority,
-        "findings": _top_findings(study),
+        "findings": top_findings(study),
         "instances": sum(len(s.instances) for s in study.series),
     }
 

@@ -1,0 +1,46 @@
+"""Which studies a user may see: a station user its own station's, everyone else all.
+
+Every route that touches a study goes through ``visible_study`` (or filters with
+``visibility_clause``). A study the user may not see answers 404, the same as a
+study that does not exist, so guessing UIDs tells a station nothing.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from sqlalchemy import ColumnElement, true
+from sqlalchemy.orm import Session
+
+from xray_triage.store.consult_schema import ROLE_STATION
+from xray_triage.store.schema import Instance, Series, Study
+from xray_triage.store.users import AuthUser
+
+
+def visibility_clause(user: AuthUser) -> ColumnElement[bool]:
+    if user.role == ROLE_STATION:
+        return Study.station_ae == (user.station_ae or "\x00no-station")
+    return true()
+
+
+def can_see(user: AuthUser, study: Study) -> bool:
+    return user.role != ROLE_STATION or (bool(user.station_ae) and study.station_ae == user.station_ae)
+
+
+def visible_study(session: Session, user: AuthUser, study_uid: str) -> Study:
+    study = session.query(Study).filter(Study.study_instance_uid == study_uid).one_or_none()
+    if study is None or not can_see(user, study):
+        raise HTTPException(status_code=404, detail="study not found")
+    return study
+
+
+def visible_instance(session: Session, user: AuthUser, study_uid: str, sop_uid: str) -> tuple[Study, Instance]:
+    study = visible_study(session, user, study_uid)
+    instance = (
+        session.query(Instance)
+        .join(Series, Instance.series_id == Series.id)
+        .filter(Series.study_id == study.id, Instance.sop_instance_uid == sop_uid)
+        .one_or_none()
+    )
+    if instance is None:
+        raise HTTPException(status_code=404, detail="image not found")
+    return study, instance

@@ -1,0 +1,140 @@
+"""Who is asking: session cookies for the browser, bearer tokens for the JSON API.
+
+Every route except ``/login``, ``/healthz`` and ``/static`` depends on
+``current_user``. It also enforces CSRF protection: a state-changing request
+(POST/PUT/PATCH/DELETE) authenticated by the session cookie must carry the
+session's CSRF token in the ``X-CSRF-Token`` header or a ``csrf_token`` form
+field, and, when the browser sends an ``Origin`` header, come from this site.
+Requests authenticated by an API token carry no cookie and need no CSRF token.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from urllib.parse import urlsplit
+
+from fastapi import Depends, HTTPException, Request
+
+from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION
+from xray_triage.store.users import AuthUser, user_for_api_token, user_for_session
+
+SESSION_COOKIE = "xrt_session"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+class NotAuthenticated(Exception):
+    """No valid session or token: pages redirect to the login page, the API answers 401."""
+
+
+class CsrfError(Exception):
+    """A state-changing request without the right CSRF token (or from another origin)."""
+
+
+def is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+async def current_user(request: Request) -> AuthUser:
+    db = request.app.state.db
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        if not is_api(request):
+            raise NotAuthenticated()  # tokens are for the JSON API only
+        with db.session() as session:
+            user = user_for_api_token(session, authorization[7:].strip())
+        if user is None:
+            raise NotAuthenticated()
+        request.state.user = user
+        return user
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        raise NotAuthenticated()
+    with db.session() as session:
+        user = user_for_session(session, cookie)
+    if user is None:
+        raise NotAuthenticated()
+    if request.method not in SAFE_METHODS:
+        await _check_csrf(request, user)
+    request.state.user = user
+    return user
+
+
+async def _check_csrf(request: Request, user: AuthUser) -> None:
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", ""):
+        raise CsrfError()
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        sent = (await request.form()).get(CSRF_FIELD)
+    if not sent or not user.csrf_token or not secrets.compare_digest(str(sent), user.csrf_token):
+        raise CsrfError()
+
+
+def require_roles(*roles: str):  # type: ignore[no-untyped-def]
+    """Dependency factory: the user must have one of ``roles`` (else 403)."""
+
+    async def dependency(user: AuthUser = Depends(current_user)) -> AuthUser:
+        if user.role not in roles:
+            raise HTTPException(status_code=403, detail="forbidden")
+        return user
+
+    return dependency
+
+
+require_admin = require_roles(ROLE_ADMIN)
+require_specialist = require_roles(ROLE_SPECIALIST, ROLE_ADMIN)
+require_station = require_roles(ROLE_STATION)
+
+
+class LoginLimiter:
+    """Failed-login counter per user name and per client IP (in memory).
+
+    After ``max_failures`` failures within ``window_s`` seconds the name (or IP)
+    is locked until the oldest failure leaves the window. A successful login
+    clears the name's failures. Kept in memory on purpose: the web app runs in
+    one process, and a restart giving a fresh window is harmless.
+    """
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        entries = self._failures[key]
+        while entries and entries[0] <= now - self.window_s:
+            entries.popleft()
+        return entries
+
+    def retry_after(self, username: str, ip: str) -> float:
+        """Seconds until a login may be tried again; 0 when not locked."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [
+                entries[0] + self.window_s - now
+                for entries in (self._recent(f"u:{username.lower()}", now), self._recent(f"ip:{ip}", now))
+                if len(entries) >= self.max_failures
+            ]
+        return max(waits, default=0.0)
+
+    def failed(self, username: str, ip: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent(f"u:{username.lower()}", now).append(now)
+            self._recent(f"ip:{ip}", now).append(now)
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(f"u:{username.lower()}", None)

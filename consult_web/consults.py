@@ -1,0 +1,131 @@
+"""The consult life cycle and who may do what.
+
+    requested --claim--> in_review --specialist reply / conclusion--> answered --close--> closed
+
+* A station user (or an admin) requests a consult on a study of its own station,
+  with a clinical question and an urgency; one open consult per study at a time.
+* A specialist claims it; a specialist's reply or conclusion marks it answered
+  (claiming it on the way if nobody had). A station's follow-up question on an
+  answered consult puts it back in review.
+* The requesting station, a specialist or an admin closes it.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from xray_triage.store.consult_schema import (
+    CONCLUSIONS,
+    CONSULT_ANSWERED,
+    CONSULT_CLOSED,
+    CONSULT_IN_REVIEW,
+    CONSULT_REQUESTED,
+    ROLE_ADMIN,
+    ROLE_SPECIALIST,
+    ROLE_STATION,
+    URGENCIES,
+    Consult,
+    ConsultMessage,
+)
+from xray_triage.store.schema import Study, utcnow
+from xray_triage.store.users import AuthUser
+
+MAX_QUESTION = 4000
+MAX_MESSAGE = 8000
+
+
+def _forbidden(reason: str) -> HTTPException:
+    return HTTPException(status_code=403, detail=reason)
+
+
+def _clean_text(text: str, limit: int, what: str) -> str:
+    text = text.replace("\r\n", "\n").strip()
+    if not text:
+        raise HTTPException(status_code=400, detail=f"{what} is empty")
+    if len(text) > limit:
+        raise HTTPException(status_code=400, detail=f"{what} is longer than {limit} characters")
+    return text
+
+
+def is_specialist(user: AuthUser) -> bool:
+    return user.role in (ROLE_SPECIALIST, ROLE_ADMIN)
+
+
+def open_consult(session: Session, study: Study) -> Consult | None:
+    return session.scalar(
+        select(Consult).where(Consult.study_id == study.id, Consult.status != CONSULT_CLOSED).order_by(Consult.id.desc())
+    )
+
+
+def consults_of(session: Session, study: Study) -> list[Consult]:
+    return list(session.scalars(select(Consult).where(Consult.study_id == study.id).order_by(Consult.id.desc())))
+
+
+def request_consult(session: Session, user: AuthUser, study: Study, question: str, urgency: str) -> Consult:
+    if user.role not in (ROLE_STATION, ROLE_ADMIN):
+        raise _forbidden("only station doctors request consults")
+    if urgency not in URGENCIES:
+        raise HTTPException(status_code=400, detail=f"urgency must be one of {', '.join(URGENCIES)}")
+    if open_consult(session, study) is not None:
+        raise HTTPException(status_code=409, detail="this study already has an open consult")
+    consult = Consult(
+        study_id=study.id,
+        requested_by_id=user.id,
+        question=_clean_text(question, MAX_QUESTION, "question"),
+        urgency=urgency,
+        status=CONSULT_REQUESTED,
+    )
+    session.add(consult)
+    session.flush()
+    return consult
+
+
+def claim(session: Session, user: AuthUser, consult: Consult) -> None:
+    if not is_specialist(user):
+        raise _forbidden("only specialists claim consults")
+    if consult.status == CONSULT_CLOSED:
+        raise HTTPException(status_code=409, detail="this consult is closed")
+    if consult.claimed_by_id not in (None, user.id) and consult.status != CONSULT_REQUESTED:
+        raise HTTPException(status_code=409, detail="another specialist has claimed this consult")
+    consult.claimed_by_id = user.id
+    if consult.status == CONSULT_REQUESTED:
+        consult.status = CONSULT_IN_REVIEW
+    consult.updated_at = utcnow()
+
+
+def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> ConsultMessage:
+    if consult.status == CONSULT_CLOSED:
+        raise HTTPException(status_code=409, detail="this consult is closed")
+    message = ConsultMessage(consult_id=consult.id, author_id=user.id, body=_clean_text(body, MAX_MESSAGE, "reply"))
+    session.add(message)
+    if is_specialist(user):
+        consult.claimed_by_id = consult.claimed_by_id or user.id
+        consult.status = CONSULT_ANSWERED
+    elif consult.status == CONSULT_ANSWERED:
+        consult.status = CONSULT_IN_REVIEW if consult.claimed_by_id else CONSULT_REQUESTED
+    consult.updated_at = utcnow()
+    session.flush()
+    return message
+
+
+def conclude(session: Session, user: AuthUser, consult: Consult, conclusion: str) -> None:
+    if not is_specialist(user):
+        raise _forbidden("only specialists set the conclusion")
+    if conclusion not in CONCLUSIONS:
+        raise HTTPException(status_code=400, detail=f"conclusion must be one of {', '.join(CONCLUSIONS)}")
+    if consult.status == CONSULT_CLOSED:
+        raise HTTPException(status_code=409, detail="this consult is closed")
+    consult.conclusion = conclusion
+    consult.claimed_by_id = consult.claimed_by_id or user.id
+    consult.status = CONSULT_ANSWERED
+    consult.updated_at = utcnow()
+
+
+def close(session: Session, user: AuthUser, consult: Consult) -> None:
+    """Anyone who can see the study (its station, specialists, admins) may close it."""
+    if consult.status == CONSULT_CLOSED:
+        return
+    consult.status = CONSULT_CLOSED
+    consult.updated_at = utcnow()

@@ -1,0 +1,98 @@
+"""Admin pages: users (add, disable, enable), stations (add, remove) and the audit log."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+
+from consult_web.audit import audit
+from consult_web.auth import require_admin
+from consult_web.templating import render
+from xray_triage.store.consult_schema import ROLES, AuditEvent
+from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
+from xray_triage.store.users import AuthUser, UserError, add_user, list_users, set_disabled
+
+router = APIRouter(prefix="/admin")
+
+
+def _admin_page(request: Request, error: str = "", status_code: int = 200) -> HTMLResponse:
+    with request.app.state.db.session() as session:
+        users = list_users(session)
+        stations = list_stations(session)
+        events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(100)))
+        return render(
+            request,
+            "admin.html",
+            {"users": users, "stations": stations, "events": events, "roles": ROLES, "error": error},
+            status_code=status_code,
+        )
+
+
+@router.get("")
+def admin_page(request: Request, _admin: AuthUser = Depends(require_admin)) -> HTMLResponse:
+    return _admin_page(request)
+
+
+@router.post("/users")
+def admin_add_user(
+    request: Request,
+    username: str = Form(..., max_length=64),
+    password: str = Form(..., max_length=1024),
+    role: str = Form(...),
+    station_ae: str = Form("", max_length=16),
+    display_name: str = Form("", max_length=200),
+    language: str = Form("vi"),
+    admin: AuthUser = Depends(require_admin),
+) -> Response:
+    try:
+        with request.app.state.db.session() as session:
+            add_user(
+                session, username, password, role,
+                station_ae=station_ae or None, display_name=display_name, language=language,
+            )  # fmt: skip
+            audit(session, admin, "user.add", request=request, target=username, role=role)
+    except UserError as exc:
+        return _admin_page(request, str(exc), 400)
+    return RedirectResponse("/admin#users", status_code=303)
+
+
+@router.post("/users/{username}/disabled")
+def admin_disable_user(
+    request: Request, username: str, disabled: bool = Form(...), admin: AuthUser = Depends(require_admin)
+) -> Response:
+    if username == admin.username and disabled:
+        raise HTTPException(status_code=400, detail="you cannot disable yourself")
+    try:
+        with request.app.state.db.session() as session:
+            set_disabled(session, username, disabled)
+            audit(session, admin, "user.disable" if disabled else "user.enable", request=request, target=username)
+    except UserError as exc:
+        return _admin_page(request, str(exc), 404)
+    return RedirectResponse("/admin#users", status_code=303)
+
+
+@router.post("/stations")
+def admin_add_station(
+    request: Request,
+    ae_title: str = Form(..., max_length=16),
+    name: str = Form("", max_length=200),
+    allowed_ips: str = Form("", max_length=1000),
+    admin: AuthUser = Depends(require_admin),
+) -> Response:
+    try:
+        with request.app.state.db.session() as session:
+            add_station(session, ae_title, name, allowed_ips or None)
+            audit(session, admin, "station.add", request=request, target=ae_title)
+    except StationError as exc:
+        return _admin_page(request, str(exc), 400)
+    return RedirectResponse("/admin#stations", status_code=303)
+
+
+@router.post("/stations/{ae_title}/remove")
+def admin_remove_station(request: Request, ae_title: str, admin: AuthUser = Depends(require_admin)) -> Response:
+    with request.app.state.db.session() as session:
+        if not remove_station(session, ae_title):
+            raise HTTPException(status_code=404, detail=f"no station {ae_title!r}")
+        audit(session, admin, "station.remove", request=request, target=ae_title)
+    return RedirectResponse("/admin#stations", status_code=303)

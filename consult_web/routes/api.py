@@ -1,0 +1,98 @@
+"""The JSON API (session cookie or ``Authorization: Bearer <token>``) and ``/healthz``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from sqlalchemy import text
+
+from consult_web import consults as flow
+from consult_web.access import visible_study
+from consult_web.audit import audit
+from consult_web.auth import current_user
+from consult_web.worklist import WorklistFilters, query_worklist
+from xray_triage import __version__
+from xray_triage.store.queries import get_study
+from xray_triage.store.users import AuthUser
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+def healthz(request: Request) -> dict[str, Any]:
+    """Unauthenticated on purpose: this is what monitoring and the Docker health check read."""
+    state = request.app.state.health
+    card = request.app.state.card
+    try:
+        with request.app.state.db.session() as session:
+            session.execute(text("SELECT 1"))
+        database = "ok"
+    except Exception as exc:  # report, don't crash
+        database = f"error: {type(exc).__name__}"
+    ok = database == "ok" and all(v == "ok" for v in state.values())
+    body = {
+        "status": "ok" if ok else "degraded",
+        "version": __version__,
+        "database": database,
+        "model": card.model_version if card else None,
+        **state,
+    }
+    if not ok:
+        raise HTTPException(status_code=503, detail=body)
+    return body
+
+
+@router.get("/api/studies")
+def api_studies(
+    request: Request,
+    limit: int = Query(200, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    user: AuthUser = Depends(current_user),
+) -> dict[str, Any]:
+    """Worklist order, filtered to what the user may see."""
+    with request.app.state.db.session() as session:
+        rows = query_worklist(session, user, WorklistFilters())[offset : offset + limit]
+        studies = []
+        for row in rows:
+            detail = get_study(session, row.study_uid) or {}
+            detail.pop("images", None)
+            detail["consult_status"] = row.consult_status
+            studies.append(detail)
+    return {"studies": studies, "disclaimer": request.app.state.disclaimer}
+
+
+@router.get("/api/studies/{study_uid}")
+def api_study(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
+    with request.app.state.db.session() as session:
+        visible_study(session, user, study_uid)
+        study = get_study(session, study_uid)
+        audit(session, user, "study.view", study_uid=study_uid, request=request, via="api")
+    assert study is not None
+    study["disclaimer"] = request.app.state.disclaimer
+    return study
+
+
+@router.get("/api/studies/{study_uid}/consults")
+def api_consults(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
+    with request.app.state.db.session() as session:
+        study = visible_study(session, user, study_uid)
+        consults = [
+            {
+                "id": c.id,
+                "status": c.status,
+                "urgency": c.urgency,
+                "question": c.question,
+                "conclusion": c.conclusion,
+                "requested_by": c.requested_by.username,
+                "claimed_by": c.claimed_by.username if c.claimed_by else None,
+                "created_at": c.created_at.isoformat(),
+                "updated_at": c.updated_at.isoformat(),
+                "messages": [
+                    {"author": m.author.username, "body": m.body, "created_at": m.created_at.isoformat()}
+                    for m in c.messages
+                ],
+            }
+            for c in flow.consults_of(session, study)
+        ]
+    return {"consults": consults}

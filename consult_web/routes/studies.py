@@ -1,0 +1,222 @@
+"""The study page (viewer, AI findings, key tags, priors) and the consult actions.
+
+Consult actions are plain HTML form posts (they work without JavaScript); the
+page's script re-fetches the consult panel when the live stream says the study
+changed, so a station sees a specialist's reply without reloading.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from consult_web import consults as flow
+from consult_web.access import can_see, visibility_clause, visible_study
+from consult_web.audit import audit
+from consult_web.auth import current_user
+from consult_web.templating import render
+from consult_web.viewer import viewer_context
+from xray_triage.store.consult_schema import CONCLUSIONS, URGENCIES, Consult
+from xray_triage.store.dicom_meta import display_name
+from xray_triage.store.schema import Station, Study
+from xray_triage.store.users import AuthUser
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+KEY_TAGS = (
+    "PatientName", "PatientID", "PatientSex", "PatientAge", "PatientBirthDate", "StudyDate", "StudyTime",
+    "AccessionNumber", "Modality", "BodyPartExamined", "ViewPosition", "PhotometricInterpretation",
+    "Rows", "Columns", "BitsStored", "WindowCenter", "WindowWidth", "Manufacturer",
+    "ManufacturerModelName", "InstitutionName", "StationName",
+)  # fmt: skip
+
+
+def key_tags(data_dir: Path, file_path: str) -> list[tuple[str, str]]:
+    """Header tags of the stored file, read without its pixels; values decoded with its character set."""
+    try:
+        ds = pydicom.dcmread(data_dir / file_path, stop_before_pixels=True)
+    except Exception as exc:  # a missing or damaged file should not break the page
+        log.warning("cannot read DICOM header", extra={"file": file_path, "error": str(exc)})
+        return []
+    tags = []
+    for keyword in KEY_TAGS:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        text = display_name(str(value)) if keyword == "PatientName" else str(value)
+        tags.append((keyword, text[:200]))
+    tags.append(("TransferSyntaxUID", getattr(ds.file_meta.get("TransferSyntaxUID"), "name", "")))
+    return tags
+
+
+def image_findings(study: Study) -> list[dict[str, Any]]:
+    """Per image: every label's probability and threshold, flagged first."""
+    images = []
+    for series in study.series:
+        for instance in series.instances:
+            result = instance.result
+            entry: dict[str, Any] = {
+                "sop_uid": instance.sop_instance_uid,
+                "view": instance.view_position,
+                "ai_status": instance.ai_status,
+                "ai_error": instance.ai_error,
+                "model_version": result.model_version if result else None,
+                "priority": result.priority if result else None,
+                "labels": [],
+            }
+            if result is not None:
+                entry["labels"] = sorted(
+                    (
+                        {
+                            "label": label,
+                            "probability": float(p),
+                            "threshold": float(result.thresholds.get(label, 0.5)),
+                            "flagged": label in result.flagged,
+                        }
+                        for label, p in result.probabilities.items()
+                    ),
+                    key=lambda row: (not row["flagged"], -row["probability"]),
+                )
+            images.append(entry)
+    return images
+
+
+def prior_studies(session: Session, user: AuthUser, study: Study) -> list[Study]:
+    if not study.patient_id:
+        return []
+    return list(
+        session.scalars(
+            select(Study)
+            .where(Study.patient_id == study.patient_id, Study.id != study.id, visibility_clause(user))
+            .order_by(Study.received_at.desc())
+            .limit(20)
+        )
+    )
+
+
+def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str, Any]:
+    consults = flow.consults_of(session, study)
+    return {
+        "study": study,
+        "consults": consults,
+        "open_consult": next((c for c in consults if c.status != "closed"), None),
+        "urgencies": URGENCIES,
+        "conclusions": CONCLUSIONS,
+        "is_specialist": flow.is_specialist(user),
+        "can_request": user.role in ("station", "admin"),
+    }
+
+
+@router.get("/studies/{study_uid}")
+def study_page(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> HTMLResponse:
+    settings = request.app.state.settings
+    with request.app.state.db.session() as session:
+        study = visible_study(session, user, study_uid)
+        station = session.scalar(select(Station).where(Station.ae_title == study.station_ae))
+        first = next((i for s in study.series for i in s.instances), None)
+        context = {
+            "study": study,
+            "patient_name": display_name(study.patient_name),
+            "station_name": station.name if station else "",
+            "images": image_findings(study),
+            "tags": key_tags(settings.data_dir, first.file_path) if first else [],
+            "priors": prior_studies(session, user, study),
+            "viewer": viewer_context(session, user, study, request),
+            **consult_context(session, user, study),
+        }
+        audit(session, user, "study.view", study_uid=study_uid, request=request)
+        return render(request, "study.html", context)
+
+
+@router.get("/studies/{study_uid}/consult-panel")
+def consult_panel(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> HTMLResponse:
+    with request.app.state.db.session() as session:
+        study = visible_study(session, user, study_uid)
+        return render(request, "_consult_panel.html", consult_context(session, user, study))
+
+
+def _consult_for(session: Session, user: AuthUser, consult_id: int) -> tuple[Consult, Study]:
+    consult = session.get(Consult, consult_id)
+    study = session.get(Study, consult.study_id) if consult is not None else None
+    if consult is None or study is None or not can_see(user, study):
+        raise HTTPException(status_code=404, detail="consult not found")
+    return consult, study
+
+
+def _back(study: Study) -> Response:
+    return RedirectResponse(f"/studies/{study.study_instance_uid}#consult", status_code=303)
+
+
+@router.post("/studies/{study_uid}/consults")
+def request_consult(
+    request: Request,
+    study_uid: str,
+    question: str = Form(..., max_length=flow.MAX_QUESTION),
+    urgency: str = Form("routine"),
+    user: AuthUser = Depends(current_user),
+) -> Response:
+    with request.app.state.db.session() as session:
+        study = visible_study(session, user, study_uid)
+        consult = flow.request_consult(session, user, study, question, urgency)
+        audit(session, user, "consult.request", study_uid=study_uid, request=request, consult_id=consult.id, urgency=urgency)
+        return _back(study)
+
+
+@router.post("/consults/{consult_id}/claim")
+def claim_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
+    with request.app.state.db.session() as session:
+        consult, study = _consult_for(session, user, consult_id)
+        flow.claim(session, user, consult)
+        audit(session, user, "consult.claim", study_uid=study.study_instance_uid, request=request, consult_id=consult_id)
+        return _back(study)
+
+
+@router.post("/consults/{consult_id}/messages")
+def reply_consult(
+    request: Request,
+    consult_id: int,
+    body: str = Form(..., max_length=flow.MAX_MESSAGE),
+    user: AuthUser = Depends(current_user),
+) -> Response:
+    with request.app.state.db.session() as session:
+        consult, study = _consult_for(session, user, consult_id)
+        message = flow.reply(session, user, consult, body)
+        audit(
+            session, user, "consult.reply", study_uid=study.study_instance_uid, request=request,
+            consult_id=consult_id, message_id=message.id,
+        )  # fmt: skip
+        return _back(study)
+
+
+@router.post("/consults/{consult_id}/conclusion")
+def conclude_consult(
+    request: Request,
+    consult_id: int,
+    conclusion: str = Form(...),
+    user: AuthUser = Depends(current_user),
+) -> Response:
+    with request.app.state.db.session() as session:
+        consult, study = _consult_for(session, user, consult_id)
+        flow.conclude(session, user, consult, conclusion)
+        audit(
+            session, user, "consult.conclude", study_uid=study.study_instance_uid, request=request,
+            consult_id=consult_id, conclusion=conclusion,
+        )  # fmt: skip
+        return _back(study)
+
+
+@router.post("/consults/{consult_id}/close")
+def close_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
+    with request.app.state.db.session() as session:
+        consult, study = _consult_for(session, user, consult_id)
+        flow.close(session, user, consult)
+        audit(session, user, "consult.close", study_uid=study.study_instance_uid, request=request, consult_id=consult_id)
+        return _back(study)

@@ -1,0 +1,82 @@
+"""Worklist pages: the full page and the table body that live updates re-fetch."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy import select
+
+from consult_web.auth import current_user
+from consult_web.templating import render
+from consult_web.worklist import NO_CONSULT, WorklistFilters, known_findings, query_worklist
+from xray_triage.store.consult_schema import CONSULT_STATUSES, ROLE_STATION
+from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING, Station
+from xray_triage.store.users import AuthUser
+
+router = APIRouter()
+AI_STATUSES = (AI_PENDING, AI_DONE, AI_FAILED, AI_NOT_APPLICABLE)
+
+
+def _date(value: str, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=f"{name}: expected a date YYYY-MM-DD, got {value[:20]!r}") from exc
+
+
+def parse_filters(
+    station: str = Query("", max_length=16),
+    status: str = Query("", max_length=16),
+    ai: str = Query("", max_length=16),
+    date_from: str = Query("", max_length=10),
+    date_to: str = Query("", max_length=10),
+    finding: str = Query("", max_length=64),
+) -> WorklistFilters:
+    return WorklistFilters(
+        station=station.strip(),
+        status=status if status in (*CONSULT_STATUSES, NO_CONSULT) else "",
+        ai=ai if ai in AI_STATUSES else "",
+        date_from=_date(date_from, "date_from"),
+        date_to=_date(date_to, "date_to"),
+        finding=finding.strip(),
+    )
+
+
+@router.get("/worklist")
+def worklist_page(
+    request: Request,
+    filters: WorklistFilters = Depends(parse_filters),
+    user: AuthUser = Depends(current_user),
+) -> HTMLResponse:
+    with request.app.state.db.session() as session:
+        rows = query_worklist(session, user, filters)
+        stations = [] if user.role == ROLE_STATION else list(session.scalars(select(Station).order_by(Station.ae_title)))
+        findings = known_findings(session)
+        station_options = [(s.ae_title, s.name) for s in stations]
+    return render(
+        request,
+        "worklist.html",
+        {
+            "rows": rows,
+            "filters": filters,
+            "stations": station_options,
+            "findings": findings,
+            "consult_statuses": (*CONSULT_STATUSES, NO_CONSULT),
+            "ai_statuses": AI_STATUSES,
+        },
+    )
+
+
+@router.get("/worklist/rows")
+def worklist_rows(
+    request: Request,
+    filters: WorklistFilters = Depends(parse_filters),
+    user: AuthUser = Depends(current_user),
+) -> HTMLResponse:
+    with request.app.state.db.session() as session:
+        rows = query_worklist(session, user, filters)
+    return render(request, "_worklist_rows.html", {"rows": rows})
