@@ -51,7 +51,7 @@ def create_app(
     from consult_web.routes import admin, annotations, api, images, live, login, studies, worklist
 
     settings = settings or Settings()
-    app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.db = db
     app.state.card = card
     app.state.settings = settings

@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null; then
-  echo "== installing dcmtk (Debian package) =="
+# Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and
+# chromium (the browser tests drive /usr/bin/chromium; no browser is ever downloaded).
+if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -x /usr/bin/chromium ]; then
+  echo "== installing dcmtk and chromium (Debian packages) =="
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk chromium fonts-dejavu-core >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

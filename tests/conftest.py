@@ -19,6 +19,7 @@ from e2e_helpers import (  # noqa: E402
     SampleFile,
     Server,
     add_stations,
+    create_api_user,
     load_manifest,
 )
 
@@ -87,6 +88,7 @@ class ServerLauncher:
         )
         self.servers.append(server)
         add_stations(server.data_dir, [(STATION1, STATION1_NAME, None)])  # creates the database
+        server.api_token = create_api_user(server.data_dir)
         if stations:
             add_stations(server.data_dir, stations)
         if start:

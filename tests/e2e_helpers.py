@@ -87,10 +87,15 @@ def cli_command() -> list[str]:
 
 
 def run_cli(
-    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+    *args: str | Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
+    stdin_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*cli_command(), *map(str, args)],
+        input=stdin_text,
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -151,6 +156,36 @@ def add_stations(data_dir: Path, stations: Sequence[tuple[str, str, str | None]]
     assert proc.returncode == 0 and proc.stdout.count("added station") == len(stations), (
         f"stations add {stations} -> {proc.returncode}\n{proc.stdout}{proc.stderr}"
     )
+
+
+_API_USER = """
+import contextlib, io, sys
+from xray_triage.cli import main
+data = ["--data-dir", sys.argv[1]]
+sys.stdin = io.StringIO("e2e-specialist-password\\n")
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = main(["users", "add", "e2e-specialist", "--role", "specialist", "--password-stdin", *data])
+    code = code or main(["tokens", "create", "e2e-specialist", "--name", "e2e tests", *data])
+if code != 0:
+    sys.exit(f"users add / tokens create -> {code}: {out.getvalue()}")
+print(out.getvalue().splitlines()[-1])
+"""
+
+
+def create_api_user(data_dir: Path) -> str:
+    """A specialist user with an API token (the JSON API needs one); returns the token."""
+    proc = subprocess.run(
+        [python_command(), "-c", _API_USER, str(data_dir)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=server_env(),
+        timeout=120,
+    )
+    token = proc.stdout.strip()
+    assert proc.returncode == 0 and token.startswith("xrt_"), f"{proc.returncode}\n{proc.stdout}{proc.stderr}"
+    return token
 
 
 def python_command() -> str:
@@ -445,6 +480,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     starts: int = 0
+    api_token: str = ""  # Bearer token of a specialist (sees every station's studies)
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
@@ -569,8 +605,11 @@ class Server:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
 
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_token}"} if self.api_token else {}
+
     def api(self, path: str, expect: int = 200) -> Any:
-        response = http.get(self.url(path))
+        response = http.get(self.url(path), headers=self.auth_headers())
         assert response.status_code == expect, (
             f"GET {path}: {response.status_code} {response.text}\n{self.log_tail()}"
         )
@@ -597,7 +636,7 @@ class Server:
         while True:
             for uid in wanted:
                 if uid not in studies or studies[uid]["ai_status"] not in FINAL_AI_STATUSES:
-                    response = http.get(self.url(f"/api/studies/{uid}"))
+                    response = http.get(self.url(f"/api/studies/{uid}"), headers=self.auth_headers())
                     if response.status_code == 200:
                         studies[uid] = response.json()
             pending = [

@@ -18,6 +18,7 @@ from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import load_settings
 from xray_triage.store.db import open_database
 from xray_triage.store.ingest import Ingestor, TriagePolicy
+from xray_triage.store.users import add_user, create_api_token
 from xray_triage.triage.worker import TriageWorkers
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -90,8 +91,13 @@ def test_studies_cli_and_api_agree(model_dir: Path, tmp_path: Path, capsys: pyte
     while workers.run_one():
         pass
 
+    with db.session() as session:
+        add_user(session, "reader", "correct-horse-battery", "specialist")
+        token = create_api_token(session, "reader")
     client = TestClient(create_app(db, runner.card))
     assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/api/studies").status_code == 401  # the API needs a session or a token
+    client.headers["Authorization"] = f"Bearer {token}"
     studies = client.get("/api/studies").json()["studies"]
     assert len(studies) == 2 and all(s["ai_status"] == "done" for s in studies)
     ranks = [{"urgent": 3, "abnormal": 2, "normal": 1}[s["priority"]] for s in studies]

@@ -104,8 +104,16 @@ def run_server(settings: Settings) -> int:
         gateway.start()
         health["dicom_gateway"] = "ok"
         app = create_app(db, card, health, settings)
-        config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_config=None, access_log=False)
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,  # backstop: never wait on a browser's open connection
+        )
         server = uvicorn.Server(config)
+        app.state.stopping = lambda: server.should_exit  # live-update streams end when shutdown starts
         _install_quiet_signal_handlers(stop_requested)
         log.info("HTTP app listening", extra={"host": settings.http_host, "port": settings.http_port})
         server.run()

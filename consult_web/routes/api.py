@@ -8,12 +8,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlalchemy import text
 
 from consult_web import consults as flow
-from consult_web.access import visible_study
+from consult_web.access import visibility_clause, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
-from consult_web.worklist import WorklistFilters, query_worklist
 from xray_triage import __version__
-from xray_triage.store.queries import get_study
+from xray_triage.store.queries import get_study, list_studies
 from xray_triage.store.users import AuthUser
 
 router = APIRouter()
@@ -50,15 +49,9 @@ def api_studies(
     offset: int = Query(0, ge=0),
     user: AuthUser = Depends(current_user),
 ) -> dict[str, Any]:
-    """Worklist order, filtered to what the user may see."""
+    """Most urgent first, then newest (as ``xray-triage studies list``), only what the user may see."""
     with request.app.state.db.session() as session:
-        rows = query_worklist(session, user, WorklistFilters())[offset : offset + limit]
-        studies = []
-        for row in rows:
-            detail = get_study(session, row.study_uid) or {}
-            detail.pop("images", None)
-            detail["consult_status"] = row.consult_status
-            studies.append(detail)
+        studies = list_studies(session, limit=limit, offset=offset, where=visibility_clause(user))
     return {"studies": studies, "disclaimer": request.app.state.disclaimer}
 
 

@@ -71,7 +71,8 @@ async def _stream(request: Request, user: AuthUser) -> AsyncIterator[str]:
     interval = request.app.state.settings.live_poll_s
     yield "retry: 3000\n\n"
     quiet = 0.0
-    while not await request.is_disconnected():
+    stopping = getattr(request.app.state, "stopping", lambda: False)
+    while not stopping() and not await request.is_disconnected():
         await asyncio.sleep(interval)
         events = await run_in_threadpool(cursor.poll)
         for event in events:

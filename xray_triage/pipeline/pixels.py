@@ -49,6 +49,16 @@ class DisplayImage:
 
 def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImage:
     """Decode ``ds`` and apply Modality LUT, VOI and MONOCHROME1 inversion."""
+    values = decode_modality_values(ds, source=source)
+    pixels, window = modality_values_to_display(values, ds)
+    return DisplayImage(pixels=pixels, source_shape=tuple(values.shape[:2]), window=window)
+
+
+def decode_modality_values(ds: Dataset, *, source: str = "<dataset>") -> np.ndarray:
+    """Steps 1-3: decode, mask to Bits Stored and apply the Modality LUT (float32, first frame).
+
+    Public so that the web viewer renders from exactly the values the model sees.
+    """
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PixelError(f"{source}: no Pixel Data (7FE0,0010); the dataset holds no image")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -67,7 +77,15 @@ def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImag
         ts_name = getattr(ts, "name", ts) or "unknown transfer syntax"
         raise PixelError(f"{source}: cannot decode Pixel Data ({ts_name}): {exc}") from exc
     stored = _mask_bits_stored(stored, ds)
-    values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)
+    return apply_modality_lut(stored, ds).astype(np.float32, copy=False)
+
+
+def modality_values_to_display(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Steps 4-5: the dataset's VOI (or min/max), then MONOCHROME1 inversion; [0, 1], 1 = bright.
+
+    Returns the image and which VOI was applied (``voi_lut``, ``window`` or ``minmax``).
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     values, window = _apply_voi(values, ds)
     lo, hi = float(values.min()), float(values.max())
     if window == "minmax":
@@ -77,8 +95,7 @@ def dataset_to_display(ds: Dataset, *, source: str = "<dataset>") -> DisplayImag
         image = values  # _apply_voi already returned [0, 1]
     if photometric == "MONOCHROME1":
         image = 1.0 - image
-    image = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
-    return DisplayImage(pixels=image, source_shape=tuple(stored.shape[:2]), window=window)
+    return np.clip(image, 0.0, 1.0).astype(np.float32, copy=False), window
 
 
 def _prefer_fast_decoder(ds: Dataset) -> None:

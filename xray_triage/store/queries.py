@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session, selectinload
 
 from xray_triage.store.dicom_meta import display_name
@@ -95,11 +95,13 @@ def _station_names(session: Session) -> dict[str, str]:
     return {s.ae_title: s.name for s in session.scalars(select(Station))}
 
 
-def list_studies(session: Session, *, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
-    """Most urgent first, then newest."""
+def list_studies(
+    session: Session, *, limit: int = 200, offset: int = 0, where: ColumnElement[bool] | None = None
+) -> list[dict[str, Any]]:
+    """Most urgent first, then newest; ``where`` narrows the studies (e.g. to one station's)."""
+    query = _load_studies() if where is None else _load_studies().where(where)
     studies = session.scalars(
-        _load_studies()
-        .order_by(Study.priority_rank.desc(), Study.received_at.desc(), Study.id.desc())
+        query.order_by(Study.priority_rank.desc(), Study.received_at.desc(), Study.id.desc())
         .limit(limit)
         .offset(offset)
     ).all()

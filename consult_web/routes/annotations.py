@@ -1,0 +1,313 @@
+"""Marks on study images (JSON API): list, create, edit and delete.
+
+Geometry is stored in the ORIGINAL image's pixel coordinates (x = column, y = row),
+so a mark stays on the anatomy at any zoom, render size or window. It is validated
+strictly (shape per kind, finite numbers, inside the image with a small margin):
+the database must never hold a mark that some viewer cannot draw.
+
+Everyone who may see the study sees every mark; only its author may change or
+delete it. Every change is audited in the same transaction, which is also how the
+live-update stream learns that other browsers should reload the marks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from consult_web.access import can_see, visible_instance, visible_study
+from consult_web.audit import audit
+from consult_web.auth import current_user
+from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION, Annotation
+from xray_triage.store.schema import Instance, Study, utcnow
+from xray_triage.store.users import AuthUser
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+Kind = Literal["rect", "ellipse", "arrow", "freehand", "text"]
+MAX_LABEL = 500
+MAX_POINTS = 5000
+COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
+DEFAULT_COLOR = "#ffd400"
+MARGIN_FRACTION = 0.05  # marks may reach a little past the edge (an arrow pointing in, a loose ellipse)
+UNKNOWN_SIDE = 65535  # largest Rows/Columns DICOM allows, when the stored row lacks them
+
+Coord = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Extent = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def points(self) -> list[tuple[float, float]]:
+        """Points that must lie inside the image (x, y)."""
+        raise NotImplementedError
+
+
+class RectShape(_Shape):
+    x: Coord
+    y: Coord
+    w: Extent
+    h: Extent
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(self.x, self.y), (self.x + self.w, self.y + self.h)]
+
+
+class EllipseShape(_Shape):
+    cx: Coord
+    cy: Coord
+    rx: Extent
+    ry: Extent
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(self.cx - self.rx, self.cy - self.ry), (self.cx + self.rx, self.cy + self.ry)]
+
+
+class ArrowShape(_Shape):
+    x1: Coord
+    y1: Coord
+    x2: Coord
+    y2: Coord
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(self.x1, self.y1), (self.x2, self.y2)]
+
+
+class FreehandShape(_Shape):
+    points_: list[tuple[Coord, Coord]] = Field(alias="points", min_length=2, max_length=MAX_POINTS)
+
+    def points(self) -> list[tuple[float, float]]:
+        return list(self.points_)
+
+    def as_geometry(self) -> dict[str, Any]:
+        return {"points": [[x, y] for x, y in self.points_]}
+
+
+class TextShape(_Shape):
+    x: Coord
+    y: Coord
+
+    def points(self) -> list[tuple[float, float]]:
+        return [(self.x, self.y)]
+
+
+SHAPES: dict[str, type[_Shape]] = {
+    "rect": RectShape,
+    "ellipse": EllipseShape,
+    "arrow": ArrowShape,
+    "freehand": FreehandShape,
+    "text": TextShape,
+}
+
+
+def parse_geometry(kind: str, raw: Any) -> _Shape:
+    """The geometry as its kind's shape; ValueError with a short reason when it does not fit."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"geometry must be an object for kind {kind!r}")
+    try:
+        return SHAPES[kind].model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'geometry'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid {kind} geometry: {problems}") from None
+
+
+def geometry_json(shape: _Shape) -> dict[str, Any]:
+    if isinstance(shape, FreehandShape):
+        return shape.as_geometry()
+    return shape.model_dump()
+
+
+def _check_label(label: str) -> str:
+    if "\x00" in label:
+        raise ValueError("label must not contain NUL characters")
+    return label
+
+
+class AnnotationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instance_uid: str = Field(min_length=1, max_length=64)
+    kind: Kind
+    geometry: dict[str, Any]
+    label: str = Field("", max_length=MAX_LABEL)
+    color: str = Field(DEFAULT_COLOR, pattern=COLOR_PATTERN)
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, value: str) -> str:
+        return _check_label(value)
+
+    @model_validator(mode="after")
+    def _shape_fits_kind(self) -> AnnotationCreate:
+        self.geometry = geometry_json(parse_geometry(self.kind, self.geometry))
+        if self.kind == "text" and not self.label.strip():
+            raise ValueError("a text mark needs a non-empty label")
+        return self
+
+
+class AnnotationUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(None, max_length=MAX_LABEL)
+    geometry: dict[str, Any] | None = None
+    color: str | None = Field(None, pattern=COLOR_PATTERN)
+
+    @field_validator("label")
+    @classmethod
+    def _label_ok(cls, value: str | None) -> str | None:
+        return value if value is None else _check_label(value)
+
+    @model_validator(mode="after")
+    def _something(self) -> AnnotationUpdate:
+        if self.label is None and self.geometry is None and self.color is None:
+            raise ValueError("nothing to change: give label, geometry or color")
+        return self
+
+
+def check_bounds(shape: _Shape, instance: Instance) -> None:
+    """422 unless every point of the shape lies on the image (plus a small margin)."""
+    cols, rows = instance.columns or UNKNOWN_SIDE, instance.rows or UNKNOWN_SIDE
+    margin = MARGIN_FRACTION * max(rows, cols)
+    for x, y in shape.points():
+        if not (-margin <= x <= cols + margin and -margin <= y <= rows + margin):
+            raise HTTPException(
+                status_code=422,
+                detail=f"geometry outside the image ({cols}x{rows} px): point ({x:g}, {y:g})",
+            )
+
+
+def can_annotate(user: AuthUser, study: Study) -> bool:
+    """Specialists (and admins, who act as specialists) anywhere; station doctors on their own studies."""
+    if user.role in (ROLE_SPECIALIST, ROLE_ADMIN):
+        return True
+    return user.role == ROLE_STATION and can_see(user, study)
+
+
+def serialize(annotation: Annotation, instance_uid: str, user: AuthUser) -> dict[str, Any]:
+    author = annotation.author
+    return {
+        "id": annotation.id,
+        "instance_uid": instance_uid,
+        "kind": annotation.kind,
+        "geometry": annotation.geometry,
+        "label": annotation.label or "",
+        "color": annotation.color or DEFAULT_COLOR,
+        "author": (author.display_name or author.username) if author else "",
+        "author_id": annotation.author_id,
+        "created_at": annotation.created_at.isoformat() if annotation.created_at else None,
+        "updated_at": annotation.updated_at.isoformat() if annotation.updated_at else None,
+        "can_edit": annotation.author_id == user.id,
+    }
+
+
+def annotations_of(session: Session, study: Study, user: AuthUser) -> list[dict[str, Any]]:
+    """Every mark on the study's images, oldest first (the viewer draws newer marks on top)."""
+    rows = session.execute(
+        select(Annotation, Instance.sop_instance_uid)
+        .join(Instance, Annotation.instance_id == Instance.id)
+        .where(Annotation.study_id == study.id)
+        .options(selectinload(Annotation.author))
+        .order_by(Annotation.id)
+    ).all()
+    return [serialize(annotation, sop_uid, user) for annotation, sop_uid in rows]
+
+
+def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tuple[Annotation, Study, Instance]:
+    """The annotation if the user may see it (else 404) and wrote it (else 403)."""
+    annotation = session.get(Annotation, annotation_id)
+    study = session.get(Study, annotation.study_id) if annotation is not None else None
+    if annotation is None or study is None or not can_see(user, study):
+        raise HTTPException(status_code=404, detail="annotation not found")
+    if annotation.author_id != user.id:
+        raise HTTPException(status_code=403, detail="only the author may change or delete this annotation")
+    instance = session.get(Instance, annotation.instance_id)
+    if instance is None:
+        raise HTTPException(status_code=404, detail="annotation not found")
+    return annotation, study, instance
+
+
+@router.get("/api/studies/{study_uid}/annotations")
+def list_annotations(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
+    with request.app.state.db.session() as session:
+        study = visible_study(session, user, study_uid)
+        return {"annotations": annotations_of(session, study, user)}
+
+
+@router.post("/api/studies/{study_uid}/annotations", status_code=201)
+def create_annotation(
+    request: Request, study_uid: str, body: AnnotationCreate, user: AuthUser = Depends(current_user)
+) -> dict[str, Any]:
+    with request.app.state.db.session() as session:
+        study, instance = visible_instance(session, user, study_uid, body.instance_uid)
+        if not can_annotate(user, study):
+            raise HTTPException(status_code=403, detail="you may not annotate this study")
+        check_bounds(parse_geometry(body.kind, body.geometry), instance)
+        now = utcnow()
+        annotation = Annotation(
+            created_at=now,
+            updated_at=now,
+            instance_id=instance.id,
+            study_id=study.id,
+            author_id=user.id,
+            kind=body.kind,
+            geometry=body.geometry,
+            label=body.label,
+            color=body.color.lower(),
+        )
+        session.add(annotation)
+        session.flush()
+        audit(
+            session, user, "annotation.create", study_uid=study_uid, request=request,
+            annotation_id=annotation.id, kind=body.kind,
+        )  # fmt: skip
+        session.flush()
+        return serialize(annotation, instance.sop_instance_uid, user)
+
+
+@router.patch("/api/annotations/{annotation_id}")
+def update_annotation(
+    request: Request, annotation_id: int, body: AnnotationUpdate, user: AuthUser = Depends(current_user)
+) -> dict[str, Any]:
+    with request.app.state.db.session() as session:
+        annotation, study, instance = _own_annotation(session, user, annotation_id)
+        if body.geometry is not None:
+            try:
+                shape = parse_geometry(annotation.kind, body.geometry)
+            except ValueError as exc:
+                raise HTTPException(status_code=422, detail=str(exc)) from None
+            check_bounds(shape, instance)
+            annotation.geometry = geometry_json(shape)
+        if body.label is not None:
+            if annotation.kind == "text" and not body.label.strip():
+                raise HTTPException(status_code=422, detail="a text mark needs a non-empty label")
+            annotation.label = body.label
+        if body.color is not None:
+            annotation.color = body.color.lower()
+        annotation.updated_at = utcnow()
+        changed = sorted(k for k in ("label", "geometry", "color") if getattr(body, k) is not None)
+        audit(
+            session, user, "annotation.update", study_uid=study.study_instance_uid, request=request,
+            annotation_id=annotation.id, changed=changed,
+        )  # fmt: skip
+        session.flush()
+        return serialize(annotation, instance.sop_instance_uid, user)
+
+
+@router.delete("/api/annotations/{annotation_id}", status_code=204)
+def delete_annotation(request: Request, annotation_id: int, user: AuthUser = Depends(current_user)) -> Response:
+    with request.app.state.db.session() as session:
+        annotation, study, _instance = _own_annotation(session, user, annotation_id)
+        audit(
+            session, user, "annotation.delete", study_uid=study.study_instance_uid, request=request,
+            annotation_id=annotation.id, kind=annotation.kind,
+        )  # fmt: skip
+        session.delete(annotation)
+    return Response(status_code=204)

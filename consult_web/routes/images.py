@@ -1,0 +1,93 @@
+"""Rendered study images for the viewer, and their window presets.
+
+The picture is rendered on the server from the stored DICOM through the model's
+pixel pipeline (``xray_triage.pipeline.render``), so a station on a slow link
+downloads a ~100 KB JPEG instead of a multi-megabyte DICOM, and the specialist sees
+exactly what the model saw. Routes are plain ``def``: FastAPI runs them in its
+thread pool, which is what CPU-bound decoding needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+
+from consult_web.access import visible_instance
+from consult_web.auth import current_user
+from xray_triage.pipeline.pixels import PixelError
+from xray_triage.pipeline.render import (
+    DEFAULT_SIZE,
+    MIN_SIZE,
+    PRESETS,
+    LoadedImage,
+    RenderError,
+    image_cache,
+    render,
+    windows_info,
+)
+from xray_triage.store.users import AuthUser
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+# Rendered pictures never change for given parameters (stored files are immutable), but
+# they are patient data: the browser may keep them, shared caches may not.
+CACHE_CONTROL = "private, max-age=3600"
+
+
+def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str) -> LoadedImage:
+    """The decoded image if the user may see it: 404 otherwise, 422 when it cannot be decoded."""
+    with request.app.state.db.session() as session:
+        _study, instance = visible_instance(session, user, study_uid, sop_uid)
+        file_path = instance.file_path
+    settings = request.app.state.settings
+    try:
+        return image_cache(settings.render_cache_images).get(Path(settings.data_dir) / file_path, source="image")
+    except PixelError as exc:
+        log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": str(exc)})
+        raise HTTPException(status_code=422, detail=f"the image cannot be displayed: {exc}") from exc
+
+
+@router.get("/studies/{study_uid}/images/{sop_uid}/render")
+def render_image(
+    request: Request,
+    study_uid: str,
+    sop_uid: str,
+    wc: float | None = Query(None, description="window centre, Modality-LUT units"),
+    ww: float | None = Query(None, description="window width, Modality-LUT units"),
+    preset: str | None = Query(None, description=" | ".join(PRESETS)),
+    size: int = Query(DEFAULT_SIZE, description="longest side in pixels, clamped to [64, source size]"),
+    format: Literal["jpeg", "png"] = Query("jpeg"),  # noqa: A002 - the public query parameter name
+    user: AuthUser = Depends(current_user),
+) -> Response:
+    """The image as an 8-bit JPEG/PNG; ``size`` is clamped to [64, source size]."""
+    started = time.perf_counter()
+    image = _load(request, user, study_uid, sop_uid)
+    try:
+        picture = render(image, wc=wc, ww=ww, preset=preset, size=max(size, MIN_SIZE), fmt=format)
+    except RenderError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from exc
+    log.debug(
+        "rendered image",
+        extra={"sop_uid": sop_uid, "bytes": len(picture.data), "ms": round(1000 * (time.perf_counter() - started))},
+    )
+    headers = {
+        "Cache-Control": CACHE_CONTROL,
+        "X-Image-Width": str(picture.width),
+        "X-Image-Height": str(picture.height),
+        "X-Window": picture.window,
+    }
+    return Response(picture.data, media_type=picture.media_type, headers=headers)
+
+
+@router.get("/api/studies/{study_uid}/images/{sop_uid}/windows")
+def image_windows(
+    request: Request, study_uid: str, sop_uid: str, user: AuthUser = Depends(current_user)
+) -> dict[str, Any]:
+    """The window presets (``dicom``, ``lung``, ``mediastinum``, ``bone``) in Modality-LUT units."""
+    return windows_info(_load(request, user, study_uid, sop_uid))

@@ -1,0 +1,319 @@
+"""Permission rules of the web view and the JSON API, through FastAPI's test client.
+
+Every route needs a login (pages redirect, the API answers 401); a station user
+never reaches another station's study, whatever URL it guesses; state-changing
+requests need the session's CSRF token; roles are enforced; logins are rate
+limited; disabled users lose their sessions and tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from web_helpers import (
+    PASSWORD,
+    WebEnv,
+    add_station_row,
+    add_user_row,
+    client_for,
+    login,
+    make_web_env,
+    store_dicom,
+    triage_all,
+)
+
+from consult_web.routes.live import ChangeCursor
+from xray_triage.store.consult_schema import AuditEvent
+from xray_triage.store.users import create_api_token, set_disabled, user_for_session
+
+PUBLIC = {"/login", "/healthz", "/login/language/{language}", "/"}
+XSS = '<img src=x onerror="alert(1)">'
+XSS_NAME = "<script>alert(1)</script>"  # no '=' or '^': they separate DICOM PN components
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, shared_dicom: Path) -> WebEnv:
+    env = make_web_env(tmp_path_factory.mktemp("web"), model_dir=tiny_model)
+    add_station_row(env, "STATION1", "Trạm Y tế Thạnh An")
+    add_station_row(env, "STATION2", "Trạm Y tế Cần Giờ")
+    add_user_row(env, "st1", "station", "STATION1")
+    add_user_row(env, "st2", "station", "STATION2")
+    add_user_row(env, "spec", "specialist")
+    add_user_row(env, "spec2", "specialist")
+    add_user_row(env, "admin", "admin")
+    env.study1, env.sop1 = store_dicom(env, shared_dicom / "dev_07_dx_pa_utf8_name.dcm", "STATION1")  # type: ignore[attr-defined]
+    env.study2, env.sop2 = store_dicom(  # type: ignore[attr-defined]
+        env, shared_dicom / "dev_01_dx_pa_explicit_window.dcm", "STATION2", PatientName=XSS_NAME, PatientID="P-2"
+    )
+    triage_all(env)
+    return env
+
+
+def _fill(path: str, env: WebEnv) -> str:
+    values = {"study_uid": env.study2, "sop_uid": env.sop2, "consult_id": "1", "id": "1", "annotation_id": "1"}  # type: ignore[attr-defined]
+    return re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: values.get(m.group(1), "x"), path)
+
+
+def test_every_route_needs_a_login(env: WebEnv) -> None:
+    anonymous = TestClient(env.app)
+    checked = 0
+    for path, operations in env.app.openapi()["paths"].items():
+        if path in PUBLIC:
+            continue
+        for method in operations:
+            response = anonymous.request(method.upper(), _fill(path, env), follow_redirects=False)
+            if path.startswith("/api/") or path == "/events":
+                assert response.status_code == 401, (method, path, response.status_code)
+            else:
+                assert response.status_code == 303, (method, path, response.status_code)
+                assert response.headers["location"].startswith("/login?next=")
+            checked += 1
+    assert checked >= 15
+    assert anonymous.get("/healthz").status_code == 200
+    assert anonymous.get("/login").status_code == 200
+
+
+def test_bearer_token_works_for_the_api_only(env: WebEnv) -> None:
+    with env.db.session() as session:
+        token = create_api_token(session, "st1")
+    client = TestClient(env.app, headers={"Authorization": f"Bearer {token}"})
+    studies = client.get("/api/studies").json()["studies"]
+    assert [s["study_uid"] for s in studies] == [env.study1]  # type: ignore[attr-defined]
+    assert client.get(f"/api/studies/{env.study2}").status_code == 404  # type: ignore[attr-defined]
+    assert client.get("/worklist", follow_redirects=False).status_code == 303  # not a browser session
+    bad = TestClient(env.app, headers={"Authorization": "Bearer xrt_not-a-token"})
+    assert bad.get("/api/studies").status_code == 401
+
+
+def test_station_user_cannot_reach_another_stations_study(env: WebEnv) -> None:
+    client, csrf = client_for(env, "st1")
+    other, sop = env.study2, env.sop2  # type: ignore[attr-defined]
+    worklist = client.get("/worklist").text
+    assert env.study1 in worklist and other not in worklist  # type: ignore[attr-defined]
+    for path in (
+        f"/studies/{other}",
+        f"/studies/{other}/consult-panel",
+        f"/api/studies/{other}",
+        f"/api/studies/{other}/consults",
+        f"/api/studies/{other}/annotations",
+        f"/studies/{other}/images/{sop}/render",
+        f"/api/studies/{other}/images/{sop}/windows",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, (path, response.status_code)
+        assert "Trạm Y tế Cần Giờ" not in response.text and "P-2" not in response.text
+    response = client.post(
+        f"/studies/{other}/consults", data={"question": "?", "urgency": "routine", "csrf_token": csrf}
+    )
+    assert response.status_code == 404
+    response = client.post(
+        f"/api/studies/{other}/annotations",
+        json={"instance_uid": sop, "kind": "rect", "geometry": {"x": 1, "y": 1, "w": 5, "h": 5}},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert response.status_code == 404
+    assert [s["study_uid"] for s in client.get("/api/studies").json()["studies"]] == [env.study1]  # type: ignore[attr-defined]
+
+
+def test_csrf_is_required_for_state_changes(env: WebEnv) -> None:
+    client, csrf = client_for(env, "st1")
+    url = f"/studies/{env.study1}/consults"  # type: ignore[attr-defined]
+    form = {"question": "Sốt, ho 2 tuần?", "urgency": "routine"}
+    assert client.post(url, data=form, follow_redirects=False).status_code == 403
+    assert client.post(url, data={**form, "csrf_token": "wrong"}, follow_redirects=False).status_code == 403
+    cross_site = client.post(
+        url, data={**form, "csrf_token": csrf}, headers={"Origin": "http://evil.example"}, follow_redirects=False
+    )
+    assert cross_site.status_code == 403
+    specialist, other_csrf = client_for(env, "spec")
+    assert client.post(url, data={**form, "csrf_token": other_csrf}, follow_redirects=False).status_code == 403
+    assert client.post("/logout", follow_redirects=False).status_code == 403
+    ok = client.post(url, data={**form, "csrf_token": csrf}, follow_redirects=False)
+    assert ok.status_code == 303
+    # clean up: close it so other tests start without an open consult
+    cid = re.search(r'data-consult-id="(\d+)"', client.get(f"/studies/{env.study1}").text).group(1)  # type: ignore[union-attr,attr-defined]
+    assert client.post(f"/consults/{cid}/close", data={"csrf_token": csrf}, follow_redirects=False).status_code == 303
+
+
+def test_roles(env: WebEnv) -> None:
+    station, station_csrf = client_for(env, "st1")
+    specialist, spec_csrf = client_for(env, "spec")
+    assert specialist.get("/admin").status_code == 403
+    assert station.get("/admin").status_code == 403
+    admin, _ = client_for(env, "admin")
+    assert admin.get("/admin").status_code == 200
+    uid = env.study1  # type: ignore[attr-defined]
+    form = {"question": "Tràn dịch màng phổi?", "urgency": "urgent"}
+    assert specialist.post(f"/studies/{uid}/consults", data={**form, "csrf_token": spec_csrf}).status_code == 403
+    assert station.post(f"/studies/{uid}/consults", data={**form, "csrf_token": station_csrf}).status_code == 200
+    cid = re.search(r'data-consult-id="(\d+)"[^>]*data-status="requested"', station.get(f"/studies/{uid}").text)
+    assert cid
+    consult = cid.group(1)
+    assert station.post(f"/consults/{consult}/claim", data={"csrf_token": station_csrf}).status_code == 403
+    conclusion = {"conclusion": "normal", "csrf_token": station_csrf}
+    assert station.post(f"/consults/{consult}/conclusion", data=conclusion).status_code == 403
+    assert specialist.post(f"/consults/{consult}/close", data={"csrf_token": spec_csrf}).status_code == 200
+
+
+def test_consult_lifecycle_and_escaping(env: WebEnv) -> None:
+    station, station_csrf = client_for(env, "st1")
+    specialist, spec_csrf = client_for(env, "spec")
+    other, other_csrf = client_for(env, "spec2")
+    uid = env.study1  # type: ignore[attr-defined]
+
+    def status() -> str:
+        consults = specialist.get(f"/api/studies/{uid}/consults").json()["consults"]
+        return consults[0]["status"]
+
+    station.post(f"/studies/{uid}/consults", data={"question": XSS, "urgency": "emergency", "csrf_token": station_csrf})
+    assert status() == "requested"
+    consult = specialist.get(f"/api/studies/{uid}/consults").json()["consults"][0]["id"]
+    assert specialist.post(f"/consults/{consult}/claim", data={"csrf_token": spec_csrf}).status_code == 200
+    assert status() == "in_review"
+    assert other.post(f"/consults/{consult}/claim", data={"csrf_token": other_csrf}).status_code == 409
+    reply = "Không thấy tràn khí màng phổi. " + XSS
+    specialist.post(f"/consults/{consult}/messages", data={"body": reply, "csrf_token": spec_csrf})
+    assert status() == "answered"
+    station.post(f"/consults/{consult}/messages", data={"body": "Cần chụp lại không?", "csrf_token": station_csrf})
+    assert status() == "in_review"
+    specialist.post(f"/consults/{consult}/conclusion", data={"conclusion": "refer_hospital", "csrf_token": spec_csrf})
+    assert status() == "answered"
+    panel = station.get(f"/studies/{uid}/consult-panel").text
+    assert XSS not in panel and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in panel
+    assert "Không thấy tràn khí màng phổi." in panel and "Refer to hospital" in panel
+    api = station.get(f"/api/studies/{uid}/consults").json()["consults"][0]
+    assert api["messages"][0]["body"] == reply and api["conclusion"] == "refer_hospital"
+    station.post(f"/consults/{consult}/close", data={"csrf_token": station_csrf})
+    assert status() == "closed"
+    assert station.post(f"/consults/{consult}/messages", data={"body": "x", "csrf_token": station_csrf}).status_code == 409
+    empty = station.post(f"/studies/{uid}/consults", data={"question": "   ", "csrf_token": station_csrf})
+    assert empty.status_code == 400 and "Traceback" not in empty.text
+
+
+def test_dicom_patient_name_is_escaped_everywhere(env: WebEnv) -> None:
+    specialist, _ = client_for(env, "spec")
+    for path in ("/worklist", "/worklist/rows", f"/studies/{env.study2}"):  # type: ignore[attr-defined]
+        page = specialist.get(path).text
+        assert XSS_NAME not in page, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, path
+    assert specialist.get(f"/api/studies/{env.study2}").json()["patient_name"] == XSS_NAME  # type: ignore[attr-defined]
+
+
+def test_login_rate_limit(env: WebEnv) -> None:
+    client = TestClient(env.app)
+    for _ in range(5):
+        page = client.get("/login").text
+        token = re.search(r'name="login_csrf" value="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+        failed = client.post("/login", data={"username": "spec2", "password": "wrong-password", "login_csrf": token})
+        assert failed.status_code == 401
+    page = client.get("/login").text
+    token = re.search(r'name="login_csrf" value="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+    locked = client.post("/login", data={"username": "spec2", "password": PASSWORD, "login_csrf": token})
+    assert locked.status_code == 429 and int(locked.headers["Retry-After"]) > 0
+    env.app.state.limiter._failures.clear()  # the limiter is per process; other tests log in from this "IP" too
+    with env.db.session() as session:
+        assert session.query(AuditEvent).filter(AuditEvent.action == "login.failed").count() >= 5
+
+
+def test_login_form_needs_its_cookie_and_next_stays_local(env: WebEnv) -> None:
+    client = TestClient(env.app)
+    response = client.post("/login", data={"username": "spec", "password": PASSWORD, "login_csrf": "forged"})
+    assert response.status_code == 403
+    page = client.get("/login?next=https://evil.example/x").text
+    token = re.search(r'name="login_csrf" value="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+    response = client.post(
+        "/login",
+        data={"username": "spec", "password": PASSWORD, "login_csrf": token, "next": "//evil.example/x"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/worklist"
+
+
+def test_session_cookie_flags(env: WebEnv) -> None:
+    for base, secure in (("http://testserver", False), ("https://testserver", True)):
+        client = TestClient(env.app, base_url=base)
+        page = client.get("/login").text
+        token = re.search(r'name="login_csrf" value="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+        response = client.post(
+            "/login", data={"username": "spec", "password": PASSWORD, "login_csrf": token}, follow_redirects=False
+        )
+        cookie = next(v for k, v in response.headers.multi_items() if k == "set-cookie" and v.startswith("xrt_session="))
+        assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+        assert ("Secure" in cookie) is secure, cookie
+
+
+def test_disabled_user_loses_sessions_and_tokens(env: WebEnv) -> None:
+    add_user_row(env, "temp", "specialist")
+    client, _ = client_for(env, "temp")
+    with env.db.session() as session:
+        token = create_api_token(session, "temp")
+    cookie = client.cookies.get("xrt_session")
+    assert client.get("/worklist").status_code == 200
+    with env.db.session() as session:
+        set_disabled(session, "temp")
+    with env.db.session() as session:
+        assert user_for_session(session, cookie) is None
+    assert client.get("/worklist", follow_redirects=False).status_code == 303
+    assert TestClient(env.app, headers={"Authorization": f"Bearer {token}"}).get("/api/studies").status_code == 401
+    fresh = TestClient(env.app)
+    page = fresh.get("/login").text
+    token_field = re.search(r'name="login_csrf" value="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+    assert fresh.post("/login", data={"username": "temp", "password": PASSWORD, "login_csrf": token_field}).status_code == 401
+
+
+def test_audit_log_records_views(env: WebEnv) -> None:
+    client, _ = client_for(env, "spec2")
+    client.get(f"/studies/{env.study2}")  # type: ignore[attr-defined]
+    with env.db.session() as session:
+        events = session.query(AuditEvent).filter(AuditEvent.username == "spec2", AuditEvent.action == "study.view").all()
+        assert any(e.study_uid == env.study2 for e in events)  # type: ignore[attr-defined]
+
+
+def test_live_changes_respect_station_visibility(env: WebEnv, shared_dicom: Path) -> None:
+    from xray_triage.store.users import AuthUser
+
+    def auth(username: str, role: str, station: str | None) -> AuthUser:
+        return AuthUser(0, username, "", role, station, "en", "Asia/Ho_Chi_Minh")
+
+    station_cursor = ChangeCursor(env.db, auth("st1", "station", "STATION1"))
+    specialist_cursor = ChangeCursor(env.db, auth("spec", "specialist", None))
+    uid2, _ = store_dicom(env, shared_dicom / "dev_05_dx_ap_rle.dcm", "STATION2")
+    uid1, _ = store_dicom(env, shared_dicom / "dev_03_dx_pa_jpeg_lossless_sv1.dcm", "STATION1")
+    seen_by_station = {e["study_uid"] for e in station_cursor.poll()}
+    seen_by_specialist = {e["study_uid"] for e in specialist_cursor.poll()}
+    assert uid1 in seen_by_station and uid2 not in seen_by_station
+    assert {uid1, uid2} <= seen_by_specialist
+    assert station_cursor.poll() == []  # nothing new since
+    client, csrf = client_for(env, "st1")
+    client.post(f"/studies/{uid1}/consults", data={"question": "?", "urgency": "routine", "csrf_token": csrf})
+    assert {"kind": "consult.request", "study_uid": uid1} in specialist_cursor.poll()
+
+
+def test_error_pages_are_clear_and_bodies_limited(env: WebEnv) -> None:
+    client, csrf = client_for(env, "spec")
+    missing = client.get("/studies/1.2.3.4.5")
+    assert missing.status_code == 404 and "<html" in missing.text and "Traceback" not in missing.text
+    assert client.get("/api/studies/1.2.3.4.5").json() == {"detail": "study not found"}
+    huge = client.post(
+        f"/studies/{env.study1}/consults",  # type: ignore[attr-defined]
+        content=b"question=" + b"a" * 2_000_000,
+        headers={"Content-Type": "application/x-www-form-urlencoded", "X-CSRF-Token": csrf},
+    )
+    assert huge.status_code == 413
+    bad_date = client.get("/worklist?date_from=yesterday")
+    assert bad_date.status_code == 400 and "date_from" in bad_date.text
+
+
+def test_security_headers(env: WebEnv) -> None:
+    client, _ = client_for(env, "spec")
+    headers = client.get("/worklist").headers
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+
+
+def test_login_helper_roundtrip(env: WebEnv) -> None:
+    client = TestClient(env.app)
+    assert login(client, "admin")

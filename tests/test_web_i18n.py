@@ -1,0 +1,78 @@
+"""Every UI string exists in Vietnamese and English; dates follow the user's time zone."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from web_helpers import add_user_row, client_for, make_web_env
+
+from consult_web.i18n import LANGUAGES, catalog, format_age, format_datetime, translate
+from xray_triage.store.consult_schema import CONCLUSIONS, CONSULT_STATUSES, ROLES, URGENCIES
+from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "consult_web" / "templates"
+DYNAMIC = {
+    "ai.": (AI_PENDING, AI_DONE, AI_FAILED, AI_NOT_APPLICABLE),
+    "priority.": ("urgent", "abnormal", "normal", "none"),
+    "consult.status.": (*CONSULT_STATUSES, "none"),
+    "urgency.": URGENCIES,
+    "conclusion.": CONCLUSIONS,
+    "role.": ROLES,
+    "lang.": LANGUAGES,
+}
+
+
+def test_both_languages_define_the_same_keys() -> None:
+    vi, en = catalog("vi"), catalog("en")
+    assert set(vi) == set(en), sorted(set(vi) ^ set(en))
+    assert all(value.strip() for value in [*vi.values(), *en.values()])
+    assert sum(vi[k] != en[k] for k in vi) > 0.8 * len(vi)  # really translated, not copied
+
+
+def test_every_key_used_by_the_templates_exists() -> None:
+    keys = catalog("en")
+    used: set[str] = set()
+    for template in TEMPLATES.glob("*.html"):
+        text = template.read_text(encoding="utf-8")
+        used |= set(re.findall(r"""t\(\s*'([a-z_.]+)'\s*[,)]""", text))
+        for prefix in re.findall(r"""t\(\s*'([a-z_.]+\.)'\s*~""", text):
+            assert prefix in DYNAMIC, f"{template.name}: unknown dynamic key prefix {prefix!r}"
+            used |= {prefix + value for value in DYNAMIC[prefix]}
+    missing = sorted(k for k in used if k not in keys)
+    assert not missing, missing
+    assert len(used) > 80
+
+
+def test_vietnamese_is_the_default_and_english_is_per_user(tmp_path: Path) -> None:
+    env = make_web_env(tmp_path)
+    page = client_for(env)[0].get("/login").text
+    assert 'lang="vi"' in page and "Đăng nhập" in page and "không phải chẩn đoán" in page
+    add_user_row(env, "bacsi", "specialist", language="vi")
+    client, csrf = client_for(env, "bacsi")
+    assert "Danh sách ca" in client.get("/worklist").text
+    client.post("/settings/language", data={"language": "en", "csrf_token": csrf, "next": "/worklist"})
+    page = client.get("/worklist").text
+    assert 'lang="en"' in page and "Worklist" in page and "decision support, not a diagnosis" in page
+
+
+@pytest.mark.parametrize(
+    ("zone", "language", "expected"),
+    [
+        ("Asia/Ho_Chi_Minh", "vi", "26/11/2026 03:00"),
+        ("Asia/Ho_Chi_Minh", "en", "2026-11-26 03:00"),
+        ("Europe/Paris", "en", "2026-11-25 21:00"),
+        ("Not/AZone", "vi", "26/11/2026 03:00"),  # unknown zones fall back to Ho Chi Minh City
+    ],
+)
+def test_dates_in_the_users_time_zone(zone: str, language: str, expected: str) -> None:
+    assert format_datetime(datetime(2026, 11, 25, 20, 0, tzinfo=UTC), zone, language) == expected
+
+
+def test_waiting_times() -> None:
+    assert format_age(125, "en") == "2 min"
+    assert format_age(3 * 3600 + 600, "vi") == "3 giờ 10 phút"
+    assert format_age(3 * 86400, "en") == "3 d"
+    assert translate("vi", "no.such.key") == "no.such.key"
