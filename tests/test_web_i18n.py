@@ -76,3 +76,12 @@ def test_waiting_times() -> None:
     assert format_age(3 * 3600 + 600, "vi") == "3 giờ 10 phút"
     assert format_age(3 * 86400, "en") == "3 d"
     assert translate("vi", "no.such.key") == "no.such.key"
+
+
+def test_example_config_is_valid() -> None:
+    """Every key of xray-triage.example.toml is a real setting with a valid value."""
+    from xray_triage.settings import load_settings
+
+    example = Path(__file__).resolve().parents[1] / "xray-triage.example.toml"
+    settings = load_settings(example)
+    assert settings.default_language == "vi" and settings.login_max_failures == 5

@@ -154,16 +154,19 @@
     const wanted = currentWindow();
     const loader = new Image();
     status(t("viewer.loading"));
+    imageEl.setAttribute("data-loading", "true"); // a hook for tests: the new render is not shown yet
     loader.onload = function () {
       if (token !== state.loadToken) return;
       imageEl.setAttribute("href", url);
       imageEl.removeAttribute("filter");
+      imageEl.removeAttribute("data-loading");
       state.shownWindow = wanted;
       status("");
     };
     loader.onerror = function () {
       if (token !== state.loadToken) return;
       imageEl.removeAttribute("filter");
+      imageEl.removeAttribute("data-loading");
       showRenderError(url);
     };
     loader.src = url;
@@ -279,7 +282,15 @@
       }
     }
     ctx.putImageData(data, 0, 0);
-    return canvas.toDataURL("image/png");
+    // Smooth the coarse grid once here: browsers upscale small SVG images with visible seams.
+    const smooth = document.createElement("canvas");
+    smooth.width = Math.max(1, w) * 32;
+    smooth.height = Math.max(1, h) * 32;
+    const sctx = smooth.getContext("2d");
+    sctx.imageSmoothingEnabled = true;
+    sctx.imageSmoothingQuality = "high";
+    sctx.drawImage(canvas, 0, 0, smooth.width, smooth.height);
+    return smooth.toDataURL("image/png");
   }
 
   function pct(value) {
@@ -715,7 +726,7 @@
     textInput.style.top = Math.round(evt.clientY - box.top) + "px";
     textInput.dataset.x = String(point.x);
     textInput.dataset.y = String(point.y);
-    setTimeout(() => textInput.focus(), 0);
+    textInput.focus(); // pointerdown's preventDefault keeps the focus here
   }
 
   function cancelText() {
