@@ -8,6 +8,7 @@ changed, so a station sees a specialist's reply without reloading.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,20 @@ def request_consult(
         return _back(study)
 
 
-@router.post("/consults/{consult_id}/claim")
-def claim_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
+def _act(
+    request: Request, user: AuthUser, consult_id: int, action: str, change: Callable[[Session, Consult], Any]
+) -> Response:
+    """Apply one consult change and audit it in the same transaction; back to the study."""
     with request.app.state.db.session() as session:
         consult, study = _consult_for(session, user, consult_id)
-        flow.claim(session, user, consult)
-        audit(session, user, "consult.claim", study_uid=study.study_instance_uid, request=request, consult_id=consult_id)
+        detail = change(session, consult) or {}
+        audit(session, user, action, study_uid=study.study_instance_uid, request=request, consult_id=consult_id, **detail)
         return _back(study)
+
+
+@router.post("/consults/{consult_id}/claim")
+def claim_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
+    return _act(request, user, consult_id, "consult.claim", lambda session, c: flow.claim(session, user, c))
 
 
 @router.post("/consults/{consult_id}/messages")
@@ -186,14 +194,10 @@ def reply_consult(
     body: str = Form(..., max_length=flow.MAX_MESSAGE),
     user: AuthUser = Depends(current_user),
 ) -> Response:
-    with request.app.state.db.session() as session:
-        consult, study = _consult_for(session, user, consult_id)
-        message = flow.reply(session, user, consult, body)
-        audit(
-            session, user, "consult.reply", study_uid=study.study_instance_uid, request=request,
-            consult_id=consult_id, message_id=message.id,
-        )  # fmt: skip
-        return _back(study)
+    def change(session: Session, consult: Consult) -> dict[str, Any]:
+        return {"message_id": flow.reply(session, user, consult, body).id}
+
+    return _act(request, user, consult_id, "consult.reply", change)
 
 
 @router.post("/consults/{consult_id}/conclusion")
@@ -203,20 +207,13 @@ def conclude_consult(
     conclusion: str = Form(...),
     user: AuthUser = Depends(current_user),
 ) -> Response:
-    with request.app.state.db.session() as session:
-        consult, study = _consult_for(session, user, consult_id)
+    def change(session: Session, consult: Consult) -> dict[str, Any]:
         flow.conclude(session, user, consult, conclusion)
-        audit(
-            session, user, "consult.conclude", study_uid=study.study_instance_uid, request=request,
-            consult_id=consult_id, conclusion=conclusion,
-        )  # fmt: skip
-        return _back(study)
+        return {"conclusion": conclusion}
+
+    return _act(request, user, consult_id, "consult.conclude", change)
 
 
 @router.post("/consults/{consult_id}/close")
 def close_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
-    with request.app.state.db.session() as session:
-        consult, study = _consult_for(session, user, consult_id)
-        flow.close(session, user, consult)
-        audit(session, user, "consult.close", study_uid=study.study_instance_uid, request=request, consult_id=consult_id)
-        return _back(study)
+    return _act(request, user, consult_id, "consult.close", lambda session, c: flow.close(session, user, c))
