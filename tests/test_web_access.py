@@ -230,6 +230,10 @@ def test_login_form_needs_its_cookie_and_next_stays_local(env: WebEnv) -> None:
         follow_redirects=False,
     )
     assert response.status_code == 303 and response.headers["location"] == "/worklist"
+    from consult_web.routes.login import _safe_next
+
+    assert _safe_next("/\\evil.example") == "/worklist"
+    assert _safe_next("/studies/1.2.3?x=1") == "/studies/1.2.3?x=1"
 
 
 def test_session_cookie_flags(env: WebEnv) -> None:

@@ -125,6 +125,10 @@ def test_station_asks_specialist_answers_in_a_real_browser(
     assert first_row.get_attribute("data-study-uid") == target_uid  # urgent + consult requested: on top
     hostile_row = specialist.locator(f'tr[data-study-uid="{read_uids(hostile).study}"] a.patient')
     assert hostile_row.inner_text() == NAME_XSS  # shown as text; the dialog handler fails if it ran
+    # A study that arrives while the worklist is open shows up without a reload.
+    late = copy_with_new_uids([shared_dicom / "dev_05_dx_ap_rle.dcm"], tmp_path / "late")[0]
+    store_ok([late], server.dicom_port, aet=STATION2)
+    specialist.wait_for_selector(f'tr[data-study-uid="{read_uids(late).study}"]', timeout=WAIT_MS)
     specialist.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
     _assert_not_blank(ARTIFACTS / "worklist.png")
 

@@ -26,7 +26,7 @@ LOGIN_CSRF_COOKIE = "xrt_login_csrf"
 
 def _safe_next(target: str | None) -> str:
     """Only local paths: never redirect a user to another site after login."""
-    if not target or not target.startswith("/") or target.startswith("//") or urlsplit(target).netloc:
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")) or urlsplit(target).netloc:
         return "/worklist"
     return target
 
