@@ -32,7 +32,7 @@ from benchmarks.machine import describe_machine, filesystem_of, load_average
 from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
 
-PARTS = ("latency", "throughput", "inference")
+PARTS = ("latency", "throughput", "inference", "viewer")
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle")
 QUIET_LOAD = 1.0  # 1-minute load average above which figures are flagged as taken on a busy machine
 
@@ -47,6 +47,9 @@ class Plan:
     concurrency: list[int]
     inference_warmup: int
     inference_reps: dict[int, int]
+    viewer_warmup: int
+    viewer_cold_reps: int
+    viewer_warm_reps: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> Plan:
@@ -58,6 +61,9 @@ class Plan:
                 concurrency=[1, 4, 8],
                 inference_warmup=3,
                 inference_reps={1: 30, 8: 15},
+                viewer_warmup=1,
+                viewer_cold_reps=3,
+                viewer_warm_reps=5,
             )
         return cls(
             warmup=2,
@@ -66,6 +72,9 @@ class Plan:
             concurrency=[1, 4, 8],
             inference_warmup=10,
             inference_reps={1: 200, 8: 50},
+            viewer_warmup=1,
+            viewer_cold_reps=10,
+            viewer_warm_reps=30,
         )
 
 
@@ -83,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmarks of xray-triage: end-to-end latency, ingest throughput vs dcmtk storescp, "
-        "inference overhead, memory. Starts its own server on free ports in a temporary directory.",
+        "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm. Starts its own server on free ports "
+        "in a temporary directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the benchmarks and print a Markdown report")
@@ -155,6 +165,8 @@ def _method(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
         "model_dir": str(args.model),
         "uids": "each send is a copy made with dcmodify -gin -gse -gst before timing",
         "mb": "10^6 bytes of DICOM files sent",
+        "viewer": "in-process ImageCache.get + render (xray_triage.pipeline.render) vs dcmtk, whole process: "
+        "dcmj2pnm -q +oj +Jq 85 +Sxv 1024 (JPEG-LS: dcml2pnm -q +on +Sxv 1024, PNG; JPEG 2000: n/a)",
     }
 
 
@@ -167,8 +179,11 @@ def _detector_source_ok() -> None:
 
 def _server_parts(
     args: argparse.Namespace, plan: Plan, parts: set[str], work: Path, report: dict[str, Any]
-) -> None:
-    """Latency and throughput against one server process (started once), plus a store-only server for throughput."""
+) -> list[ImageInfo]:
+    """Latency and throughput against one server process (started once), plus a store-only server for throughput.
+
+    Returns the 2800x2800 variants it made, for the viewer part to reuse.
+    """
     from benchmarks.latency import run_latency
     from benchmarks.throughput import run_throughput
 
@@ -248,6 +263,7 @@ def _server_parts(
         report["failures"].append(
             f"the server exited {server.exit_code} after SIGTERM (expected 0); log tail:\n{server.log_tail()}"
         )
+    return list(variants.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,10 +297,11 @@ def run(args: argparse.Namespace) -> int:
     machine["work_dir_filesystem"] = filesystem_of(work)
     setup_error = False
     try:
+        variants: list[ImageInfo] | None = None
         if parts & {"latency", "throughput"}:
             require_tools(DCMTK_TOOLS)
             _detector_source_ok()
-            _server_parts(args, plan, parts, work, report)
+            variants = _server_parts(args, plan, parts, work, report)
         if "inference" in parts:
             from benchmarks.inference import run_inference
 
@@ -293,6 +310,25 @@ def run(args: argparse.Namespace) -> int:
             report["inference"] = run_inference(
                 args.model, DETECTOR_SOURCE, warmup=plan.inference_warmup, reps=plan.inference_reps
             )
+        if "viewer" in parts:
+            from benchmarks.viewer import make_viewer_variants, run_viewer
+
+            _detector_source_ok()
+            if variants is None:
+                progress(
+                    "viewer: making the 2800x2800 uncompressed variant (dcmdjpls) beside the JPEG-LS one"
+                )
+                variants = make_viewer_variants(DETECTOR_SOURCE, work / "images")
+            images = [("detector", v) for v in variants]
+            images += [("shared", image_info(p.stem, p)) for p in sorted(SHARED_DICOM.glob("*.dcm"))]
+            report["viewer"] = run_viewer(
+                images,
+                work,
+                warmup=plan.viewer_warmup,
+                cold_reps=plan.viewer_cold_reps,
+                warm_reps=plan.viewer_warm_reps,
+            )
+            report["warnings"] += report["viewer"]["warnings"]
     except BenchSetupError as exc:
         setup_error = True
         report["failures"].append(f"setup: {exc}")

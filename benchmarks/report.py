@@ -213,6 +213,81 @@ def _inference_lines(inference: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _p50_p95(stats: dict[str, Any] | None, digits: int = 0) -> str:
+    if not stats or stats.get("p50") is None:
+        return "n/a"
+    return f"{_f(float(stats['p50']), digits)} / {_f(float(stats['p95']), digits)}"
+
+
+def _viewer_lines(viewer: dict[str, Any]) -> list[str]:
+    cases = viewer["cases"]
+    if not cases:
+        return []
+    size, zoom = viewer["first_view_size_px"], viewer["zoom_size_px"]
+    lines = [
+        "",
+        f"### Viewer rendering (in-process, ms p50 / p95): first view at {size} px, re-render, {zoom} px zoom",
+        "",
+    ]
+    rows = []
+    for c in cases:
+        fv, ref = c["first_view"], c["reference"]
+        ratio = c["ours_cold_over_reference_p50"]
+        rows.append(
+            [
+                c["case"],
+                c["transfer_syntax_name"],
+                f"{c['rows']}x{c['cols']}",
+                f"{fv['width']}x{fv['height']}",
+                _f(fv["kb"], 1),
+                str(c["cold_first_view_ms"]["n"]),
+                _p50_p95(c["cold_first_view_ms"]),
+                str(c["warm_rerender_ms"]["n"]),
+                _p50_p95(c["warm_rerender_ms"]),
+                _f(c["zoom_first_ms"]["p50"], 0),
+                _p50_p95(c["zoom_warm_ms"]),
+                f"{ref['tool']} ({ref['output'].split()[-1]})" if ref["available"] else "n/a",
+                _p50_p95(ref["ms"]) if ref["available"] else "n/a",
+                f"{ratio:.2f}" if ratio is not None else "n/a",
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "transfer syntax",
+            "pixels",
+            "first view px",
+            "first view KB",
+            "n cold",
+            "cold first view",
+            "n warm",
+            "warm re-render",
+            "zoom first p50",
+            "zoom warm",
+            "dcmtk (output)",
+            "dcmtk process",
+            "ours cold / dcmtk",
+        ],
+        rows,
+    )
+    t = viewer["target"]
+    m = t["measured"]
+    na = sorted({c["reference"]["why_not"] for c in cases if not c["reference"]["available"]})
+    lines += [
+        "",
+        f"cold = empty cache: decode (model pixel pipeline) + window presets + resize + JPEG q85; warm = decoded "
+        f"image cached, another window; zoom first = the first {zoom} px render after a cold view (resize from "
+        f"the cached decode), zoom warm = that copy cached ({zoom} px is clamped to the source size, so for "
+        f"1024x1024 files the zoom is a 1024 px render). dcmtk = `dcmj2pnm -q +oj +Jq 85 +Sxv {size}` "
+        f"(JPEG-LS: `dcml2pnm -q +on +Sxv {size}`, PNG: dcml2pnm writes no JPEG) timed as a whole process, "
+        "spawn -> exit, so its figure includes process start-up (ours runs in a live process). "
+        "KB = 10^3 bytes." + (f" dcmtk n/a: {'; '.join(na)}." if na else ""),
+        f"Target: first view <= {t['target']['max_side_px']} px and <= {t['target']['max_kb']:.0f} KB: largest "
+        f"{m['max_side_px']} px, {m['max_kb']} KB ({m['largest_case']}) ({'met' if t['met'] else 'MISSED'}).",
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["## xray-triage benchmark", "", *_machine_lines(report)]
     if report.get("latency"):
@@ -221,12 +296,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _throughput_lines(report["throughput"])
     if report.get("inference"):
         lines += _inference_lines(report["inference"])
+    if report.get("viewer"):
+        lines += _viewer_lines(report["viewer"])
     if report.get("warnings"):
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):
         lines += ["", f"FAILED ({len(report['failures'])}):", *(f"- {f}" for f in report["failures"])]
-    else:
+    elif report.get("latency") or report.get("throughput"):
         lines += ["", "Every image sent was stored and triaged."]
+    else:
+        lines += ["", "No failures."]
     return "\n".join(lines)
 
 
@@ -240,6 +319,9 @@ def collect_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         targets.append({"where": f"throughput K={r['concurrency']}", **r["target"]})
     for r in (report.get("inference") or {}).get("results", []):
         targets.append({"where": f"inference {r['provider']} batch {r['batch']}", **r["target"]})
+    viewer = report.get("viewer") or {}
+    if viewer.get("target") and viewer.get("cases"):
+        targets.append({"where": f"viewer first view ({len(viewer['cases'])} files)", **viewer["target"]})
     return targets
 
 
