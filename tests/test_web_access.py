@@ -321,3 +321,20 @@ def test_security_headers(env: WebEnv) -> None:
 def test_login_helper_roundtrip(env: WebEnv) -> None:
     client = TestClient(env.app)
     assert login(client, "admin")
+
+
+def test_admin_manages_users_and_stations(env: WebEnv) -> None:
+    admin, csrf = client_for(env, "admin")
+    form = {"username": "bs.hoa", "password": PASSWORD, "role": "specialist", "csrf_token": csrf}
+    assert admin.post("/admin/users", data={**form, "timezone": "Mars/Olympus"}).status_code == 400
+    assert admin.post("/admin/users", data={**form, "timezone": "Europe/Paris", "language": "en"}).status_code == 200
+    assert admin.post("/admin/users", data={**form, "timezone": "Europe/Paris"}).status_code == 400  # duplicate
+    client, _ = client_for(env, "bs.hoa")
+    assert client.get("/worklist").status_code == 200
+    assert admin.post("/admin/users/bs.hoa/disabled", data={"disabled": "true", "csrf_token": csrf}).status_code == 200
+    assert client.get("/worklist", follow_redirects=False).status_code == 303
+    station = {"ae_title": "TYT_CANGIO_CR1", "name": "Trạm Y tế Cần Giờ", "csrf_token": csrf}
+    assert admin.post("/admin/stations", data=station).status_code == 200
+    assert "TYT_CANGIO_CR1" in admin.get("/admin").text
+    assert admin.post("/admin/stations/TYT_CANGIO_CR1/remove", data={"csrf_token": csrf}).status_code == 200
+    assert "TYT_CANGIO_CR1" not in admin.get("/admin").text

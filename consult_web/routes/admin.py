@@ -43,13 +43,14 @@ def admin_add_user(
     station_ae: str = Form("", max_length=16),
     display_name: str = Form("", max_length=200),
     language: str = Form("vi"),
+    timezone: str = Form("Asia/Ho_Chi_Minh", max_length=64),
     admin: AuthUser = Depends(require_admin),
 ) -> Response:
     try:
         with request.app.state.db.session() as session:
             add_user(
-                session, username, password, role,
-                station_ae=station_ae or None, display_name=display_name, language=language,
+                session, username, password, role, station_ae=station_ae or None,
+                display_name=display_name, language=language, timezone=timezone.strip(),
             )  # fmt: skip
             audit(session, admin, "user.add", request=request, target=username, role=role)
     except UserError as exc:
