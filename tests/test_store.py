@@ -168,3 +168,24 @@ def test_settings_from_toml_env_and_overrides(tmp_path: Path, monkeypatch: pytes
         load_settings(config)
     with pytest.raises(SettingsError, match="not found"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_create_schema_adds_missing_indexes_and_tables_to_an_older_database(tmp_path: Path) -> None:
+    """A database made by an earlier version gains the new tables and indexes at start-up."""
+    import sqlite3
+
+    from xray_triage.store.db import Database
+
+    path = tmp_path / "old.db"
+    db = Database(f"sqlite:///{path}")
+    db.create_schema()
+    db.dispose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX ix_studies_updated_at")
+        conn.execute("DROP TABLE annotations")
+    db = Database(f"sqlite:///{path}")
+    db.create_schema()
+    db.dispose()
+    with sqlite3.connect(path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"ix_studies_updated_at", "annotations", "users", "consults"} <= names

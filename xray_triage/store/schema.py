@@ -96,7 +96,8 @@ class Study(Base):
     institution_name: Mapped[str] = mapped_column(String(64), default="")
     station_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Indexed: the web view's live-update streams ask "what changed since" every second.
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     # Summaries of the instances, kept up to date in the same transactions that change them.
     ai_status: Mapped[str] = mapped_column(String(16), default=AI_PENDING, index=True)
     priority: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
