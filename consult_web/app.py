@@ -57,6 +57,7 @@ def create_app(
     app.state.settings = settings
     app.state.health = health if health is not None else {}
     app.state.limiter = LoginLimiter(settings.login_max_failures, settings.login_lockout_s)
+    app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 
     for module in (login, worklist, studies, images, annotations, admin, live, api):

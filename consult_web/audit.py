@@ -13,13 +13,14 @@ from typing import Any
 from fastapi import Request
 from sqlalchemy.orm import Session
 
+from consult_web.auth import client_ip
 from xray_triage.store.consult_schema import AuditEvent
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger("consult_web.audit")
 
 # Actions that only read: not pushed to other browsers as changes.
-VIEW_ACTIONS = {"study.view", "image.view", "login", "logout", "login.failed"}
+VIEW_ACTIONS = ("study.view",)
 
 
 def audit(
@@ -32,7 +33,7 @@ def audit(
     username: str | None = None,
     **detail: Any,
 ) -> None:
-    ip = request.client.host if request is not None and request.client else ""
+    ip = client_ip(request) if request is not None else ""
     session.add(
         AuditEvent(
             user_id=user.id if user else None,

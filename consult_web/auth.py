@@ -13,18 +13,23 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION
-from xray_triage.store.users import AuthUser, user_for_api_token, user_for_session
+from xray_triage.store.db import Database
+from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
 
 SESSION_COOKIE = "xrt_session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+TOKEN_USE_INTERVAL_S = 60.0
+SWEEP_AT = 1024  # failed-login keys kept before expired ones are swept
 
 
 class NotAuthenticated(Exception):
@@ -44,27 +49,38 @@ def client_ip(request: Request) -> str:
 
 
 async def current_user(request: Request) -> AuthUser:
-    db = request.app.state.db
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
         if not is_api(request):
             raise NotAuthenticated()  # tokens are for the JSON API only
-        with db.session() as session:
-            user = user_for_api_token(session, authorization[7:].strip())
-        if user is None:
-            raise NotAuthenticated()
-        request.state.user = user
-        return user
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if not cookie:
-        raise NotAuthenticated()
-    with db.session() as session:
-        user = user_for_session(session, cookie)
+        user = await run_in_threadpool(_token_user, request.app.state, authorization[7:].strip())
+    else:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        user = await run_in_threadpool(_session_user, request.app.state.db, cookie) if cookie else None
+        if user is not None and request.method not in SAFE_METHODS:
+            await _check_csrf(request, user)
     if user is None:
         raise NotAuthenticated()
-    if request.method not in SAFE_METHODS:
-        await _check_csrf(request, user)
     request.state.user = user
+    return user
+
+
+def _session_user(db: Database, cookie: str) -> AuthUser | None:
+    with db.read_session() as session:
+        return user_for_session(session, cookie)
+
+
+def _token_user(state: Any, token: str) -> AuthUser | None:
+    """Look the token up without the write lock; record its use at most once a minute per process."""
+    with state.db.read_session() as session:
+        user = user_for_api_token(session, token)
+    if user is not None:
+        now = time.monotonic()
+        last_recorded = state.token_use.get(token)
+        if last_recorded is None or now - last_recorded > TOKEN_USE_INTERVAL_S:
+            state.token_use[token] = now
+            with state.db.session() as session:
+                record_api_token_use(session, token)
     return user
 
 
@@ -109,31 +125,39 @@ class LoginLimiter:
     def __init__(self, max_failures: int, window_s: float) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        entries = self._failures[key]
+    def _recent(self, key: str, now: float) -> int:
+        """Failures of ``key`` inside the window; keys with none left are forgotten (bounded memory)."""
+        entries = self._failures.get(key)
+        if entries is None:
+            return 0
         while entries and entries[0] <= now - self.window_s:
             entries.popleft()
-        return entries
+        if not entries:
+            del self._failures[key]
+        return len(entries)
 
     def retry_after(self, username: str, ip: str) -> float:
         """Seconds until a login may be tried again; 0 when not locked."""
         now = time.monotonic()
+        waits = []
         with self._lock:
-            waits = [
-                entries[0] + self.window_s - now
-                for entries in (self._recent(f"u:{username.lower()}", now), self._recent(f"ip:{ip}", now))
-                if len(entries) >= self.max_failures
-            ]
+            for key in (f"u:{username.lower()}", f"ip:{ip}"):
+                if self._recent(key, now) >= self.max_failures:
+                    waits.append(self._failures[key][0] + self.window_s - now)
         return max(waits, default=0.0)
 
     def failed(self, username: str, ip: str) -> None:
         now = time.monotonic()
         with self._lock:
-            self._recent(f"u:{username.lower()}", now).append(now)
-            self._recent(f"ip:{ip}", now).append(now)
+            if len(self._failures) >= SWEEP_AT:  # a spray of names or addresses: drop what expired
+                for key in list(self._failures):
+                    self._recent(key, now)
+            for key in (f"u:{username.lower()}", f"ip:{ip}"):
+                self._recent(key, now)
+                self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str) -> None:
         with self._lock:

@@ -87,7 +87,7 @@ def claim(session: Session, user: AuthUser, consult: Consult) -> None:
         raise _forbidden("only specialists claim consults")
     if consult.status == CONSULT_CLOSED:
         raise HTTPException(status_code=409, detail="this consult is closed")
-    if consult.claimed_by_id not in (None, user.id) and consult.status != CONSULT_REQUESTED:
+    if consult.claimed_by_id not in (None, user.id):
         raise HTTPException(status_code=409, detail="another specialist has claimed this consult")
     consult.claimed_by_id = user.id
     if consult.status == CONSULT_REQUESTED:

@@ -15,8 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from xray_triage.store.consult_schema import LANGUAGES as LANGUAGES  # re-exported for the web app
+
 LOCALES_DIR = Path(__file__).resolve().parent / "locales"
-LANGUAGES = ("vi", "en")
 FALLBACK = "en"
 
 

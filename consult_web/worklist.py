@@ -19,11 +19,12 @@ from consult_web.access import visibility_clause
 from consult_web.i18n import zone
 from xray_triage.store.consult_schema import CONSULT_STATUS_RANK, CONSULT_STATUSES, Consult
 from xray_triage.store.dicom_meta import display_name
-from xray_triage.store.queries import top_findings
-from xray_triage.store.schema import Instance, Series, Station, Study, utcnow
+from xray_triage.store.queries import station_names, top_findings
+from xray_triage.store.schema import Instance, Series, Study, TriageResult, utcnow
 from xray_triage.store.users import AuthUser
 
 MAX_ROWS = 500
+FINDING_SCAN_LIMIT = 5000  # studies looked at, at most, to fill a worklist filtered by finding
 NO_CONSULT = "none"
 
 
@@ -67,24 +68,23 @@ class WorklistRow:
     images: int
 
 
-def _latest_consult_status():  # type: ignore[no-untyped-def]
-    return (
-        select(Consult.status).where(Consult.study_id == Study.id).order_by(Consult.id.desc()).limit(1).scalar_subquery()
-    )
+def _latest_consult(column):  # type: ignore[no-untyped-def]
+    """A column of the study's newest consult, as a correlated subquery (NULL: no consult)."""
+    return select(column).where(Consult.study_id == Study.id).order_by(Consult.id.desc()).limit(1).scalar_subquery()
 
 
 def _day_start(day: date, tz_name: str) -> datetime:
     return datetime.combine(day, time.min, tzinfo=zone(tz_name)).astimezone(UTC)
 
 
-def query_worklist(session: Session, user: AuthUser, filters: WorklistFilters) -> list[WorklistRow]:
-    status = _latest_consult_status()
+def _worklist_query(user: AuthUser, filters: WorklistFilters):  # type: ignore[no-untyped-def]
+    status = _latest_consult(Consult.status)
     rank = case(
         *[(status == name, CONSULT_STATUS_RANK[name]) for name in CONSULT_STATUSES],
         else_=CONSULT_STATUS_RANK[None],
     )
     stmt = (
-        select(Study, status.label("consult_status"))
+        select(Study, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency"))
         .where(visibility_clause(user))
         .options(selectinload(Study.series).selectinload(Series.instances).selectinload(Instance.result))
         .order_by(Study.priority_rank.desc(), rank, Study.received_at.asc(), Study.id.asc())
@@ -101,55 +101,58 @@ def query_worklist(session: Session, user: AuthUser, filters: WorklistFilters) -
         stmt = stmt.where(Study.received_at >= _day_start(filters.date_from, user.timezone))
     if filters.date_to:
         stmt = stmt.where(Study.received_at < _day_start(filters.date_to + timedelta(days=1), user.timezone))
-    if not filters.finding:
-        stmt = stmt.limit(MAX_ROWS)
-    names = {s.ae_title: s.name for s in session.scalars(select(Station))}
-    results = session.execute(stmt).all()
-    urgencies = _latest_urgencies(session, [study.id for study, _ in results])
+    return stmt
+
+
+def query_worklist(session: Session, user: AuthUser, filters: WorklistFilters) -> list[WorklistRow]:
+    """At most MAX_ROWS rows in worklist order. The finding filter is applied in Python (flagged
+    labels are JSON), over batches of MAX_ROWS studies and at most FINDING_SCAN_LIMIT of them."""
+    stmt = _worklist_query(user, filters)
+    names = station_names(session)
     now = utcnow()
-    rows = []
-    for study, consult_status in results:
-        findings = top_findings(study)
-        if filters.finding and filters.finding not in {f["label"] for f in findings}:
-            continue
-        rows.append(
-            WorklistRow(
-                study_uid=study.study_instance_uid,
-                patient_name=display_name(study.patient_name),
-                patient_id=study.patient_id,
-                patient_age=study.patient_age,
-                patient_sex=study.patient_sex,
-                station_ae=study.station_ae,
-                station_name=names.get(study.station_ae, ""),
-                received_at=study.received_at,
-                waiting_s=(now - study.received_at).total_seconds(),
-                ai_status=study.ai_status,
-                priority=study.priority,
-                findings=findings,
-                consult_status=consult_status,
-                consult_urgency=urgencies.get(study.id),
-                images=sum(len(s.instances) for s in study.series),
-            )
-        )
-        if len(rows) >= MAX_ROWS:
+    rows: list[WorklistRow] = []
+    for offset in range(0, FINDING_SCAN_LIMIT if filters.finding else MAX_ROWS, MAX_ROWS):
+        batch = session.execute(stmt.limit(MAX_ROWS).offset(offset)).all()
+        for study, consult_status, urgency in batch:
+            findings = top_findings(study)
+            if filters.finding and filters.finding not in {f["label"] for f in findings}:
+                continue
+            rows.append(_row(study, findings, consult_status, urgency, names, now))
+            if len(rows) >= MAX_ROWS:
+                return rows
+        if len(batch) < MAX_ROWS:
             break
     return rows
 
 
-def _latest_urgencies(session: Session, study_ids: list[int]) -> dict[int, str]:
-    """Urgency of the latest consult of each of these studies."""
-    latest: dict[int, str] = {}
-    for start in range(0, len(study_ids), 500):  # stay under bound-parameter limits
-        chunk = study_ids[start : start + 500]
-        query = select(Consult.study_id, Consult.urgency).where(Consult.study_id.in_(chunk)).order_by(Consult.id)
-        for study_id, urgency in session.execute(query):
-            latest[study_id] = urgency
-    return latest
+def _row(
+    study: Study,
+    findings: list[dict[str, Any]],
+    consult_status: str | None,
+    urgency: str | None,
+    names: dict[str, str],
+    now: datetime,
+) -> WorklistRow:
+    return WorklistRow(
+        study_uid=study.study_instance_uid,
+        patient_name=display_name(study.patient_name),
+        patient_id=study.patient_id,
+        patient_age=study.patient_age,
+        patient_sex=study.patient_sex,
+        station_ae=study.station_ae,
+        station_name=names.get(study.station_ae, ""),
+        received_at=study.received_at,
+        waiting_s=(now - study.received_at).total_seconds(),
+        ai_status=study.ai_status,
+        priority=study.priority,
+        findings=findings,
+        consult_status=consult_status,
+        consult_urgency=urgency,
+        images=sum(len(s.instances) for s in study.series),
+    )
 
 
 def known_findings(session: Session) -> list[str]:
     """Labels the model can flag (for the finding filter), from the stored thresholds."""
-    from xray_triage.store.schema import TriageResult
-
     row = session.scalar(select(TriageResult).order_by(TriageResult.id.desc()).limit(1))
     return sorted(row.thresholds) if row is not None else []

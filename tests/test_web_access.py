@@ -338,3 +338,35 @@ def test_admin_manages_users_and_stations(env: WebEnv) -> None:
     assert "TYT_CANGIO_CR1" in admin.get("/admin").text
     assert admin.post("/admin/stations/TYT_CANGIO_CR1/remove", data={"csrf_token": csrf}).status_code == 200
     assert "TYT_CANGIO_CR1" not in admin.get("/admin").text
+
+
+def test_login_limiter_forgets_old_failures() -> None:
+    from consult_web.auth import LoginLimiter
+
+    limiter = LoginLimiter(max_failures=2, window_s=0.05)
+    for n in range(200):
+        assert limiter.retry_after(f"user{n}", "10.0.0.1") == 0  # looking up creates nothing
+    limiter.failed("an", "10.0.0.2")
+    limiter.failed("an", "10.0.0.3")
+    assert limiter.retry_after("AN", "10.0.0.9") > 0  # user names are case-insensitive
+    import time
+
+    time.sleep(0.06)
+    assert limiter.retry_after("an", "10.0.0.9") == 0
+    for n in range(600):  # a spray of one failure per name and address
+        limiter.failed(f"spray{n}", f"10.1.{n // 250}.{n % 250}")
+    time.sleep(0.06)
+    limiter.failed("last", "10.9.9.9")
+    assert set(limiter._failures) == {"u:last", "ip:10.9.9.9"}  # expired keys were swept
+
+
+def test_healthz_is_json_when_degraded(env: WebEnv) -> None:
+    client = TestClient(env.app)
+    env.app.state.health["dicom_gateway"] = "stopping"
+    try:
+        response = client.get("/healthz")
+    finally:
+        env.app.state.health.pop("dicom_gateway")
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded" and response.json()["dicom_gateway"] == "stopping"
+    assert client.get("/healthz").json()["status"] == "ok"

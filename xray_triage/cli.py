@@ -313,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xray_triage.cli_users import UsersCliError
     from xray_triage.inference.card import ModelCardError
 
     args = build_parser().parse_args(argv)
@@ -321,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CliError, SettingsError, ModelCardError, UsersCliError) as exc:
+    except (CliError, SettingsError, ModelCardError) as exc:
         print(f"xray-triage: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,24 +12,22 @@ import getpass
 import sys
 from typing import Any
 
+from xray_triage.cli import CliError
+
 ROLE_CHOICES = ("station", "specialist", "admin")  # xray_triage.store.consult_schema.ROLES (keeps --help fast)
-
-
-class UsersCliError(Exception):
-    """Printed as one line by the main CLI, exit status 2."""
 
 
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         if not line:
-            raise UsersCliError("--password-stdin: nothing on standard input (pipe the password in)")
+            raise CliError("--password-stdin: nothing on standard input (pipe the password in)")
         return line.rstrip("\r\n")
     if not sys.stdin.isatty():
-        raise UsersCliError("no terminal to ask for the password: use --password-stdin")
+        raise CliError("no terminal to ask for the password: use --password-stdin")
     first = getpass.getpass("Password: ")
     if first != getpass.getpass("Repeat password: "):
-        raise UsersCliError("the two passwords differ")
+        raise CliError("the two passwords differ")
     return first
 
 
@@ -56,7 +54,7 @@ def cmd_users(args: argparse.Namespace, settings: Any) -> int:
             else:
                 _print_users(list_users(session), as_json=args.json)
     except UserError as exc:
-        raise UsersCliError(str(exc)) from exc
+        raise CliError(str(exc)) from exc
     finally:
         db.dispose()
     return 0
@@ -102,7 +100,7 @@ def cmd_tokens(args: argparse.Namespace, settings: Any) -> int:
                 count = revoke_api_tokens(session, args.username)
                 print(f"revoked {count} token(s) of {args.username}")
     except UserError as exc:
-        raise UsersCliError(str(exc)) from exc
+        raise CliError(str(exc)) from exc
     finally:
         db.dispose()
     return 0

@@ -236,7 +236,7 @@ def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tup
 
 @router.get("/api/studies/{study_uid}/annotations")
 def list_annotations(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         study = visible_study(session, user, study_uid)
         return {"annotations": annotations_of(session, study, user)}
 

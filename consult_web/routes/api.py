@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from consult_web import consults as flow
@@ -19,7 +20,7 @@ router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz(request: Request) -> dict[str, Any]:
+def healthz(request: Request) -> JSONResponse:
     """Unauthenticated on purpose: this is what monitoring and the Docker health check read."""
     state = request.app.state.health
     card = request.app.state.card
@@ -37,9 +38,8 @@ def healthz(request: Request) -> dict[str, Any]:
         "model": card.model_version if card else None,
         **state,
     }
-    if not ok:
-        raise HTTPException(status_code=503, detail=body)
-    return body
+    # JSON either way (never the HTML error page): monitoring reads which part failed.
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/api/studies")
@@ -50,7 +50,7 @@ def api_studies(
     user: AuthUser = Depends(current_user),
 ) -> dict[str, Any]:
     """Most urgent first, then newest (as ``xray-triage studies list``), only what the user may see."""
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         studies = list_studies(session, limit=limit, offset=offset, where=visibility_clause(user))
     return {"studies": studies, "disclaimer": request.app.state.disclaimer}
 
@@ -68,7 +68,7 @@ def api_study(request: Request, study_uid: str, user: AuthUser = Depends(current
 
 @router.get("/api/studies/{study_uid}/consults")
 def api_consults(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         study = visible_study(session, user, study_uid)
         consults = [
             {

@@ -42,7 +42,7 @@ CACHE_CONTROL = "private, max-age=3600"
 
 def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str) -> LoadedImage:
     """The decoded image if the user may see it: 404 otherwise, 422 when it cannot be decoded."""
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         _study, instance = visible_instance(session, user, study_uid, sop_uid)
         file_path = instance.file_path
     settings = request.app.state.settings

@@ -39,13 +39,15 @@ class ChangeCursor:
     def __init__(self, db: Any, user: AuthUser) -> None:
         self.db = db
         self.user = user
-        with db.session() as session:
+        with db.read_session() as session:
             self.study_time: datetime | None = session.scalar(select(func.max(Study.updated_at)))
             self.audit_id: int = session.scalar(select(func.max(AuditEvent.id))) or 0
 
     def poll(self) -> list[dict[str, str]]:
         events: list[dict[str, str]] = []
-        with self.db.session() as session:
+        with self.db.read_session() as session:
+            # The upper bound is read first: an event committed during this poll is left for the next.
+            newest = session.scalar(select(func.max(AuditEvent.id))) or self.audit_id
             query = select(Study.study_instance_uid, Study.updated_at).where(visibility_clause(self.user))
             if self.study_time is not None:
                 query = query.where(Study.updated_at > self.study_time)
@@ -53,15 +55,17 @@ class ChangeCursor:
                 events.append({"kind": "study", "study_uid": uid})
                 self.study_time = updated
             audits = session.execute(
-                select(AuditEvent.id, AuditEvent.action, AuditEvent.study_uid)
+                select(AuditEvent.action, AuditEvent.study_uid)
                 .join(Study, Study.study_instance_uid == AuditEvent.study_uid)
-                .where(AuditEvent.id > self.audit_id, visibility_clause(self.user))
+                .where(
+                    AuditEvent.id > self.audit_id,
+                    AuditEvent.id <= newest,
+                    AuditEvent.action.not_in(VIEW_ACTIONS),
+                    visibility_clause(self.user),
+                )
                 .order_by(AuditEvent.id)
             ).all()
-            newest = session.scalar(select(func.max(AuditEvent.id))) or self.audit_id
-        for _id, action, uid in audits:
-            if action not in VIEW_ACTIONS:
-                events.append({"kind": action, "study_uid": uid})
+        events.extend({"kind": action, "study_uid": uid} for action, uid in audits)
         self.audit_id = max(self.audit_id, newest)
         return events
 

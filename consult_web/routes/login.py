@@ -18,7 +18,14 @@ from consult_web.audit import audit
 from consult_web.auth import SESSION_COOKIE, client_ip, current_user
 from consult_web.i18n import LANGUAGES
 from consult_web.templating import LANG_COOKIE, render
-from xray_triage.store.users import AuthUser, authenticate, create_session, end_session, get_user
+from xray_triage.store.consult_schema import User
+from xray_triage.store.users import (
+    AuthUser,
+    create_session,
+    end_session,
+    record_login,
+    verify_login,
+)
 
 router = APIRouter()
 LOGIN_CSRF_COOKIE = "xrt_login_csrf"
@@ -81,14 +88,15 @@ def login(
         return response
     db = request.app.state.db
     settings = request.app.state.settings
+    user_id = verify_login(db, username, password)
     with db.session() as session:
-        user = authenticate(session, username, password)
-        if user is None:
+        if user_id is None:
             audit(session, None, "login.failed", request=request, username=username)
         else:
+            user = record_login(session, user_id, password)
             token = create_session(session, user, lifetime=timedelta(hours=settings.session_hours), ip=ip)
             audit(session, None, "login", request=request, username=user.username)
-    if user is None:
+    if user_id is None:
         limiter.failed(username, ip)
         return _login_page(request, next_url, "login.failed", 401, username)
     limiter.succeeded(username)
@@ -126,7 +134,7 @@ def set_language(
     """Per-user language (stored on the user, so it follows them to any browser)."""
     if language in LANGUAGES:
         with request.app.state.db.session() as session:
-            row = get_user(session, user.username)
+            row = session.get(User, user.id)
             if row is not None:
                 row.language = language
     response = RedirectResponse(_safe_next(next), status_code=303)

@@ -139,7 +139,7 @@ def study_page(request: Request, study_uid: str, user: AuthUser = Depends(curren
 
 @router.get("/studies/{study_uid}/consult-panel")
 def consult_panel(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> HTMLResponse:
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         study = visible_study(session, user, study_uid)
         return render(request, "_consult_panel.html", consult_context(session, user, study))
 

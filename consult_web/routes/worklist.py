@@ -6,13 +6,13 @@ from datetime import date
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy import select
 
 from consult_web.auth import current_user
 from consult_web.templating import render
 from consult_web.worklist import NO_CONSULT, WorklistFilters, known_findings, query_worklist
 from xray_triage.store.consult_schema import CONSULT_STATUSES, ROLE_STATION
-from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING, Station
+from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
+from xray_triage.store.stations import list_stations
 from xray_triage.store.users import AuthUser
 
 router = APIRouter()
@@ -52,9 +52,9 @@ def worklist_page(
     filters: WorklistFilters = Depends(parse_filters),
     user: AuthUser = Depends(current_user),
 ) -> HTMLResponse:
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         rows = query_worklist(session, user, filters)
-        stations = [] if user.role == ROLE_STATION else list(session.scalars(select(Station).order_by(Station.ae_title)))
+        stations = [] if user.role == ROLE_STATION else list_stations(session)
         findings = known_findings(session)
         station_options = [(s.ae_title, s.name) for s in stations]
     return render(
@@ -77,6 +77,6 @@ def worklist_rows(
     filters: WorklistFilters = Depends(parse_filters),
     user: AuthUser = Depends(current_user),
 ) -> HTMLResponse:
-    with request.app.state.db.session() as session:
+    with request.app.state.db.read_session() as session:
         rows = query_worklist(session, user, filters)
     return render(request, "_worklist_rows.html", {"rows": rows})

@@ -173,12 +173,14 @@
     updateWindowReadout();
   }
 
+  // The <img> load does not say why it failed: ask once more for the error page
+  // (rare: the image could not be decoded) and show its detail line as text.
   function showRenderError(url) {
-    fetch(url, { credentials: "same-origin" })
-      .then((r) => (r.ok ? null : r.text()))
-      .then((text) => {
-        let detail = "";
-        try { detail = JSON.parse(text).detail || ""; } catch (e) { detail = ""; }
+    fetch(url, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then((r) => (r.ok ? "" : r.text()))
+      .then((html) => {
+        const node = html ? new DOMParser().parseFromString(html, "text/html").querySelector("#error-detail") : null;
+        const detail = node ? node.textContent.trim() : "";
         status(t("viewer.render_error") + (detail ? " " + detail : ""), true);
       })
       .catch(() => status(t("viewer.render_error"), true));
@@ -798,7 +800,8 @@
     document.addEventListener("keydown", onKey);
     window.addEventListener("resize", () => { renderShapes(); scheduleHires(); });
     window.addEventListener("xrt:changed", (evt) => {
-      if (!evt.detail || !evt.detail.study_uid || evt.detail.study_uid === V.study_uid) reloadAnnotations();
+      const d = evt.detail || {};
+      if (d.study_uid === V.study_uid && String(d.kind || "").startsWith("annotation.")) reloadAnnotations();
     });
     imageEl.addEventListener("error", () => showRenderError(imageEl.getAttribute("href")));
   }

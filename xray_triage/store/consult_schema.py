@@ -30,7 +30,7 @@ CONSULT_STATUS_RANK = {CONSULT_REQUESTED: 0, CONSULT_IN_REVIEW: 1, CONSULT_ANSWE
 URGENCIES = ("routine", "urgent", "emergency")
 CONCLUSIONS = ("normal", "follow_up_station", "refer_hospital", "urgent_transfer")
 
-ANNOTATION_KINDS = ("rect", "ellipse", "arrow", "freehand", "text")
+LANGUAGES = ("vi", "en")  # of the web view; Vietnamese is the default
 
 
 class User(Base):

@@ -5,9 +5,11 @@ acknowledges images only after they are committed:
 
 * WAL journal, so readers (the web view) never block the writer;
 * ``synchronous=FULL``, so a committed row survives a power cut;
-* ``BEGIN IMMEDIATE`` for every transaction, so concurrent associations queue on
-  the write lock (up to the busy timeout) instead of failing with "database is
-  locked" when a read transaction tries to upgrade to a write.
+* ``BEGIN IMMEDIATE`` for every transaction of ``session()``, so concurrent
+  associations queue on the write lock (up to the busy timeout) instead of failing
+  with "database is locked" when a read transaction tries to upgrade to a write.
+  ``read_session()`` (pure reads: web pages, live-update polls) begins deferred and
+  never takes that lock.
 
 Any other SQLAlchemy URL (e.g. PostgreSQL) is used as given.
 """
@@ -40,6 +42,11 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads (web pages, live-update polls, logins) must not queue on SQLite's write lock
+        # behind the gateway: they get their own engine whose transactions BEGIN DEFERRED.
+        in_memory = url.startswith("sqlite") and (url.rstrip("/") == "sqlite:" or ":memory:" in url)
+        self.read_engine = self.engine if in_memory else make_engine(url, immediate=False)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
         """Create missing tables, and missing indexes on existing tables (create_all skips those)."""
@@ -61,11 +68,24 @@ class Database:
         finally:
             session.close()
 
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only unit of work: never takes the write lock; anything written is rolled back."""
+        session = self._read_sessions()
+        try:
+            yield session
+        finally:
+            session.rollback()
+            session.close()
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, immediate: bool = True) -> Engine:
+    """``immediate``: SQLite transactions take the write lock at BEGIN (the default, for writers)."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     engine = create_engine(
@@ -85,7 +105,7 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

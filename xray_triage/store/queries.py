@@ -91,7 +91,8 @@ def _load_studies():  # type: ignore[no-untyped-def]
     )
 
 
-def _station_names(session: Session) -> dict[str, str]:
+def station_names(session: Session) -> dict[str, str]:
+    """AE title -> the station's human name."""
     return {s.ae_title: s.name for s in session.scalars(select(Station))}
 
 
@@ -105,7 +106,7 @@ def list_studies(
         .limit(limit)
         .offset(offset)
     ).all()
-    names = _station_names(session)
+    names = station_names(session)
     return [study_summary(s, names) for s in studies]
 
 
@@ -113,6 +114,6 @@ def get_study(session: Session, study_uid: str) -> dict[str, Any] | None:
     study = session.scalar(_load_studies().where(Study.study_instance_uid == study_uid))
     if study is None:
         return None
-    detail = study_summary(study, _station_names(session))
+    detail = study_summary(study, station_names(session))
     detail["images"] = [_instance_detail(i, s) for s in study.series for i in s.instances]
     return detail

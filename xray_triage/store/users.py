@@ -16,19 +16,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from xray_triage.store.consult_schema import (
+    LANGUAGES,
     ROLE_STATION,
     ROLES,
     ApiToken,
     User,
     UserSession,
 )
+from xray_triage.store.db import Database
 from xray_triage.store.schema import Station, utcnow
 
-LANGUAGES = ("vi", "en")
 MIN_PASSWORD_LENGTH = 10
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._@-]{2,64}$")
 API_TOKEN_PREFIX = "xrt_"
@@ -135,8 +136,7 @@ def set_disabled(session: Session, username: str, disabled: bool = True) -> User
     user.disabled = disabled
     if disabled:  # a disabled user is logged out everywhere and its tokens stop working
         session.execute(delete(UserSession).where(UserSession.user_id == user.id))
-        for token in session.scalars(select(ApiToken).where(ApiToken.user_id == user.id)):
-            token.revoked = True
+        _revoke_tokens(session, user)
     return user
 
 
@@ -149,15 +149,28 @@ def set_password(session: Session, username: str, password: str) -> User:
     return user
 
 
-def authenticate(session: Session, username: str, password: str) -> User | None:
-    """The active user with this password, else None (same work either way)."""
-    user = get_user(session, username)
+def verify_login(db: Database, username: str, password: str) -> int | None:
+    """The id of the active user with this password, else None (same work either way).
+
+    The argon2 check (tens of milliseconds on purpose) runs outside any transaction,
+    so a login never holds the database while it hashes.
+    """
+    with db.read_session() as session:
+        user = get_user(session, username)
+        found = (user.id, user.password_hash, user.disabled) if user is not None else None
     try:
-        _hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+        _hasher.verify(found[1] if found else _DUMMY_HASH, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return None
-    if user is None or user.disabled:
+    if found is None or found[2]:
         return None
+    return found[0]
+
+
+def record_login(session: Session, user_id: int, password: str) -> User:
+    """Note the login time, and upgrade the hash if argon2's parameters have changed since."""
+    user = session.get(User, user_id)
+    assert user is not None, user_id
     if _hasher.check_needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
     user.last_login_at = utcnow()
@@ -225,22 +238,29 @@ def create_api_token(session: Session, username: str, name: str = "") -> str:
 
 
 def user_for_api_token(session: Session, token: str) -> AuthUser | None:
+    """The active user of an unrevoked token (a pure read; see ``record_api_token_use``)."""
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == sha256_hex(token)))
     if row is None or row.revoked:
         return None
     user = session.get(User, row.user_id)
     if user is None or user.disabled:
         return None
-    row.last_used_at = utcnow()
     return to_auth_user(user, None)
+
+
+def record_api_token_use(session: Session, token: str) -> None:
+    session.execute(update(ApiToken).where(ApiToken.token_hash == sha256_hex(token)).values(last_used_at=utcnow()))
 
 
 def revoke_api_tokens(session: Session, username: str) -> int:
     user = get_user(session, username)
     if user is None:
         raise UserError(f"no user {username!r}")
-    count = 0
-    for token in session.scalars(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked.is_(False))):
-        token.revoked = True
-        count += 1
-    return count
+    return _revoke_tokens(session, user)
+
+
+def _revoke_tokens(session: Session, user: User) -> int:
+    result = session.execute(
+        update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked.is_(False)).values(revoked=True)
+    )
+    return int(result.rowcount or 0)
