@@ -144,13 +144,20 @@ def _apply_voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     return ((out - lo) / span if span > 0 else np.zeros_like(out)), "window"
 
 
+def read_dicom(path: Path, source: str = "") -> Dataset:
+    """The dataset of a DICOM file; ``PixelError`` naming ``source`` (default: the path) if unreadable."""
+    label = source or str(path)
+    try:
+        return pydicom.dcmread(path)
+    except FileNotFoundError as exc:
+        raise PixelError(f"{label}: the DICOM file is missing") from exc
+    except Exception as exc:
+        raise PixelError(f"{label}: not a readable DICOM file ({exc})") from exc
+
+
 def read_dicom_display(path: Path) -> DisplayImage:
     """Read a DICOM file from disk and decode it for display."""
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:
-        raise PixelError(f"{path}: not a readable DICOM file ({exc})") from exc
-    return dataset_to_display(ds, source=str(path))
+    return dataset_to_display(read_dicom(path), source=str(path))
 
 
 def read_picture_display(path: Path) -> DisplayImage:

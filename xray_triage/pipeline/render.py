@@ -25,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from xray_triage.pipeline.pixels import PixelError, decode_modality_values, modality_values_to_display
+from xray_triage.pipeline.pixels import (
+    PixelError,
+    decode_modality_values,
+    modality_values_to_display,
+    read_dicom,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +129,7 @@ def load_image(path: Path, *, source: str = "") -> LoadedImage:
     Raises ``PixelError`` (with a message fit for the user) when the file cannot be read.
     """
     label = source or path.name
-    try:
-        ds = pydicom.dcmread(path)
-    except FileNotFoundError as exc:
-        raise PixelError(f"{label}: the stored DICOM file is missing on the server") from exc
-    except Exception as exc:
-        raise PixelError(f"{label}: not a readable DICOM file ({exc})") from exc
+    ds = read_dicom(path, source=label)
     values = decode_modality_values(ds, source=label)
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
