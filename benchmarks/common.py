@@ -7,8 +7,11 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _START = time.monotonic()
 
@@ -120,3 +123,10 @@ def parse_db_time(value: object) -> float | None:
 def mb(n_bytes: float) -> float:
     """Megabytes as 10^6 bytes (network convention), used for every MB and MB/s figure."""
     return n_bytes / 1e6
+
+
+def timed_ms(fn: Callable[[], T]) -> tuple[float, T]:
+    """Run ``fn`` once; its wall time in ms and its value."""
+    start = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - start) * 1000, value

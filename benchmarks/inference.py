@@ -16,14 +16,13 @@ Warm-up calls are run and discarded first in each loop.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import progress, summarize
+from benchmarks.common import progress, summarize, timed_ms
 
 TARGET_OVERHEAD = 0.10  # runner over bare onnxruntime (issue); printed, not asserted
 BATCH_SIZES = (1, 8)
@@ -36,12 +35,6 @@ def providers_to_test() -> list[str]:
     available = ort.get_available_providers()
     wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
     return [p for p in wanted if p in available]
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000
 
 
 def run_inference(model_dir: Path, image_path: Path, *, warmup: int, reps: dict[int, int]) -> dict[str, Any]:
@@ -94,11 +87,11 @@ def run_inference(model_dir: Path, image_path: Path, *, warmup: int, reps: dict[
             for i in range(warmup + reps[batch]):
                 pair = ("bare", "runner") if i % 2 == 0 else ("runner", "bare")
                 for name in pair:
-                    elapsed = _time_ms(variants[name])
+                    elapsed, _ = timed_ms(variants[name])
                     if i >= warmup:
                         times[name].append(elapsed)
             for i in range(warmup + reps[batch]):
-                elapsed = _time_ms(variants["runner_with_preprocess"])
+                elapsed, _ = timed_ms(variants["runner_with_preprocess"])
                 if i >= warmup:
                     times["runner_with_preprocess"].append(elapsed)
             stats = {name: summarize(values, 3) for name, values in times.items()}

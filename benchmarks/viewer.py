@@ -26,12 +26,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from benchmarks import DETECTOR_SOURCE
-from benchmarks.common import BenchSetupError, mb, progress, require_tools, run_tool, summarize
+from benchmarks.common import (
+    BenchSetupError,
+    dcmtk_env,
+    mb,
+    progress,
+    require_tools,
+    run_tool,
+    summarize,
+    timed_ms,
+)
 from benchmarks.dicom_files import (
     DETECTOR_VARIANTS,
     J2K_LOSSLESS,
@@ -91,19 +99,13 @@ def _run_reference(cmd: list[str]) -> tuple[float | None, str]:
     """Spawn -> exit in ms, or None and the tool's error output."""
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, str(exc)
     elapsed = (time.perf_counter() - start) * 1000
     if done.returncode != 0:
         return None, f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
     return elapsed, ""
-
-
-def _time_ms(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    value = fn()
-    return (time.perf_counter() - start) * 1000, value
 
 
 def measure_case(
@@ -132,8 +134,8 @@ def measure_case(
         order = ("ours", "ref") if i % 2 == 0 else ("ref", "ours")
         for who in order:
             if who == "ours":
-                elapsed, first = _time_ms(first_view)
-                zoom_elapsed, zoom = _time_ms(
+                elapsed, first = timed_ms(first_view)
+                zoom_elapsed, zoom = timed_ms(
                     lambda: render(cache.get(path, source=case), size=ZOOM_SIZE, fmt="jpeg")
                 )
                 if timed:
@@ -156,10 +158,10 @@ def measure_case(
     zoom_warm: list[float] = []
     for i in range(warmup + warm_reps):
         preset = WARM_PRESETS[i % len(WARM_PRESETS)]
-        w_ms, _ = _time_ms(
+        w_ms, _ = timed_ms(
             lambda preset=preset: render(cache.get(path, source=case), preset=preset, size=FIRST_VIEW_SIZE)
         )
-        z_ms, _ = _time_ms(
+        z_ms, _ = timed_ms(
             lambda preset=preset: render(cache.get(path, source=case), preset=preset, size=ZOOM_SIZE)
         )
         if i >= warmup:
