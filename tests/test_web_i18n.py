@@ -85,3 +85,15 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "xray-triage.example.toml"
     settings = load_settings(example)
     assert settings.default_language == "vi" and settings.login_max_failures == 5
+
+
+def test_users_set_their_own_time_zone(tmp_path: Path) -> None:
+    env = make_web_env(tmp_path)
+    add_user_row(env, "bacsi", "specialist", language="en")
+    client, csrf = client_for(env, "bacsi")
+    assert 'value="Asia/Ho_Chi_Minh"' in client.get("/settings").text
+    bad = client.post("/settings", data={"timezone": "Mars/Olympus", "csrf_token": csrf})
+    assert bad.status_code == 400 and "unknown time zone" in bad.text
+    assert client.post("/settings", data={"timezone": "Europe/Paris"}).status_code == 403  # CSRF
+    ok = client.post("/settings", data={"timezone": "Europe/Paris", "csrf_token": csrf}, follow_redirects=True)
+    assert ok.status_code == 200 and 'id="settings-saved"' in ok.text and 'value="Europe/Paris"' in ok.text

@@ -21,6 +21,8 @@ from consult_web.templating import LANG_COOKIE, render
 from xray_triage.store.consult_schema import User
 from xray_triage.store.users import (
     AuthUser,
+    UserError,
+    check_timezone,
     create_session,
     end_session,
     record_login,
@@ -140,6 +142,29 @@ def set_language(
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(LANG_COOKIE, language, samesite="lax", secure=_secure(request), max_age=365 * 86400)
     return response
+
+
+@router.get("/settings")
+def settings_page(request: Request, user: AuthUser = Depends(current_user)) -> Response:
+    return render(request, "settings.html", {"saved": request.query_params.get("saved") == "1", "error": ""})
+
+
+@router.post("/settings")
+def save_settings(
+    request: Request,
+    timezone: str = Form(..., max_length=64),
+    user: AuthUser = Depends(current_user),
+) -> Response:
+    """The user's own time zone: every date in the UI is shown in it."""
+    try:
+        zone_name = check_timezone(timezone.strip())
+    except UserError as exc:
+        return render(request, "settings.html", {"saved": False, "error": str(exc)}, status_code=400)
+    with request.app.state.db.session() as session:
+        row = session.get(User, user.id)
+        if row is not None:
+            row.timezone = zone_name
+    return RedirectResponse("/settings?saved=1", status_code=303)
 
 
 @router.get("/login/language/{language}")
