@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION
+from xray_triage.store.consult_schema import ROLE_ADMIN
 from xray_triage.store.db import Database
 from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
 
@@ -109,8 +109,6 @@ def require_roles(*roles: str):  # type: ignore[no-untyped-def]
 
 
 require_admin = require_roles(ROLE_ADMIN)
-require_specialist = require_roles(ROLE_SPECIALIST, ROLE_ADMIN)
-require_station = require_roles(ROLE_STATION)
 
 
 class LoginLimiter:
