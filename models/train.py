@@ -869,27 +869,18 @@ def parse_args(argv=None):
     p.add_argument(
         "--max-eval-images", type=int, default=0, help="smoke test: evaluate on this many DEV images"
     )
+    p.add_argument(
+        "--write-validation-set",
+        type=Path,
+        metavar="DIR",
+        help="only write the patient-disjoint validation split (labels.csv, bboxes.csv, image links) "
+        "to DIR, for `xray-triage models evaluate --data DIR`, and exit (needs no torch)",
+    )
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    import onnxruntime as ort
-    import torch
-
-    from xray_triage.inference.runner import ModelRunner
-
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    torch.use_deterministic_algorithms(True)
-    np.random.seed(args.seed)
-    command = "PYTHONPATH=. python models/train.py " + " ".join(
-        shlex.quote(a) for a in (argv or sys.argv[1:])
-    )
-    t_start = time.perf_counter()
-    spec = input_spec(args.size)
-
-    # ---- data
+def load_split(args) -> tuple[list[Record], list[Record], list[str], list[int], list[int]]:
+    """TRAIN records (less evaluation-set patients), DEV records, the dropped files, and the split."""
     records = read_labels(args.data)
     eval_records = read_labels(args.eval_data)
     eval_patients = {r.patient for r in eval_records}
@@ -912,6 +903,57 @@ def main(argv=None) -> int:
         f"split by patient: train {len(train_idx)} images / {len({records[i].patient for i in train_idx})} patients, "
         f"val {len(val_idx)} images / {len({records[i].patient for i in val_idx})} patients"
     )
+    return records, eval_records, dropped, train_idx, val_idx
+
+
+def write_validation_set(data_dir: Path, files: set[str], out: Path) -> None:
+    """The validation split as a data folder for ``xray-triage models evaluate``.
+
+    ``labels.csv`` and ``bboxes.csv`` keep TRAIN's rows of those files verbatim; ``images/``
+    holds symbolic links to TRAIN's PNGs (nothing is copied).
+    """
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("labels.csv", "bboxes.csv"):
+        if not (data_dir / name).is_file():
+            continue
+        with open(data_dir / name, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if row["file"] in files]
+            fields = reader.fieldnames or []
+        with open(out / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+    for file in sorted(files):
+        link = out / "images" / file
+        if not link.is_symlink():
+            link.symlink_to((data_dir / "images" / file).resolve())
+    print(f"wrote the validation split ({len(files)} images) to {out}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.write_validation_set:
+        records, _, _, _, val_idx = load_split(args)
+        write_validation_set(args.data, {records[i].file for i in val_idx}, args.write_validation_set)
+        return 0
+    import onnxruntime as ort
+    import torch
+
+    from xray_triage.inference.runner import ModelRunner
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.use_deterministic_algorithms(True)
+    np.random.seed(args.seed)
+    command = "PYTHONPATH=. python models/train.py " + " ".join(
+        shlex.quote(a) for a in (argv or sys.argv[1:])
+    )
+    t_start = time.perf_counter()
+    spec = input_spec(args.size)
+
+    # ---- data
+    records, eval_records, dropped, train_idx, val_idx = load_split(args)
     t = time.perf_counter()
     x_all = load_tensors(args.data, records, spec)
     print(

@@ -60,7 +60,12 @@ def test_known_answer(tmp_path: Path) -> None:
     y = [row[1] for row in FIXTURE]
     expected_sens = sum(f and t for f, t in zip(flagged, y, strict=True)) / sum(y)
     assert result["abnormal_vs_normal"]["sensitivity"] == round(expected_sens, 4)
-    assert result["heatmap_peak_in_box"] == {"hits": 1, "n": 2, "rate": 0.5}
+    # 8 x 8 heatmap cells of 16 px: the hit box holds 4 x 3 cell centres, the miss box 3 x 3.
+    chance = round((12 / 64 + 9 / 64) / 2, 4)
+    expected_boxes = {"hits": 1, "n": 2, "rate": 0.5, "chance_rate": chance, "by_box_label": {"effusion": {"hits": 1, "n": 2}}}
+    assert result["heatmap_peak_in_box"] == expected_boxes
+    # The tiny model's heatmaps are the same for every label, so the Abnormal heatmap agrees.
+    assert result["abnormal_heatmap_peak_in_box"] == {"heatmap": "label:Abnormal", **expected_boxes}
     assert set(result["per_view"]) == {"AP", "PA"}
     assert result["data"]["n"] == 6 and result["data"]["n_abnormal"] == 4
 
@@ -91,3 +96,84 @@ def test_default_model_card_matches_what_evaluate_recomputes() -> None:
         assert result["per_label"][label]["auroc"] == pytest.approx(numbers["auroc"], abs=1e-3), label
     for view, numbers in claimed.get("per_view", {}).items():
         assert result["per_view"][view]["auroc"] == pytest.approx(numbers["auroc"], abs=1e-3), view
+
+
+def _write_box_set(root: Path, boxes_csv: str) -> Path:
+    """Three images with a bright patch at (80, 70); boxes come from ``bboxes.csv``."""
+    (root / "images").mkdir(parents=True)
+    for n in range(3):
+        pixels = np.full((128, 128), 0.2 + 0.2 * n, dtype=np.float32)
+        pixels[70:102, 80:112] = 1.0
+        Image.fromarray((pixels * 255).round().astype(np.uint8)).save(root / "images" / f"b{n}.png")
+    (root / "labels.csv").write_text(
+        "file,finding_labels,abnormal,bbox_label,bbox_x,bbox_y,bbox_w,bbox_h\n"
+        "b0.png,No Finding,0,,,,,\n"
+        "b1.png,Effusion,1,Effusion,0,0,30,30\n"  # labels.csv holds only the first box
+        "b2.png,Nodule,1,Nodule,72,64,48,48\n"
+    )
+    (root / "bboxes.csv").write_text(boxes_csv)
+    return root
+
+
+def test_every_box_of_bboxes_csv_and_boxes_of_labels_the_model_lacks(tmp_path: Path) -> None:
+    data = _write_box_set(
+        tmp_path / "data",
+        "file,bbox_label,bbox_x,bbox_y,bbox_w,bbox_h\nb1.png,Effusion,0,0,30,30\nb1.png,Effusion,72,64,48,48\n",
+    )
+    images = read_labelled_set(data)
+    assert [len(i.boxes) for i in images] == [0, 2, 1]
+    runner = ModelRunner(load_card(write_tiny_model_dir(tmp_path / "model")))
+    result = evaluate(runner, data, n_boot=50, show_progress=False)
+    # b1: the second Effusion box (only in bboxes.csv) holds the patch, so the image counts as a hit.
+    assert result["heatmap_peak_in_box"]["by_box_label"] == {"effusion": {"hits": 1, "n": 1}}
+    # The model has no Nodule label: b2's box is checked only against the Abnormal heatmap.
+    assert result["abnormal_heatmap_peak_in_box"]["by_box_label"] == {
+        "effusion": {"hits": 1, "n": 1},
+        "nodule": {"hits": 1, "n": 1},
+    }
+
+
+@pytest.mark.parametrize(
+    ("boxes_csv", "message"),
+    [
+        ("file,bbox_label,bbox_x,bbox_y,bbox_w,bbox_h\nzz.png,Effusion,1,1,5,5\n", r"bboxes.csv, line 2: 'zz.png' is not in"),
+        ("file,bbox_label,bbox_x,bbox_y,bbox_w,bbox_h\nb1.png,Effusion,1,1,0,5\n", r"bboxes.csv, line 2: box .* positive"),
+        ("file,bbox_label,bbox_x,bbox_y,bbox_w,bbox_h\nb1.png,Effusion,1,x,5,5\n", r"bboxes.csv, line 2: could not convert"),
+        ("file,bbox_x\nb1.png,1\n", r"bboxes.csv: missing columns"),
+    ],
+)
+def test_bad_bboxes_csv_names_file_and_line(tmp_path: Path, boxes_csv: str, message: str) -> None:
+    data = _write_box_set(tmp_path / "data", boxes_csv)
+    with pytest.raises(EvaluationError, match=message):
+        read_labelled_set(data)
+
+
+SHARED_TRAIN = SHARED_CXR.parent / "cxr-train"
+
+
+@pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="shared/data/cxr-train not found")
+def test_train_py_writes_its_validation_split_for_evaluate(tmp_path: Path) -> None:
+    """The held-out split train.py chose thresholds on, as a folder `models evaluate` reads (no torch)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "valset"
+    script = Path(__file__).resolve().parents[1] / "models" / "train.py"
+    subprocess.run([sys.executable, str(script), "--write-validation-set", str(out)], check=True, capture_output=True)
+    images = read_labelled_set(out)
+    card = load_card(DEFAULT_MODEL)
+    assert len(images) == card.extra["training"]["n_validation"]
+    assert all((out / "images" / i.file).is_file() for i in images)
+    validation_patients = {i.file[:8] for i in images}
+    with open(SHARED_TRAIN / "labels.csv", newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    trained_on = {r["file"][:8] for r in all_rows if r["file"][:8] not in validation_patients}
+    assert not validation_patients & trained_on
+    # Every box of bboxes.csv comes along, and the evaluation reads them all.
+    files = {i.file for i in images}
+    with open(SHARED_TRAIN / "bboxes.csv", newline="") as f:
+        expected = [r for r in csv.DictReader(f) if r["file"] in files]
+    with open(out / "bboxes.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == expected
+    in_extra = {r["file"] for r in expected}
+    assert sum(len(i.boxes) for i in images if i.file in in_extra) == len(expected)

@@ -4,14 +4,23 @@ The data directory holds images (PNG, JPEG or DICOM) and a ``labels.csv`` in the
 layout of the NIH sets under ``shared/data`` (columns ``file``,
 ``finding_labels`` (pipe-separated, or ``No Finding``), ``abnormal`` (0/1), and
 optionally ``view``, ``bbox_label``, ``bbox_x``, ``bbox_y``, ``bbox_w``,
-``bbox_h``). Every image goes through the same pipeline as in the server, so the
-numbers describe what the server would do.
+``bbox_h``); an optional ``bboxes.csv`` (``file``, ``bbox_label``, ``bbox_x``,
+``bbox_y``, ``bbox_w``, ``bbox_h``) lists every box of images with more than one,
+as in ``shared/data/cxr-train``. Every image goes through the same pipeline as in
+the server, so the numbers describe what the server would do.
 
 Reported: abnormal-vs-normal AUROC of the card's ``abnormal_score`` with a
 bootstrap 95% CI, per view; per-label AUROC with CI for each model label that
 names a finding of the data set; sensitivity and specificity at the card's
 thresholds; and, where lesion boxes exist, how often the heatmap peak of the
-boxed label falls inside the box.
+boxed label falls inside the box. Two box checks are made, each beside its chance
+rate (the share of heatmap cells whose centre lies in the box, i.e. what a peak
+placed at random would score, so a small n can be read):
+
+- the boxed label's own heatmap, for boxes whose label the model has;
+- the heatmap behind the abnormal score (the card's ``label:NAME``, or the
+  highest-probability label for ``max``), for every box: it shows whether the
+  model looks at the lesion even when it has no label for that finding.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +47,25 @@ from xray_triage.triage.scoring import score
 # NIH's box file says "Infiltrate" where its label file says "Infiltration".
 BOX_LABEL_ALIASES = {"infiltrate": "infiltration"}
 REQUIRED_COLUMNS = ("file", "finding_labels", "abnormal")
+BOX_COLUMNS = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
 class EvaluationError(ValueError):
     """The data set cannot be evaluated; the message names the file and what to fix."""
+
+
+@dataclass(frozen=True)
+class LesionBox:
+    """A lesion box in source-image pixels (x, y = top-left corner)."""
+
+    label: str  # normalised finding name
+    x: float
+    y: float
+    w: float
+    h: float
+
+    def contains(self, row: float, col: float) -> bool:
+        return self.x <= col <= self.x + self.w and self.y <= row <= self.y + self.h
 
 
 @dataclass(frozen=True)
@@ -50,8 +74,7 @@ class LabelledImage:
     findings: frozenset[str]  # normalised finding names
     abnormal: int
     view: str
-    box_label: str  # normalised, "" when no box
-    box: tuple[float, float, float, float] | None  # x, y, w, h in image pixels
+    boxes: tuple[LesionBox, ...] = ()
 
 
 def normalise_label(name: str) -> str:
@@ -59,8 +82,19 @@ def normalise_label(name: str) -> str:
     return BOX_LABEL_ALIASES.get(key, key)
 
 
+def _read_box(row: dict[str, str]) -> LesionBox | None:
+    """The row's box, or None when ``bbox_label`` is empty; ValueError when malformed."""
+    label = (row.get("bbox_label") or "").strip()
+    if not label:
+        return None
+    x, y, w, h = (float(row[k]) for k in BOX_COLUMNS)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f"box {x}, {y}, {w}, {h} is not a finite box with positive width and height")
+    return LesionBox(normalise_label(label), x, y, w, h)
+
+
 def read_labelled_set(data_dir: Path) -> list[LabelledImage]:
-    """Parse ``labels.csv``; raise with the row number for malformed rows."""
+    """Parse ``labels.csv`` (and ``bboxes.csv`` if present); raise with the row number for malformed rows."""
     labels_csv = data_dir / "labels.csv"
     if not labels_csv.is_file():
         raise EvaluationError(f"{labels_csv}: not found; the data directory needs a labels.csv")
@@ -73,10 +107,8 @@ def read_labelled_set(data_dir: Path) -> list[LabelledImage]:
         for line, row in enumerate(reader, start=2):
             try:
                 abnormal = int(row["abnormal"])
-                box = None
-                if (row.get("bbox_label") or "").strip():
-                    box = tuple(float(row[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
-            except (TypeError, ValueError) as exc:
+                box = _read_box(row)
+            except (TypeError, ValueError, KeyError) as exc:
                 raise EvaluationError(f"{labels_csv}, line {line}: {exc}") from exc
             if abnormal not in (0, 1):
                 raise EvaluationError(f"{labels_csv}, line {line}: abnormal must be 0 or 1")
@@ -89,20 +121,84 @@ def read_labelled_set(data_dir: Path) -> list[LabelledImage]:
                     findings=findings,
                     abnormal=abnormal,
                     view=(row.get("view") or "").strip().upper(),
-                    box_label=normalise_label(row.get("bbox_label") or "") if box else "",
-                    box=box,  # type: ignore[arg-type]
+                    boxes=(box,) if box else (),
                 )
             )
     if not rows:
         raise EvaluationError(f"{labels_csv}: no rows")
-    return rows
+    extra = read_extra_boxes(data_dir / "bboxes.csv", {r.file for r in rows})
+    return [replace(r, boxes=extra[r.file]) if r.file in extra else r for r in rows]
+
+
+def read_extra_boxes(path: Path, known_files: set[str]) -> dict[str, tuple[LesionBox, ...]]:
+    """``bboxes.csv``: every box of each image it names (those replace the labels.csv box)."""
+    if not path.is_file():
+        return {}
+    boxes: dict[str, list[LesionBox]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("file", "bbox_label", *BOX_COLUMNS) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise EvaluationError(f"{path}: missing columns {missing}")
+        for line, row in enumerate(reader, start=2):
+            if row["file"] not in known_files:
+                raise EvaluationError(f"{path}, line {line}: {row['file']!r} is not in labels.csv")
+            try:
+                box = _read_box(row)
+            except (TypeError, ValueError) as exc:
+                raise EvaluationError(f"{path}, line {line}: {exc}") from exc
+            if box is None:
+                raise EvaluationError(f"{path}, line {line}: bbox_label is empty")
+            boxes.setdefault(row["file"], []).append(box)
+    return {file: tuple(b) for file, b in boxes.items()}
+
+
+@dataclass(frozen=True)
+class BoxCheck:
+    """Did the peak of one heatmap fall inside one image's boxes of one finding?"""
+
+    box_label: str  # normalised finding name of the boxes
+    heatmap_label: str  # the model label whose heatmap was used
+    hit: bool
+    chance: float  # share of heatmap cells whose centre lies inside those boxes
 
 
 @dataclass(frozen=True)
 class Predictions:
     probabilities: np.ndarray  # (n, labels)
     abnormal_scores: np.ndarray  # (n,)
-    box_hits: list[bool]  # one per image with a box whose label the model has
+    own_label_checks: list[BoxCheck]  # boxes whose label the model has, that label's heatmap
+    abnormal_checks: list[BoxCheck]  # every box, the heatmap behind the abnormal score
+
+
+def abnormal_heatmap_label(card: ModelCard, probabilities: np.ndarray) -> str:
+    """The label whose heatmap explains the abnormal score: ``label:NAME``, or the top label for ``max``."""
+    rule = card.triage.abnormal_score
+    if rule.startswith("label:"):
+        return rule.split(":", 1)[1]
+    return card.labels[int(np.argmax(probabilities))]
+
+
+def check_boxes(
+    heatmaps: np.ndarray, card: ModelCard, label: str, boxes: list[LesionBox], source_shape: tuple[int, int]
+) -> BoxCheck:
+    """Peak of ``label``'s heatmap vs the union of ``boxes``, with the same grid's chance rate."""
+    record = heatmap_records(heatmaps, card.labels, [label], source_shape, card.input)[label]
+    row, col = peak_in_source(record)
+    grid_h, grid_w = np.asarray(record["grid"]).shape
+    top, left, height, width = record["box"]
+    centres = [
+        (top + (i + 0.5) * height / grid_h, left + (j + 0.5) * width / grid_w)
+        for i in range(grid_h)
+        for j in range(grid_w)
+    ]
+    inside = sum(any(b.contains(r, c) for b in boxes) for r, c in centres)
+    return BoxCheck(
+        box_label=boxes[0].label,
+        heatmap_label=label,
+        hit=any(b.contains(row, col) for b in boxes),
+        chance=inside / len(centres),
+    )
 
 
 def predict_set(
@@ -110,7 +206,9 @@ def predict_set(
 ) -> Predictions:
     card = runner.card
     model_labels = {normalise_label(label): label for label in card.labels}
-    probabilities, abnormal_scores, hits = [], [], []
+    probabilities, abnormal_scores = [], []
+    own_checks: list[BoxCheck] = []
+    abnormal_checks: list[BoxCheck] = []
     for n, image in enumerate(images, start=1):
         path = data_dir / "images" / image.file
         if not path.exists():
@@ -120,14 +218,34 @@ def predict_set(
         probs = out.probabilities[0]
         probabilities.append(probs)
         abnormal_scores.append(score(probs, card).abnormal_score)
-        label = model_labels.get(image.box_label)
-        if image.box is not None and label is not None and out.heatmaps is not None:
-            record = heatmap_records(out.heatmaps[0], card.labels, [label], display.source_shape, card.input)[label]
-            row, col = peak_in_source(record)
-            x, y, w, h = image.box
-            hits.append(x <= col <= x + w and y <= row <= y + h)
+        if out.heatmaps is not None:
+            by_label: dict[str, list[LesionBox]] = {}
+            for box in image.boxes:
+                by_label.setdefault(box.label, []).append(box)
+            for box_label, boxes in by_label.items():
+                if box_label in model_labels:
+                    own_checks.append(check_boxes(out.heatmaps[0], card, model_labels[box_label], boxes, display.source_shape))
+                label = abnormal_heatmap_label(card, probs)
+                abnormal_checks.append(check_boxes(out.heatmaps[0], card, label, boxes, display.source_shape))
         progress(n, len(images))
-    return Predictions(np.asarray(probabilities), np.asarray(abnormal_scores), hits)
+    return Predictions(np.asarray(probabilities), np.asarray(abnormal_scores), own_checks, abnormal_checks)
+
+
+def summarise_box_checks(checks: list[BoxCheck]) -> dict[str, Any]:
+    """Hits, n, rate and chance rate overall and per boxed finding."""
+    by_label: dict[str, dict[str, int]] = {}
+    for c in checks:
+        entry = by_label.setdefault(c.box_label, {"hits": 0, "n": 0})
+        entry["hits"] += int(c.hit)
+        entry["n"] += 1
+    hits = sum(c.hit for c in checks)
+    return {
+        "hits": int(hits),
+        "n": len(checks),
+        "rate": _round(hits / len(checks)),
+        "chance_rate": _round(sum(c.chance for c in checks) / len(checks)),
+        "by_box_label": dict(sorted(by_label.items())),
+    }
 
 
 def _ci(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -184,11 +302,12 @@ def summarise(
             "sensitivity": _round(sens),
             "specificity": _round(spec),
         }
-    if preds.box_hits:
-        result["heatmap_peak_in_box"] = {
-            "hits": int(sum(preds.box_hits)),
-            "n": len(preds.box_hits),
-            "rate": _round(sum(preds.box_hits) / len(preds.box_hits)),
+    if preds.own_label_checks:
+        result["heatmap_peak_in_box"] = summarise_box_checks(preds.own_label_checks)
+    if preds.abnormal_checks:
+        result["abnormal_heatmap_peak_in_box"] = {
+            "heatmap": card.triage.abnormal_score,
+            **summarise_box_checks(preds.abnormal_checks),
         }
     return result
 
@@ -242,7 +361,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"{label:<20} {d['n_positive']:>4} {fmt(d['auroc']):>6} {ci:>13} {d['threshold']:>7.3f} "
             f"{fmt(d['sensitivity']):>6} {fmt(d['specificity']):>6}"
         )
+    if "heatmap_peak_in_box" in result or "abnormal_heatmap_peak_in_box" in result:
+        lines.append("")
     if "heatmap_peak_in_box" in result:
-        h = result["heatmap_peak_in_box"]
-        lines.append(f"\nHeatmap peak inside the lesion box: {h['hits']}/{h['n']}")
+        lines.append("Heatmap peak inside the lesion box, boxed label's own heatmap: " + _box_line(result["heatmap_peak_in_box"]))
+    if "abnormal_heatmap_peak_in_box" in result:
+        h = result["abnormal_heatmap_peak_in_box"]
+        lines.append(f"Heatmap peak inside the lesion box, abnormal-score heatmap ({h['heatmap']}): " + _box_line(h))
     return "\n".join(lines)
+
+
+def _box_line(h: dict[str, Any]) -> str:
+    per = ", ".join(f"{label} {d['hits']}/{d['n']}" for label, d in h["by_box_label"].items())
+    return f"{h['hits']}/{h['n']} (chance {h['chance_rate']:.2f}; {per})"
