@@ -88,7 +88,12 @@ def run_server(settings: Settings) -> int:
         extra={"data_dir": str(settings.data_dir.resolve()), "database": db.engine.url.render_as_string(hide_password=True)},
     )
     workers = TriageWorkers(
-        db, runner, settings.data_dir, count=settings.triage_workers, max_attempts=settings.max_job_attempts
+        db,
+        runner,
+        settings.data_dir,
+        count=settings.triage_workers,
+        max_attempts=settings.max_job_attempts,
+        reduced_decode=settings.j2k_reduced_decode,
     )
     workers.start()
     ingestor = Ingestor(

@@ -40,7 +40,7 @@ from xray_triage.evaluation.metrics import auroc, bootstrap_ci, sens_spec
 from xray_triage.inference.card import ModelCard
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.pipeline.pixels import read_any_display
-from xray_triage.pipeline.preprocess import to_model_input
+from xray_triage.pipeline.preprocess import decode_min_side, to_model_input
 from xray_triage.triage.heatmaps import heatmap_records, peak_in_source
 from xray_triage.triage.scoring import score
 
@@ -213,7 +213,7 @@ def predict_set(
         path = data_dir / "images" / image.file
         if not path.exists():
             path = data_dir / image.file
-        display = read_any_display(path)
+        display = read_any_display(path, min_side=decode_min_side(card.input))  # as the server decodes
         out = runner.run(to_model_input(display.pixels, card.input)[None])
         probs = out.probabilities[0]
         probabilities.append(probs)

@@ -36,6 +36,16 @@ def model_crop_box(rows: int, cols: int, spec: InputSpec) -> CropBox:
     return CropBox(top=0, left=0, height=rows, width=cols)
 
 
+def decode_min_side(spec: InputSpec) -> int:
+    """Source pixels the model needs along the image's shorter side: twice its input size.
+
+    A decoder that can stop at a lower resolution (JPEG 2000) may hand over an image this
+    small; the final antialiased resize then still averages two or more pixels into each
+    input pixel, so the model sees what it would see from the full-size image.
+    """
+    return 2 * max(spec.height, spec.width)
+
+
 def resize_for_model(image01: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Crop (if the card says so) and resize with an antialiased bilinear filter."""
     box = model_crop_box(image01.shape[0], image01.shape[1], spec)

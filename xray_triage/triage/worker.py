@@ -32,8 +32,10 @@ class TriageWorkers:
         *,
         count: int = 1,
         max_attempts: int = 3,
+        reduced_decode: bool = True,
     ) -> None:
         self.db = db
+        self.reduced_decode = reduced_decode
         self.runner = runner
         self.data_dir = data_dir
         self.count = count
@@ -86,7 +88,7 @@ class TriageWorkers:
             return False
         path = self.data_dir / job.file_path
         try:
-            analysis = analyze_file(path, self.runner)
+            analysis = analyze_file(path, self.runner, reduced_decode=self.reduced_decode)
         except PixelError as exc:
             jobs.fail(self.db, job, str(exc), permanent=True, max_attempts=self.max_attempts)
             log.warning("triage failed: image cannot be decoded", extra={"instance_id": job.instance_id, "error": str(exc)})
