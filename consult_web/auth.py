@@ -112,19 +112,36 @@ require_admin = require_roles(ROLE_ADMIN)
 
 
 class LoginLimiter:
-    """Failed-login counter per user name and per client IP (in memory).
+    """Failed-login counter (in memory) that a stranger cannot turn against a user.
 
-    After ``max_failures`` failures within ``window_s`` seconds the name (or IP)
-    is locked until the oldest failure leaves the window. A successful login
-    clears the name's failures. Kept in memory on purpose: the web app runs in
-    one process, and a restart giving a fresh window is harmless.
+    Three counters, each over ``window_s`` seconds:
+
+    - one user name from one client IP: locked after ``max_failures`` failures, so
+      password guessing from one place stops at once;
+    - one client IP over all names, and one user name over all IPs: locked after
+      ``SPREAD_FACTOR`` x ``max_failures``, which bounds name sprays and guessing from
+      many addresses.
+
+    Locking a name on its own after a few failures from anywhere would let anyone lock
+    a specialist out by typing wrong passwords for them; here, locking a user out
+    everywhere takes failures from several addresses. A lock lasts until the oldest
+    failure leaves the window. A successful login clears that user's counters. Kept in
+    memory on purpose: the web app runs in one process, and a restart giving a fresh
+    window is harmless.
     """
+
+    SPREAD_FACTOR = 4
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+
+    def _limits(self, username: str, ip: str) -> list[tuple[str, int]]:
+        name = username.lower()
+        spread = self.SPREAD_FACTOR * self.max_failures
+        return [(f"u+ip:{name}\n{ip}", self.max_failures), (f"u:{name}", spread), (f"ip:{ip}", spread)]
 
     def _recent(self, key: str, now: float) -> int:
         """Failures of ``key`` inside the window; keys with none left are forgotten (bounded memory)."""
@@ -142,8 +159,8 @@ class LoginLimiter:
         now = time.monotonic()
         waits = []
         with self._lock:
-            for key in (f"u:{username.lower()}", f"ip:{ip}"):
-                if self._recent(key, now) >= self.max_failures:
+            for key, limit in self._limits(username, ip):
+                if self._recent(key, now) >= limit:
                     waits.append(self._failures[key][0] + self.window_s - now)
         return max(waits, default=0.0)
 
@@ -153,10 +170,11 @@ class LoginLimiter:
             if len(self._failures) >= SWEEP_AT:  # a spray of names or addresses: drop what expired
                 for key in list(self._failures):
                     self._recent(key, now)
-            for key in (f"u:{username.lower()}", f"ip:{ip}"):
+            for key, _limit in self._limits(username, ip):
                 self._recent(key, now)
                 self._failures.setdefault(key, deque()).append(now)
 
-    def succeeded(self, username: str) -> None:
+    def succeeded(self, username: str, ip: str) -> None:
         with self._lock:
-            self._failures.pop(f"u:{username.lower()}", None)
+            for key, _limit in self._limits(username, ip)[:2]:  # the user's counters, not the IP's
+                self._failures.pop(key, None)

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     cookie_secure: Literal["auto", "always", "never"] = Field(
         "auto", description="Secure flag on the session cookie: auto = when the request came over HTTPS"
     )
-    login_max_failures: int = Field(5, ge=1, description="failed logins per user name or IP before a lock-out")
+    login_max_failures: int = Field(5, ge=1, description="failed logins of one user name from one IP before a lock-out; 4x that locks an IP (all names) or a user name (all IPs)")
     login_lockout_s: float = Field(900.0, gt=0, description="window and lock-out time for failed logins")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body the web app accepts")
     default_language: Literal["vi", "en"] = "vi"

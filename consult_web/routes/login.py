@@ -1,8 +1,8 @@
 """Login, logout and the language switch.
 
 The login form is protected against login CSRF with a double-submit cookie; failed
-logins are counted per user name and per IP (``auth.LoginLimiter``) and locked
-out with 429 past the configured limit.
+logins are counted per user name and client IP, per IP and per user name
+(``auth.LoginLimiter``) and locked out with 429 past the configured limits.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def login(
     if user_id is None:
         limiter.failed(username, ip)
         return _login_page(request, next_url, "login.failed", 401, username)
-    limiter.succeeded(username)
+    limiter.succeeded(username, ip)
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
