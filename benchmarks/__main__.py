@@ -311,14 +311,13 @@ def run(args: argparse.Namespace) -> int:
                 args.model, DETECTOR_SOURCE, warmup=plan.inference_warmup, reps=plan.inference_reps
             )
         if "viewer" in parts:
-            from benchmarks.viewer import make_viewer_variants, run_viewer
+            from benchmarks.viewer import run_viewer
 
             _detector_source_ok()
-            if variants is None:
-                progress(
-                    "viewer: making the 2800x2800 uncompressed variant (dcmdjpls) beside the JPEG-LS one"
-                )
-                variants = make_viewer_variants(DETECTOR_SOURCE, work / "images")
+            if variants is None:  # no server part made them
+                have_gdcm = ensure_gdcmconv(allow_install=not args.no_install)
+                progress("viewer: making the 2800x2800 variants (dcmdjpls, dcmcjpeg, dcmcrle, gdcmconv)")
+                variants = make_detector_variants(DETECTOR_SOURCE, work / "images", have_gdcm=have_gdcm)
             images = [("detector", v) for v in variants]
             images += [("shared", image_info(p.stem, p)) for p in sorted(SHARED_DICOM.glob("*.dcm"))]
             report["viewer"] = run_viewer(

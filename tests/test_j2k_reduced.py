@@ -7,11 +7,13 @@ clear errors) whenever it cannot be used.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
@@ -33,8 +35,12 @@ SHARED_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" /
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
-def _j2k_dataset(pixels: np.ndarray) -> Dataset:
-    """A 12-bit MONOCHROME2 DX dataset, JPEG 2000 lossless (openjpeg through pydicom)."""
+def _j2k_dataset(pixels: np.ndarray, precision: int = 12) -> Dataset:
+    """A 12-bit MONOCHROME2 DX dataset, JPEG 2000 lossless (openjpeg through pydicom).
+
+    openjpeg writes the stream with ``precision`` = Bits Stored; ``precision=16`` makes a
+    precision-16 stream of 12-bit data, as GDCM (and the shared dev_06 file) has it.
+    """
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -43,10 +49,11 @@ def _j2k_dataset(pixels: np.ndarray) -> Dataset:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, precision, precision - 1, 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.compress(JPEG2000Lossless, pixels.astype(np.uint16), encoding_plugin="pylibjpeg")
+    ds.BitsStored, ds.HighBit = 12, 11
     return ds
 
 
@@ -104,6 +111,21 @@ def test_heatmap_of_a_reduced_decode_lands_on_the_patch_in_stored_pixels(tmp_pat
     assert peak_in_source(same.heatmaps["Abnormal"]) == (row, col)
 
 
+def test_precision_16_streams_and_edge_overshoot_keep_the_stored_values(tmp_path: Path) -> None:
+    """GDCM writes 12-bit data as a precision-16 stream; the reduced decode's overshoot at hard
+    edges must then be clipped to Bits Stored, not wrapped by the Bits Stored mask."""
+    blocks = np.kron(np.indices((8, 8)).sum(axis=0) % 2, np.ones((64, 64))) * 4095  # hard 0 / 4095 edges
+    ds = _j2k_dataset(blocks, precision=16)
+    reduced = decode_j2k_reduced(ds, 128)
+    assert reduced is not None and reduced.shape == (128, 128)
+    assert int(reduced.max()) == 4095  # the overshoot (> 4095) is clipped ...
+    full = dataset_to_display(ds).pixels
+    small = dataset_to_display(ds, min_side=128).pixels
+    block_means = full.reshape(128, 4, 128, 4).mean(axis=(1, 3))
+    assert np.abs(small - block_means).max() < 0.5  # ... never wrapped to black (a wrap is ~1.0)
+    assert np.abs(small - block_means).mean() < 0.05
+
+
 def test_cases_it_does_not_take_fall_back_to_the_full_decode(tmp_path: Path) -> None:
     ds = _j2k_dataset(_patch_pixels(600, 600, 10, 10, 50))
     assert decode_j2k_reduced(ds, 128).shape == (150, 150)
@@ -126,3 +148,43 @@ def test_a_broken_stream_still_gets_the_full_decoders_clear_error(tmp_path: Path
     assert decode_j2k_reduced(ds, 128) is None
     with pytest.raises(PixelError, match="cannot decode Pixel Data"):
         dataset_to_display(ds, source="broken.dcm", min_side=128)
+
+
+def test_viewer_first_view_decodes_reduced_and_a_zoom_decodes_in_full(tmp_path: Path) -> None:
+    from xray_triage.pipeline import render as R
+
+    rows, cols = 1200, 2400
+    gradient = np.linspace(300, 3000, cols)[None, :].repeat(rows, axis=0)
+    gradient[400:700, 1500:1800] = 4000  # something to see
+    path = tmp_path / "wide.dcm"
+    _j2k_dataset(gradient).save_as(path, enforce_file_format=True)
+    cache = R.ImageCache(2)
+
+    first = cache.get(path, source="wide", size=1024)
+    assert first.decoded_shape == (600, 1200) and first.shape == (rows, cols)  # half size covers 1024 x 512
+    assert R.windows_info(first)["rows"] == rows and R.windows_info(first)["columns"] == cols
+    full = R.load_image(path)  # no size: always in full
+    assert full.decoded_shape == (rows, cols)
+    a = np.asarray(Image.open(io.BytesIO(R.render(first, size=1024, fmt="png").data)), dtype=np.float64)
+    b = np.asarray(Image.open(io.BytesIO(R.render(full, size=1024, fmt="png").data)), dtype=np.float64)
+    assert a.shape == b.shape == (512, 1024)
+    # The same picture. Not identical: at the patch's one-pixel 1000-unit step (far sharper than
+    # anatomy) the wavelet low-pass overshoots, which widens the min/max window by ~2.5 %.
+    diff = np.abs(a - b)
+    assert diff.mean() < 4.0 and np.percentile(diff, 99) < 10.0, (diff.mean(), np.percentile(diff, 99))
+    with pytest.raises(ValueError, match="needs more than"):
+        R.render(first, size=cols)  # never an upscaled reduced decode
+
+    zoomed = cache.get(path, source="wide", size=cols)
+    assert zoomed is not first and zoomed.decoded_shape == (rows, cols)
+    assert zoomed.presets == first.presets and zoomed.value_range == first.value_range  # no jump on zoom
+    assert cache.get(path, source="wide", size=1024) is zoomed  # the full decode serves every size now
+
+
+@pytest.mark.skipif(not SHARED_J2K.is_file(), reason="shared DICOM files not found")
+def test_viewer_decodes_other_syntaxes_in_full_whatever_the_size() -> None:
+    from xray_triage.pipeline import render as R
+
+    jpeg_ls = SHARED_J2K.parent / "dev_08_dx_pa_2800px_jpegls.dcm"
+    image = R.ImageCache(1).get(jpeg_ls, size=64)
+    assert image.decoded_shape == image.shape == (2800, 2800)

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     j2k_reduced_decode: bool = Field(
         True,
         description="decode JPEG 2000 images for the model only down to the resolution it needs "
-        "(twice its input size; a 2800 px detector image ~15x faster); the web viewer always decodes in full",
+        "(twice its input size; a 2800 px detector image ~10x faster). The viewer's first view always does so",
     )
     triage_modalities: list[str] = Field(["CR", "DX"])
     triage_body_parts: list[str] = Field(["CHEST"])

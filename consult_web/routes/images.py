@@ -40,14 +40,19 @@ router = APIRouter()
 CACHE_CONTROL = "private, max-age=3600"
 
 
-def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str) -> LoadedImage:
-    """The decoded image if the user may see it: 404 otherwise, 422 when it cannot be decoded."""
+def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: int) -> LoadedImage:
+    """The decoded image, good for pictures up to ``size`` px, if the user may see it.
+
+    404 when the user may not, 422 when it cannot be decoded.
+    """
     with request.app.state.db.read_session() as session:
         _study, instance = visible_instance(session, user, study_uid, sop_uid)
         file_path = instance.file_path
     settings = request.app.state.settings
     try:
-        return image_cache(settings.render_cache_images).get(Path(settings.data_dir) / file_path, source="image")
+        return image_cache(settings.render_cache_images).get(
+            Path(settings.data_dir) / file_path, source="image", size=size
+        )
     except PixelError as exc:
         log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": str(exc)})
         raise HTTPException(status_code=422, detail=f"the image cannot be displayed: {exc}") from exc
@@ -67,9 +72,10 @@ def render_image(
 ) -> Response:
     """The image as an 8-bit JPEG/PNG; ``size`` is clamped to [64, source size]."""
     started = time.perf_counter()
-    image = _load(request, user, study_uid, sop_uid)
+    size = max(size, MIN_SIZE)
+    image = _load(request, user, study_uid, sop_uid, size)
     try:
-        picture = render(image, wc=wc, ww=ww, preset=preset, size=max(size, MIN_SIZE), fmt=format)
+        picture = render(image, wc=wc, ww=ww, preset=preset, size=size, fmt=format)
     except RenderError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
     log.debug(
@@ -90,4 +96,4 @@ def image_windows(
     request: Request, study_uid: str, sop_uid: str, user: AuthUser = Depends(current_user)
 ) -> dict[str, Any]:
     """The window presets (``dicom``, ``lung``, ``mediastinum``, ``bone``) in Modality-LUT units."""
-    return windows_info(_load(request, user, study_uid, sop_uid))
+    return windows_info(_load(request, user, study_uid, sop_uid, DEFAULT_SIZE))  # the first view's decode

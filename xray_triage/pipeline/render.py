@@ -10,6 +10,13 @@ Decoding a large radiograph takes a noticeable fraction of a second, and a
 viewer asks for the same image many times while the user changes the window or
 zooms, so decoded images are kept in a small thread-safe LRU cache
 (``settings.render_cache_images`` images) and so are their down-scaled copies.
+
+A JPEG 2000 image is first decoded only down to the resolution the requested
+picture needs (a 2800 px detector image at half size for the 1024 px first view,
+~4x less decode time); a zoom that needs more decodes it in full and replaces the
+cached copy, keeping the window presets worked out on the first decode so the
+picture does not change brightness on zoom. Other transfer syntaxes are always
+decoded in full.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from xray_triage.pipeline.pixels import (
     decode_modality_values,
     modality_values_to_display,
     read_dicom,
+    stored_shape,
 )
 
 log = logging.getLogger(__name__)
@@ -83,16 +91,29 @@ class LoadedImage:
     dicom_voi: str  # "window", "voi_lut" or "minmax": what the "dicom" preset applies
     presets: dict[str, Window]
     value_range: tuple[float, float]
+    source_shape: tuple[int, int] | None = None  # the stored size when ``values`` is a reduced decode
     _scaled: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
+        """Rows, columns of the stored image: the geometry the viewer and annotations use."""
+        return self.source_shape or self.decoded_shape
+
+    @property
+    def decoded_shape(self) -> tuple[int, int]:
         return int(self.values.shape[0]), int(self.values.shape[1])
+
+    def covers(self, rows: int, cols: int) -> bool:
+        """Whether a rows x cols picture can be made without upscaling a reduced decode."""
+        decoded = self.decoded_shape
+        return decoded == self.shape or (rows <= decoded[0] and cols <= decoded[1])
 
     def scaled(self, rows: int, cols: int) -> np.ndarray:
         """The values resized to rows x cols (antialiased), cached for repeated windowing."""
-        if (rows, cols) == self.shape:
+        if not self.covers(rows, cols):
+            raise ValueError(f"a {rows}x{cols} picture needs more than the {self.decoded_shape} decode")
+        if (rows, cols) == self.decoded_shape:
             return self.values
         with self._lock:
             hit = self._scaled.get((rows, cols))
@@ -123,27 +144,40 @@ class Rendered:
     window: str  # e.g. "preset:lung" or "wc=..,ww=.."
 
 
-def load_image(path: Path, *, source: str = "") -> LoadedImage:
+def load_image(
+    path: Path, *, source: str = "", size: int | None = None, presets_from: LoadedImage | None = None
+) -> LoadedImage:
     """Decode ``path`` through the model's pixel pipeline and work out its window presets.
 
+    ``size``: the longest side of the largest picture wanted; a JPEG 2000 image is then
+    decoded only down to the resolution that covers it (None: in full). ``presets_from``:
+    an earlier decode of the same file whose presets and value range are kept.
     Raises ``PixelError`` (with a message fit for the user) when the file cannot be read.
     """
     label = source or path.name
     ds = read_dicom(path, source=label)
-    values = decode_modality_values(ds, source=label)
+    min_side = 0
+    if size is not None and ds.get("Rows") and ds.get("Columns"):
+        min_side = min(output_shape_for((int(ds.Rows), int(ds.Columns)), size))
+    values = decode_modality_values(ds, source=label, min_side=min_side)
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)  # keep only the header in memory
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    lo, hi = float(values.min()), float(values.max())
-    presets, dicom_voi = _presets(values, ds, photometric, (lo, hi))
+    source_shape = stored_shape(ds, values)
+    if presets_from is not None:
+        presets, dicom_voi, value_range = presets_from.presets, presets_from.dicom_voi, presets_from.value_range
+    else:
+        value_range = (float(values.min()), float(values.max()))
+        presets, dicom_voi = _presets(values, ds, photometric, value_range)
     return LoadedImage(
         values=values,
         header=ds,
         photometric=photometric,
         dicom_voi=dicom_voi,
         presets=presets,
-        value_range=(lo, hi),
+        value_range=value_range,
+        source_shape=source_shape if source_shape != values.shape[:2] else None,
     )
 
 
@@ -213,7 +247,12 @@ def resolve_window(
 
 def output_shape(image: LoadedImage, size: int) -> tuple[int, int]:
     """Rows, columns for a longest side of ``size``, clamped to [MIN_SIZE, source size]."""
-    rows, cols = image.shape
+    return output_shape_for(image.shape, size)
+
+
+def output_shape_for(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """``output_shape`` for an image of ``shape`` (rows, columns)."""
+    rows, cols = shape
     longest = max(rows, cols)
     target = min(max(int(size), MIN_SIZE), longest)
     scale = target / longest
@@ -283,24 +322,26 @@ class ImageCache:
         self._loading: dict[tuple[str, int, int], threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path, *, source: str = "") -> LoadedImage:
+    def get(self, path: Path, *, source: str = "", size: int | None = None) -> LoadedImage:
+        """The decoded image, good for pictures up to ``size`` px on the longest side (None: any)."""
         try:
             stat = path.stat()
         except FileNotFoundError as exc:
             raise PixelError(f"{source or path.name}: the stored DICOM file is missing on the server") from exc
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if self.capacity <= 0:
-            return load_image(path, source=source)
+            return load_image(path, source=source, size=size)
         with self._lock:
-            if (hit := self._lookup(key)) is not None:
+            if (hit := self._lookup(key, size)) is not None:
                 return hit
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
-                if (hit := self._lookup(key)) is not None:
+                if (hit := self._lookup(key, size)) is not None:
                     return hit
+                coarser = self._images.get(key)  # a reduced decode too small for this picture
             try:
-                image = load_image(path, source=source)
+                image = load_image(path, source=source, size=size, presets_from=coarser)
             except BaseException:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -312,10 +353,14 @@ class ImageCache:
                     self._images.popitem(last=False)
         return image
 
-    def _lookup(self, key: tuple[str, int, int]) -> LoadedImage | None:
+    def _lookup(self, key: tuple[str, int, int], size: int | None) -> LoadedImage | None:
         image = self._images.get(key)
-        if image is not None:
-            self._images.move_to_end(key)
+        if image is None:
+            return None
+        wanted = image.shape if size is None else output_shape(image, size)
+        if not image.covers(*wanted):
+            return None
+        self._images.move_to_end(key)
         return image
 
     def clear(self) -> None:
