@@ -188,3 +188,26 @@ def test_viewer_decodes_other_syntaxes_in_full_whatever_the_size() -> None:
     jpeg_ls = SHARED_J2K.parent / "dev_08_dx_pa_2800px_jpegls.dcm"
     image = R.ImageCache(1).get(jpeg_ls, size=64)
     assert image.decoded_shape == image.shape == (2800, 2800)
+
+
+def test_models_evaluate_decodes_as_the_server_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``models evaluate`` follows ``j2k_reduced_decode``, so it measures what the server would do."""
+    from xray_triage.cli import main
+    from xray_triage.evaluation import evaluate as E
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for n, level in enumerate((600, 3000)):
+        _j2k_dataset(_patch_pixels(600, 600, 10, 10, 50) * 0 + level).save_as(
+            data / "images" / f"x{n}.dcm", enforce_file_format=True
+        )
+    (data / "labels.csv").write_text("file,finding_labels,abnormal\nx0.dcm,No Finding,0\nx1.dcm,Effusion,1\n")
+    model = write_tiny_model_dir(tmp_path / "model").parent
+    seen: list[int] = []
+    real = E.read_any_display
+    monkeypatch.setattr(E, "read_any_display", lambda path, *, min_side=0: seen.append(min_side) or real(path, min_side=min_side))
+    assert main(["models", "evaluate", "--model", str(model), "--data", str(data), "--bootstrap", "20"]) == 0
+    assert seen == [128, 128]  # the tiny model's 64 px input, times two
+    monkeypatch.setenv("XRAY_TRIAGE_J2K_REDUCED_DECODE", "false")
+    assert main(["models", "evaluate", "--model", str(model), "--data", str(data), "--bootstrap", "20"]) == 0
+    assert seen[2:] == [0, 0]

@@ -223,7 +223,9 @@ def cmd_models_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args, model_dir=args.model)
     runner = ModelRunner(load_card(settings.model_dir), providers=settings.providers)
     try:
-        result = evaluate(runner, args.data, n_boot=args.bootstrap, seed=args.seed)
+        result = evaluate(
+            runner, args.data, n_boot=args.bootstrap, seed=args.seed, reduced_decode=settings.j2k_reduced_decode
+        )
     except (EvaluationError, PixelError, OSError) as exc:
         raise CliError(str(exc)) from exc
     if args.json:

@@ -202,9 +202,15 @@ def check_boxes(
 
 
 def predict_set(
-    runner: ModelRunner, data_dir: Path, images: list[LabelledImage], progress: Callable[[int, int], None]
+    runner: ModelRunner,
+    data_dir: Path,
+    images: list[LabelledImage],
+    progress: Callable[[int, int], None],
+    *,
+    reduced_decode: bool = True,
 ) -> Predictions:
     card = runner.card
+    min_side = decode_min_side(card.input) if reduced_decode else 0  # JPEG 2000, as the server decodes
     model_labels = {normalise_label(label): label for label in card.labels}
     probabilities, abnormal_scores = [], []
     own_checks: list[BoxCheck] = []
@@ -213,7 +219,7 @@ def predict_set(
         path = data_dir / "images" / image.file
         if not path.exists():
             path = data_dir / image.file
-        display = read_any_display(path, min_side=decode_min_side(card.input))  # as the server decodes
+        display = read_any_display(path, min_side=min_side)
         out = runner.run(to_model_input(display.pixels, card.input)[None])
         probs = out.probabilities[0]
         probabilities.append(probs)
@@ -313,8 +319,15 @@ def summarise(
 
 
 def evaluate(
-    runner: ModelRunner, data_dir: Path, *, n_boot: int = 1000, seed: int = 0, show_progress: bool = True
+    runner: ModelRunner,
+    data_dir: Path,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    show_progress: bool = True,
+    reduced_decode: bool = True,
 ) -> dict[str, Any]:
+    """Everything ``models evaluate`` reports; ``reduced_decode``: the ``j2k_reduced_decode`` setting."""
     data_dir = Path(data_dir)
     images = read_labelled_set(data_dir)
 
@@ -322,7 +335,7 @@ def evaluate(
         if show_progress and (done % 20 == 0 or done == total):
             print(f"  evaluated {done}/{total} images", file=sys.stderr, flush=True)
 
-    preds = predict_set(runner, data_dir, images, progress)
+    preds = predict_set(runner, data_dir, images, progress, reduced_decode=reduced_decode)
     result = summarise(runner.card, images, preds, n_boot=n_boot, seed=seed)
     labels_csv = data_dir / "labels.csv"
     result["data"] = {
