@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api
+from consult_web.errors import LocalizedError
 from consult_web.i18n import translate
 from consult_web.templating import render, request_language
 from xray_triage import __version__
@@ -98,6 +99,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "error.generic"
         )
         detail = exc.detail if isinstance(exc.detail, str) else ""
+        if isinstance(exc, LocalizedError):
+            message = exc.message(request_language(request))
+            if is_api(request):  # English detail for programs, the user's language for the page's scripts
+                response = JSONResponse({"detail": detail, "message": message}, status_code=exc.status_code)
+                response.headers.update(exc.headers or {})
+                return response
+            detail = message
         response = _error(request, exc.status_code, key, detail)
         if exc.headers:
             response.headers.update(exc.headers)

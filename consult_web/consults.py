@@ -12,10 +12,10 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from consult_web.errors import LocalizedError
 from xray_triage.store.consult_schema import (
     CONCLUSIONS,
     CONSULT_ANSWERED,
@@ -36,16 +36,13 @@ MAX_QUESTION = 4000
 MAX_MESSAGE = 8000
 
 
-def _forbidden(reason: str) -> HTTPException:
-    return HTTPException(status_code=403, detail=reason)
-
-
 def _clean_text(text: str, limit: int, what: str) -> str:
+    """``what`` is "question" or "reply" (it picks the message)."""
     text = text.replace("\r\n", "\n").strip()
     if not text:
-        raise HTTPException(status_code=400, detail=f"{what} is empty")
+        raise LocalizedError(400, f"usererror.{what}_empty")
     if len(text) > limit:
-        raise HTTPException(status_code=400, detail=f"{what} is longer than {limit} characters")
+        raise LocalizedError(400, f"usererror.{what}_too_long", limit=limit)
     return text
 
 
@@ -65,11 +62,11 @@ def consults_of(session: Session, study: Study) -> list[Consult]:
 
 def request_consult(session: Session, user: AuthUser, study: Study, question: str, urgency: str) -> Consult:
     if user.role not in (ROLE_STATION, ROLE_ADMIN):
-        raise _forbidden("only station doctors request consults")
+        raise LocalizedError(403, "usererror.only_station_requests")
     if urgency not in URGENCIES:
-        raise HTTPException(status_code=400, detail=f"urgency must be one of {', '.join(URGENCIES)}")
+        raise LocalizedError(400, "usererror.urgency_invalid", choices=", ".join(URGENCIES))
     if open_consult(session, study) is not None:
-        raise HTTPException(status_code=409, detail="this study already has an open consult")
+        raise LocalizedError(409, "usererror.consult_open_exists")
     consult = Consult(
         study_id=study.id,
         requested_by_id=user.id,
@@ -84,11 +81,11 @@ def request_consult(session: Session, user: AuthUser, study: Study, question: st
 
 def claim(session: Session, user: AuthUser, consult: Consult) -> None:
     if not is_specialist(user):
-        raise _forbidden("only specialists claim consults")
+        raise LocalizedError(403, "usererror.only_specialist_claims")
     if consult.status == CONSULT_CLOSED:
-        raise HTTPException(status_code=409, detail="this consult is closed")
+        raise LocalizedError(409, "usererror.consult_closed")
     if consult.claimed_by_id not in (None, user.id):
-        raise HTTPException(status_code=409, detail="another specialist has claimed this consult")
+        raise LocalizedError(409, "usererror.consult_claimed")
     consult.claimed_by_id = user.id
     if consult.status == CONSULT_REQUESTED:
         consult.status = CONSULT_IN_REVIEW
@@ -97,7 +94,7 @@ def claim(session: Session, user: AuthUser, consult: Consult) -> None:
 
 def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> ConsultMessage:
     if consult.status == CONSULT_CLOSED:
-        raise HTTPException(status_code=409, detail="this consult is closed")
+        raise LocalizedError(409, "usererror.consult_closed")
     message = ConsultMessage(consult_id=consult.id, author_id=user.id, body=_clean_text(body, MAX_MESSAGE, "reply"))
     session.add(message)
     if is_specialist(user):
@@ -112,11 +109,11 @@ def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> Cons
 
 def conclude(session: Session, user: AuthUser, consult: Consult, conclusion: str) -> None:
     if not is_specialist(user):
-        raise _forbidden("only specialists set the conclusion")
+        raise LocalizedError(403, "usererror.only_specialist_concludes")
     if conclusion not in CONCLUSIONS:
-        raise HTTPException(status_code=400, detail=f"conclusion must be one of {', '.join(CONCLUSIONS)}")
+        raise LocalizedError(400, "usererror.conclusion_invalid", choices=", ".join(CONCLUSIONS))
     if consult.status == CONSULT_CLOSED:
-        raise HTTPException(status_code=409, detail="this consult is closed")
+        raise LocalizedError(409, "usererror.consult_closed")
     consult.conclusion = conclusion
     consult.claimed_by_id = consult.claimed_by_id or user.id
     consult.status = CONSULT_ANSWERED

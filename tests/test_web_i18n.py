@@ -97,3 +97,41 @@ def test_users_set_their_own_time_zone(tmp_path: Path) -> None:
     assert client.post("/settings", data={"timezone": "Europe/Paris"}).status_code == 403  # CSRF
     ok = client.post("/settings", data={"timezone": "Europe/Paris", "csrf_token": csrf}, follow_redirects=True)
     assert ok.status_code == 200 and 'id="settings-saved"' in ok.text and 'value="Europe/Paris"' in ok.text
+
+
+SOURCES = Path(__file__).resolve().parents[1] / "consult_web"
+
+
+def test_every_user_error_has_both_languages() -> None:
+    """``LocalizedError`` keys in the code (literal or f-string prefix) exist in both catalogs."""
+    vi, en = catalog("vi"), catalog("en")
+    used: set[str] = set()
+    for source in SOURCES.rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        used |= set(re.findall(r'LocalizedError\(\s*\d+,\s*"(usererror\.[a-z_]+)"', text))
+        for prefix, suffix in re.findall(r'LocalizedError\(\s*\d+,\s*f"(usererror\.)\{what\}(_[a-z_]+)"', text):
+            used |= {f"{prefix}{what}{suffix}" for what in ("question", "reply")}
+    assert len(used) >= 15, used
+    assert not sorted(k for k in used if k not in en or k not in vi)
+
+
+def test_errors_a_user_can_act_on_are_in_their_language(tmp_path: Path) -> None:
+    from consult_web.errors import LocalizedError
+
+    env = make_web_env(tmp_path)
+    add_user_row(env, "bacsi", "specialist", language="vi")
+    add_user_row(env, "doctor", "specialist", language="en")
+    vi_client, _ = client_for(env, "bacsi")
+    en_client, _ = client_for(env, "doctor")
+    page = vi_client.get("/worklist", params={"date_from": "2026-13-40"})
+    assert page.status_code == 400 and "cần ngày dạng YYYY-MM-DD" in page.text and "2026-13-40" in page.text
+    page = en_client.get("/worklist", params={"date_from": "2026-13-40"})
+    assert page.status_code == 400 and "expected a date YYYY-MM-DD" in page.text
+
+    def closed() -> None:
+        raise LocalizedError(409, "usererror.consult_closed")
+
+    env.app.add_api_route("/api/test-closed", closed)
+    answer = vi_client.get("/api/test-closed")  # JSON: English detail for programs, the user's message for scripts
+    assert answer.status_code == 409
+    assert answer.json() == {"detail": "This consult is closed.", "message": "Hội chẩn này đã đóng."}

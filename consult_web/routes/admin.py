@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from consult_web.audit import audit
 from consult_web.auth import require_admin
+from consult_web.errors import LocalizedError
 from consult_web.templating import render
 from xray_triage.store.consult_schema import ROLES, AuditEvent
 from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
@@ -63,7 +64,7 @@ def admin_disable_user(
     request: Request, username: str, disabled: bool = Form(...), admin: AuthUser = Depends(require_admin)
 ) -> Response:
     if username == admin.username and disabled:
-        raise HTTPException(status_code=400, detail="you cannot disable yourself")
+        raise LocalizedError(400, "usererror.cannot_disable_self")
     try:
         with request.app.state.db.session() as session:
             set_disabled(session, username, disabled)
@@ -94,6 +95,6 @@ def admin_add_station(
 def admin_remove_station(request: Request, ae_title: str, admin: AuthUser = Depends(require_admin)) -> Response:
     with request.app.state.db.session() as session:
         if not remove_station(session, ae_title):
-            raise HTTPException(status_code=404, detail=f"no station {ae_title!r}")
+            raise LocalizedError(404, "usererror.no_station", ae_title=repr(ae_title))
         audit(session, admin, "station.remove", request=request, target=ae_title)
     return RedirectResponse("/admin#stations", status_code=303)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, selectinload
 from consult_web.access import can_see, visible_instance, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
+from consult_web.errors import LocalizedError
 from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION, Annotation
 from xray_triage.store.schema import Instance, Study, utcnow
 from xray_triage.store.users import AuthUser
@@ -227,7 +228,7 @@ def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tup
     if annotation is None or study is None or not can_see(user, study):
         raise HTTPException(status_code=404, detail="annotation not found")
     if annotation.author_id != user.id:
-        raise HTTPException(status_code=403, detail="only the author may change or delete this annotation")
+        raise LocalizedError(403, "usererror.annotation_not_author")
     instance = session.get(Instance, annotation.instance_id)
     if instance is None:
         raise HTTPException(status_code=404, detail="annotation not found")
@@ -248,7 +249,7 @@ def create_annotation(
     with request.app.state.db.session() as session:
         study, instance = visible_instance(session, user, study_uid, body.instance_uid)
         if not can_annotate(user, study):
-            raise HTTPException(status_code=403, detail="you may not annotate this study")
+            raise LocalizedError(403, "usererror.annotation_forbidden")
         check_bounds(parse_geometry(body.kind, body.geometry), instance)
         now = utcnow()
         annotation = Annotation(
@@ -287,7 +288,7 @@ def update_annotation(
             annotation.geometry = geometry_json(shape)
         if body.label is not None:
             if annotation.kind == "text" and not body.label.strip():
-                raise HTTPException(status_code=422, detail="a text mark needs a non-empty label")
+                raise LocalizedError(422, "usererror.text_mark_label")
             annotation.label = body.label
         if body.color is not None:
             annotation.color = body.color.lower()

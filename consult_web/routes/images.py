@@ -19,6 +19,7 @@ from fastapi.responses import Response
 
 from consult_web.access import visible_instance
 from consult_web.auth import current_user
+from consult_web.errors import LocalizedError
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.pipeline.render import (
     DEFAULT_SIZE,
@@ -55,7 +56,7 @@ def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: 
         )
     except PixelError as exc:
         log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": str(exc)})
-        raise HTTPException(status_code=422, detail=f"the image cannot be displayed: {exc}") from exc
+        raise LocalizedError(422, "usererror.image_not_displayable", error=str(exc)) from exc
 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/render")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import date
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
 from consult_web.auth import current_user
+from consult_web.errors import LocalizedError
 from consult_web.templating import render
 from consult_web.worklist import NO_CONSULT, WorklistFilters, known_findings, query_worklist
 from xray_triage.store.consult_schema import CONSULT_STATUSES, ROLE_STATION
@@ -25,7 +26,7 @@ def _date(value: str, name: str) -> date | None:
     try:
         return date.fromisoformat(value)
     except ValueError as exc:
-        raise HTTPException(status_code=400, detail=f"{name}: expected a date YYYY-MM-DD, got {value[:20]!r}") from exc
+        raise LocalizedError(400, "usererror.bad_date", name=name, value=repr(value[:20])) from exc
 
 
 def parse_filters(
@@ -49,8 +50,8 @@ def parse_filters(
 @router.get("/worklist")
 def worklist_page(
     request: Request,
+    user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
     filters: WorklistFilters = Depends(parse_filters),
-    user: AuthUser = Depends(current_user),
 ) -> HTMLResponse:
     with request.app.state.db.read_session() as session:
         rows = query_worklist(session, user, filters)
@@ -74,8 +75,8 @@ def worklist_page(
 @router.get("/worklist/rows")
 def worklist_rows(
     request: Request,
+    user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
     filters: WorklistFilters = Depends(parse_filters),
-    user: AuthUser = Depends(current_user),
 ) -> HTMLResponse:
     with request.app.state.db.read_session() as session:
         rows = query_worklist(session, user, filters)

@@ -207,7 +207,7 @@
       .then((res) => {
         if (img !== state.img) return;
         if (!res.ok) {
-          status(t("viewer.render_error") + " " + (res.body.detail || ""), true);
+          status(res.body.message || t("viewer.render_error") + " " + (res.body.detail || ""), true);
           return;
         }
         state.windows = res.body;
@@ -521,7 +521,7 @@
     }).then((r) => {
       if (r.status === 204) return null;
       return r.json().catch(() => ({})).then((data) => {
-        if (!r.ok) throw new Error(data.detail || String(r.status));
+        if (!r.ok) throw new Error(data.message || data.detail || String(r.status)); // message: in the user's language
         return data;
       });
     });
