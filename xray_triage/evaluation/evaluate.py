@@ -41,7 +41,7 @@ from xray_triage.inference.card import ModelCard
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.pipeline.pixels import read_any_display
 from xray_triage.pipeline.preprocess import decode_min_side, to_model_input
-from xray_triage.triage.heatmaps import heatmap_records, peak_in_source
+from xray_triage.triage.heatmaps import cell_centre, heatmap_records, peak_in_source
 from xray_triage.triage.scoring import score
 
 # NIH's box file says "Infiltrate" where its label file says "Infiltration".
@@ -186,12 +186,7 @@ def check_boxes(
     record = heatmap_records(heatmaps, card.labels, [label], source_shape, card.input)[label]
     row, col = peak_in_source(record)
     grid_h, grid_w = np.asarray(record["grid"]).shape
-    top, left, height, width = record["box"]
-    centres = [
-        (top + (i + 0.5) * height / grid_h, left + (j + 0.5) * width / grid_w)
-        for i in range(grid_h)
-        for j in range(grid_w)
-    ]
+    centres = [cell_centre(record, i, j) for i in range(grid_h) for j in range(grid_w)]
     inside = sum(any(b.contains(r, c) for b in boxes) for r, c in centres)
     return BoxCheck(
         box_label=boxes[0].label,

@@ -91,7 +91,7 @@ class LoadedImage:
     dicom_voi: str  # "window", "voi_lut" or "minmax": what the "dicom" preset applies
     presets: dict[str, Window]
     value_range: tuple[float, float]
-    source_shape: tuple[int, int] | None = None  # the stored size when ``values`` is a reduced decode
+    source_shape: tuple[int, int] | None = None  # the stored size (``values`` may be a reduced decode)
     _scaled: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -164,7 +164,6 @@ def load_image(
         if keyword in ds:
             delattr(ds, keyword)  # keep only the header in memory
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    source_shape = stored_shape(ds, values)
     if presets_from is not None:
         presets, dicom_voi, value_range = presets_from.presets, presets_from.dicom_voi, presets_from.value_range
     else:
@@ -177,7 +176,7 @@ def load_image(
         dicom_voi=dicom_voi,
         presets=presets,
         value_range=value_range,
-        source_shape=source_shape if source_shape != values.shape[:2] else None,
+        source_shape=stored_shape(ds, values),
     )
 
 

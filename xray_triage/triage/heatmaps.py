@@ -42,9 +42,15 @@ def heatmap_records(
     return records
 
 
+def cell_centre(record: dict[str, Any], i: int, j: int) -> tuple[float, float]:
+    """Row, column (source pixels) of the centre of grid cell (i, j)."""
+    rows, cols = np.asarray(record["grid"]).shape
+    top, left, height, width = record["box"]
+    return top + (i + 0.5) * height / rows, left + (j + 0.5) * width / cols
+
+
 def peak_in_source(record: dict[str, Any]) -> tuple[float, float]:
     """Row, column (source pixels) of the centre of the hottest grid cell."""
     grid = np.asarray(record["grid"])
     i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    top, left, height, width = record["box"]
-    return top + (i + 0.5) * height / grid.shape[0], left + (j + 0.5) * width / grid.shape[1]
+    return cell_centre(record, int(i), int(j))
