@@ -161,7 +161,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failures = 0
     for file in args.files:
         try:
-            analysis = analyze_file(Path(file), runner, reduced_decode=settings.j2k_reduced_decode)
+            analysis = analyze_file(
+                Path(file), runner, reduced_decode=settings.j2k_reduced_decode, max_frame_pixels=settings.max_frame_pixels
+            )
         except (PixelError, OSError) as exc:
             failures += 1
             record = {"file": file, "error": str(exc)}

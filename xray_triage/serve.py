@@ -94,6 +94,7 @@ def run_server(settings: Settings) -> int:
         count=settings.triage_workers,
         max_attempts=settings.max_job_attempts,
         reduced_decode=settings.j2k_reduced_decode,
+        max_frame_pixels=settings.max_frame_pixels,
     )
     workers.start()
     ingestor = Ingestor(

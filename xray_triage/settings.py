@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         description="decode JPEG 2000 images for the model only down to the resolution it needs "
         "(twice its input size; a 2800 px detector image ~10x faster). The viewer's first view always does so",
     )
+    max_frame_megapixels: float = Field(
+        64.0,
+        gt=0,
+        description="largest image (Rows x Columns, in millions of pixels) the worker and the viewer decode; "
+        "a larger one (or a compressed stream declaring one) is stored but never decoded: triage fails with "
+        "that reason and the viewer says so. 64 = 8000 x 8000",
+    )
     triage_modalities: list[str] = Field(["CR", "DX"])
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
@@ -107,6 +114,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'xray-triage.db').resolve()}"
+
+    @property
+    def max_frame_pixels(self) -> int:
+        """``max_frame_megapixels`` in pixels."""
+        return int(self.max_frame_megapixels * 1_000_000)
 
     @property
     def dicom_dir(self) -> Path:

@@ -51,7 +51,7 @@ def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: 
         file_path = instance.file_path
     settings = request.app.state.settings
     try:
-        return image_cache(settings.render_cache_images).get(
+        return image_cache(settings.render_cache_images, settings.max_frame_pixels).get(
             Path(settings.data_dir) / file_path, source="image", size=size
         )
     except PixelError as exc:
@@ -79,6 +79,9 @@ def render_image(
         picture = render(image, wc=wc, ww=ww, preset=preset, size=size, fmt=format)
     except RenderError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from exc
+    except Exception as exc:  # an odd header that survived decoding must not become a 500
+        log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": f"{type(exc).__name__}: {exc}"})
+        raise LocalizedError(422, "usererror.image_not_displayable", error=f"image: {type(exc).__name__}") from exc
     log.debug(
         "rendered image",
         extra={"sop_uid": sop_uid, "bytes": len(picture.data), "ms": round(1000 * (time.perf_counter() - started))},

@@ -246,7 +246,7 @@
     if (!shown) return;
     const slope = shown.ww / next.ww;
     let intercept = (shown.wc - shown.ww / 2 - next.wc + next.ww / 2) / next.ww;
-    if (state.windows && state.windows.photometric === "MONOCHROME1") intercept = 1 - slope - intercept;
+    if (state.windows && state.windows.inverted) intercept = 1 - slope - intercept;
     document.querySelectorAll("#wl-preview feComponentTransfer > *").forEach((f) => {
       f.setAttribute("slope", slope.toFixed(4));
       f.setAttribute("intercept", intercept.toFixed(4));

@@ -1,10 +1,12 @@
 """Server-side rendering of a stored DICOM image for the web viewer.
 
 The viewer must show what the model saw, so rendering starts from the very values
-the triage pipeline computes (``pixels.decode_modality_values``: pydicom and its
-plugins, Bits Stored mask, Modality LUT); there is no second decoder. Windows are
-given in those Modality-LUT units (after Rescale Slope/Intercept), and
-MONOCHROME1 images are inverted *after* windowing so that bone is always bright.
+the triage pipeline computes (``pixels.decode_modality``: pydicom and its plugins,
+the sample bits located, Pixel Padding noted, Modality LUT); there is no second
+decoder. Windows are given in those Modality-LUT units (after Rescale Slope/Intercept),
+windows derived from the image (min/max, the presets) leave Pixel Padding out, and
+MONOCHROME1 images (and MONOCHROME2 with Presentation LUT Shape INVERSE) are inverted
+*after* windowing so that bone is always bright. A colour image is shown as its luminance.
 
 Decoding a large radiograph takes a noticeable fraction of a second, and a
 viewer asks for the same image many times while the user changes the window or
@@ -36,11 +38,14 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from xray_triage.pipeline.pixels import (
+    DEFAULT_MAX_FRAME_PIXELS,
     PixelError,
-    decode_modality_values,
+    colour_full_scale,
+    decode_modality,
     modality_values_to_display,
     read_dicom,
     stored_shape,
+    unpadded,
 )
 
 log = logging.getLogger(__name__)
@@ -88,10 +93,12 @@ class LoadedImage:
     values: np.ndarray  # float32 (rows, cols), Modality-LUT units
     header: Dataset  # the dataset without its Pixel Data, for the DICOM VOI
     photometric: str
-    dicom_voi: str  # "window", "voi_lut" or "minmax": what the "dicom" preset applies
+    dicom_voi: str  # "window", "voi_lut", "minmax" or "colour": what the "dicom" preset applies
     presets: dict[str, Window]
-    value_range: tuple[float, float]
+    value_range: tuple[float, float]  # min, max of the values that are not Pixel Padding
     source_shape: tuple[int, int] | None = None  # the stored size (``values`` may be a reduced decode)
+    inverted: bool = False  # low values bright: MONOCHROME1, or Presentation LUT Shape INVERSE
+    padding: np.ndarray | None = field(default=None, repr=False)  # Pixel Padding mask of ``values``
     _scaled: OrderedDict[tuple[int, int], np.ndarray] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -145,13 +152,19 @@ class Rendered:
 
 
 def load_image(
-    path: Path, *, source: str = "", size: int | None = None, presets_from: LoadedImage | None = None
+    path: Path,
+    *,
+    source: str = "",
+    size: int | None = None,
+    presets_from: LoadedImage | None = None,
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
 ) -> LoadedImage:
     """Decode ``path`` through the model's pixel pipeline and work out its window presets.
 
     ``size``: the longest side of the largest picture wanted; a JPEG 2000 image is then
     decoded only down to the resolution that covers it (None: in full). ``presets_from``:
     an earlier decode of the same file whose presets and value range are kept.
+    ``max_frame_pixels``: a larger image is refused before decoding.
     Raises ``PixelError`` (with a message fit for the user) when the file cannot be read.
     """
     label = source or path.name
@@ -159,16 +172,32 @@ def load_image(
     min_side = 0
     if size is not None and ds.get("Rows") and ds.get("Columns"):
         min_side = min(output_shape_for((int(ds.Rows), int(ds.Columns)), size))
-    values = decode_modality_values(ds, source=label, min_side=min_side)
+    decoded = decode_modality(ds, source=label, min_side=min_side, max_frame_pixels=max_frame_pixels)
+    values = decoded.values
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)  # keep only the header in memory
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    try:
+        return _loaded(values, ds, photometric, decoded.inverted, decoded.padding, presets_from)
+    except Exception as exc:  # presets on a degenerate image: one clear error, never a crash
+        raise PixelError(f"{label}: cannot work out display windows ({type(exc).__name__}: {exc})") from exc
+
+
+def _loaded(
+    values: np.ndarray,
+    ds: Dataset,
+    photometric: str,
+    inverted: bool,
+    padding: np.ndarray | None,
+    presets_from: LoadedImage | None,
+) -> LoadedImage:
     if presets_from is not None:
         presets, dicom_voi, value_range = presets_from.presets, presets_from.dicom_voi, presets_from.value_range
     else:
-        value_range = (float(values.min()), float(values.max()))
-        presets, dicom_voi = _presets(values, ds, photometric, value_range)
+        real = unpadded(values, padding)
+        value_range = (float(real.min()), float(real.max()))
+        presets, dicom_voi = _presets(real, ds, inverted, value_range)
     return LoadedImage(
         values=values,
         header=ds,
@@ -177,18 +206,23 @@ def load_image(
         presets=presets,
         value_range=value_range,
         source_shape=stored_shape(ds, values),
+        inverted=inverted,
+        padding=padding,
     )
 
 
 def _presets(
-    values: np.ndarray, ds: Dataset, photometric: str, value_range: tuple[float, float]
+    values: np.ndarray, ds: Dataset, inverted: bool, value_range: tuple[float, float]
 ) -> tuple[dict[str, Window], str]:
-    """The four presets as windows; the ``dicom`` one approximates a VOI LUT for display only."""
+    """The four presets as windows; the ``dicom`` one approximates a VOI LUT for display only.
+
+    ``values``: the image's values without Pixel Padding (2-D, or 1-D once padding is out).
+    """
     dicom_window, dicom_voi = _dicom_window(ds, value_range)
-    sample = values[::PERCENTILE_STEP, ::PERCENTILE_STEP].ravel()
+    sample = values[::PERCENTILE_STEP, ::PERCENTILE_STEP].ravel() if values.ndim == 2 else values[::PERCENTILE_STEP**2]
     presets = {"dicom": dicom_window}
     for name, (low_q, high_q) in PRESET_PERCENTILES.items():
-        if photometric == "MONOCHROME1":  # high values are dark on screen
+        if inverted:  # high values are dark on screen
             low_q, high_q = 100.0 - high_q, 100.0 - low_q
         lo, hi = (float(v) for v in np.percentile(sample, [low_q, high_q]))
         presets[name] = Window(center=(lo + hi) / 2, width=max(hi - lo, 1e-3))
@@ -196,9 +230,15 @@ def _presets(
 
 
 def _dicom_window(ds: Dataset, value_range: tuple[float, float]) -> tuple[Window, str]:
-    """The dataset's own first VOI (window, else VOI LUT input range), else the min/max."""
+    """The dataset's own first VOI (window, else VOI LUT input range), else the min/max.
+
+    A colour image has no VOI (PS3.3 C.11.2 is for grayscale): its full sample range.
+    """
     lo, hi = value_range
     minmax = Window(center=(lo + hi) / 2, width=max(hi - lo, 1e-3))
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() not in ("MONOCHROME1", "MONOCHROME2"):
+        top = colour_full_scale(ds)
+        return Window(center=top / 2, width=top), "colour"
     try:
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
             entries, first, _bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
@@ -259,14 +299,14 @@ def output_shape_for(shape: tuple[int, int], size: int) -> tuple[int, int]:
 
 
 def to_display(image: LoadedImage, window: Window | None, rows: int, cols: int) -> np.ndarray:
-    """Window the (scaled) values into [0, 1] with 1 = bright, MONOCHROME1 inverted after windowing."""
+    """Window the (scaled) values into [0, 1] with 1 = bright, inverted (MONOCHROME1, INVERSE) after windowing."""
     values = image.scaled(rows, cols)
     if window is None:
         display, _ = modality_values_to_display(values, image.header)
         return display
     low = window.center - window.width / 2
     display = np.clip((values - np.float32(low)) / np.float32(window.width), 0.0, 1.0)
-    if image.photometric == "MONOCHROME1":
+    if image.inverted:
         display = 1.0 - display
     return display.astype(np.float32, copy=False)
 
@@ -302,6 +342,7 @@ def windows_info(image: LoadedImage) -> dict[str, Any]:
         "rows": rows,
         "columns": cols,
         "photometric": image.photometric,
+        "inverted": image.inverted,
         "value_range": [round(image.value_range[0], 3), round(image.value_range[1], 3)],
         "dicom_voi": image.dicom_voi,
         "presets": {name: image.presets[name].as_dict() for name in PRESETS},
@@ -315,8 +356,9 @@ class ImageCache:
     starting their own (a viewer asks for the picture and its windows at the same time).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
         self.capacity = capacity
+        self.max_frame_pixels = max_frame_pixels
         self._images: OrderedDict[tuple[str, int, int], LoadedImage] = OrderedDict()
         self._loading: dict[tuple[str, int, int], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -329,7 +371,7 @@ class ImageCache:
             raise PixelError(f"{source or path.name}: the stored DICOM file is missing on the server") from exc
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if self.capacity <= 0:
-            return load_image(path, source=source, size=size)
+            return load_image(path, source=source, size=size, max_frame_pixels=self.max_frame_pixels)
         with self._lock:
             if (hit := self._lookup(key, size)) is not None:
                 return hit
@@ -340,7 +382,9 @@ class ImageCache:
                     return hit
                 coarser = self._images.get(key)  # a reduced decode too small for this picture
             try:
-                image = load_image(path, source=source, size=size, presets_from=coarser)
+                image = load_image(
+                    path, source=source, size=size, presets_from=coarser, max_frame_pixels=self.max_frame_pixels
+                )
             except BaseException:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -371,12 +415,12 @@ _cache: ImageCache | None = None
 _cache_lock = threading.Lock()
 
 
-def image_cache(capacity: int) -> ImageCache:
+def image_cache(capacity: int, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> ImageCache:
     """The process-wide cache, sized by ``settings.render_cache_images``."""
     global _cache
     with _cache_lock:
         if _cache is None:
-            _cache = ImageCache(capacity)
-        elif _cache.capacity != capacity:
-            _cache.capacity = capacity
+            _cache = ImageCache(capacity, max_frame_pixels)
+        _cache.capacity = capacity
+        _cache.max_frame_pixels = max_frame_pixels
         return _cache

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_triage.inference.runner import ModelRunner
-from xray_triage.pipeline.pixels import DisplayImage, read_any_display
+from xray_triage.pipeline.pixels import DEFAULT_MAX_FRAME_PIXELS, DisplayImage, read_any_display
 from xray_triage.pipeline.preprocess import decode_min_side, to_model_input
 from xray_triage.triage.heatmaps import heatmap_records
 from xray_triage.triage.scoring import Score, score
@@ -53,13 +53,21 @@ def analyze_display(image: DisplayImage, runner: ModelRunner, decode_ms: float) 
     )
 
 
-def analyze_file(path: Path, runner: ModelRunner, *, reduced_decode: bool = True) -> Analysis:
+def analyze_file(
+    path: Path,
+    runner: ModelRunner,
+    *,
+    reduced_decode: bool = True,
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+) -> Analysis:
     """Raise :class:`xray_triage.pipeline.pixels.PixelError` if the image cannot be read.
 
     ``reduced_decode`` (the ``j2k_reduced_decode`` setting) lets a JPEG 2000 image be
     decoded only down to the resolution the model needs (``preprocess.decode_min_side``).
+    ``max_frame_pixels`` (the ``max_frame_megapixels`` setting): a larger image is refused
+    before it is decoded.
     """
     start = time.perf_counter()
     min_side = decode_min_side(runner.card.input) if reduced_decode else 0
-    image = read_any_display(Path(path), min_side=min_side)
+    image = read_any_display(Path(path), min_side=min_side, max_frame_pixels=max_frame_pixels)
     return analyze_display(image, runner, _ms(start))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from xray_triage.inference.runner import ModelRunner
-from xray_triage.pipeline.pixels import PixelError
+from xray_triage.pipeline.pixels import DEFAULT_MAX_FRAME_PIXELS, PixelError
 from xray_triage.store.db import Database
 from xray_triage.triage import jobs
 from xray_triage.triage.analyze import analyze_file
@@ -33,9 +33,11 @@ class TriageWorkers:
         count: int = 1,
         max_attempts: int = 3,
         reduced_decode: bool = True,
+        max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
     ) -> None:
         self.db = db
         self.reduced_decode = reduced_decode
+        self.max_frame_pixels = max_frame_pixels
         self.runner = runner
         self.data_dir = data_dir
         self.count = count
@@ -88,7 +90,9 @@ class TriageWorkers:
             return False
         path = self.data_dir / job.file_path
         try:
-            analysis = analyze_file(path, self.runner, reduced_decode=self.reduced_decode)
+            analysis = analyze_file(
+                path, self.runner, reduced_decode=self.reduced_decode, max_frame_pixels=self.max_frame_pixels
+            )
         except PixelError as exc:
             jobs.fail(self.db, job, str(exc), permanent=True, max_attempts=self.max_attempts)
             log.warning("triage failed: image cannot be decoded", extra={"instance_id": job.instance_id, "error": str(exc)})
