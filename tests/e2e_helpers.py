@@ -255,13 +255,13 @@ class Uids:
 def read_uids(path: Path) -> Uids:
     import pydicom
 
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # force: raw data sets too
     return Uids(
         study=str(ds.StudyInstanceUID),
         series=str(ds.SeriesInstanceUID),
         sop=str(ds.SOPInstanceUID),
         sop_class=str(ds.SOPClassUID),
-        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")),
     )
 
 
