@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from web_helpers import login
 
 from e2e_helpers import SHARED_DICOM, Server, dataset_bytes, read_uids, store_ok
-from web_helpers import login
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,8 @@ def test_image_over_the_frame_limit_is_stored_but_never_decoded(
     assert dataset_bytes(server.data_dir / image["file_path"]) == dataset_bytes(path)
     response = browser.get(f"/studies/{uids.study}/images/{uids.sop}/render")
     assert response.status_code == 422, response.status_code
-    assert "megapixels" in response.text, response.text[:500]
+    assert "megapixels" in response.text, response.text[:500]  # the detail, naming the limit
+    assert "Ảnh quá lớn" in response.text, response.text[:500]  # said in the user's language (vi)
     assert "Traceback" not in response.text and str(server.data_dir) not in response.text
     # The job failed once, permanently: an image that is too large is not retried.
     assert "triage failed" in server.log()

@@ -261,8 +261,9 @@ def test_built_rgb_planar_configuration_1(tmp_path: Path) -> None:
 def test_inconsistent_samples_per_pixel_is_a_clear_error() -> None:
     ds = sample("dev_01_dx_pa_explicit_window")
     ds.PhotometricInterpretation = "RGB"  # but one sample per pixel
-    with pytest.raises(PixelError, match=r"\(0028,0002\).*\(0028,0004\)"):
+    with pytest.raises(PixelError, match=r"\(0028,0002\).*\(0028,0004\)") as error:
         dataset_to_display(ds, source="image 1")
+    assert error.value.kind == "unsupported"
 
 
 # -- 5. Invalid decimal strings ------------------------------------------------------------------
@@ -375,8 +376,9 @@ def test_predict_reads_a_raw_data_set(tmp_path: Path, tiny_model: Path) -> None:
 def test_declared_huge_image_is_refused_before_decoding() -> None:
     ds = sample("dev_07_dx_pa_utf8_name")
     ds.Rows = ds.Columns = 16000  # 256 megapixels declared; the pixel data is far too short
-    with pytest.raises(PixelError, match=r"16000 x 16000 pixels \(256 megapixels\).*not decoded"):
+    with pytest.raises(PixelError, match=r"16000 x 16000 pixels \(256 megapixels\).*not decoded") as error:
         dataset_to_display(ds, source="image 1")
+    assert error.value.kind == "too_large"
     with pytest.raises(PixelError, match="megapixels"):
         dataset_to_display(ds, source="image 1", max_frame_pixels=10**9 // 10)  # 100 MP limit: still over
 

@@ -10,6 +10,7 @@ import pytest
 from web_helpers import add_user_row, client_for, make_web_env
 
 from consult_web.i18n import LANGUAGES, catalog, format_age, format_datetime, translate
+from xray_triage.pipeline.pixels import PixelError
 from xray_triage.store.consult_schema import CONCLUSIONS, CONSULT_STATUSES, ROLES, URGENCIES
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
 
@@ -111,6 +112,8 @@ def test_every_user_error_has_both_languages() -> None:
         used |= set(re.findall(r'LocalizedError\(\s*\d+,\s*"(usererror\.[a-z_]+)"', text))
         for prefix, suffix in re.findall(r'LocalizedError\(\s*\d+,\s*f"(usererror\.)\{what\}(_[a-z_]+)"', text):
             used |= {f"{prefix}{what}{suffix}" for what in ("question", "reply")}
+        for prefix in re.findall(r'LocalizedError\(\s*\d+,\s*f"(usererror\.image_)\{exc\.kind\}"', text):
+            used |= {f"{prefix}{kind}" for kind in PixelError.KINDS}
     assert len(used) >= 15, used
     assert not sorted(k for k in used if k not in en or k not in vi)
 

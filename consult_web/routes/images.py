@@ -56,7 +56,7 @@ def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: 
         )
     except PixelError as exc:
         log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": str(exc)})
-        raise LocalizedError(422, "usererror.image_not_displayable", error=str(exc)) from exc
+        raise LocalizedError(422, f"usererror.image_{exc.kind}", error=str(exc)) from exc
 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/render")

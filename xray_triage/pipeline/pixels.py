@@ -79,7 +79,19 @@ BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class PixelError(ValueError):
-    """The image cannot be turned into pixels; the message names the image and says why and what to do."""
+    """The image cannot be turned into pixels; the message names the image and says why and what to do.
+
+    ``kind`` says which sort of failure it is, so that a user interface can say it in the
+    user's language: ``too_large`` (over ``max_frame_megapixels``), ``unsupported`` (a kind
+    of image or header the pipeline does not take) or ``unreadable`` (missing, broken or
+    inconsistent data).
+    """
+
+    KINDS = ("too_large", "unsupported", "unreadable")
+
+    def __init__(self, message: str, *, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind if kind in self.KINDS else "unreadable"
 
 
 @dataclass(frozen=True)
@@ -200,14 +212,16 @@ def _decode_modality(ds: Dataset, source: str, min_side: int, max_frame_pixels: 
     if photometric not in SUPPORTED_PHOTOMETRIC:
         raise PixelError(
             f"{source}: Photometric Interpretation (0028,0004) is {photometric or 'missing'!r}; "
-            "only MONOCHROME1/MONOCHROME2 radiographs and RGB/YBR/palette colour images can be shown"
+            "only MONOCHROME1/MONOCHROME2 radiographs and RGB/YBR/palette colour images can be shown",
+            kind="unsupported",
         )
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     expected_samples = COLOUR.get(photometric, 1)
     if samples != expected_samples:
         raise PixelError(
             f"{source}: Samples per Pixel (0028,0002) is {samples} but Photometric Interpretation "
-            f"(0028,0004) {photometric} needs {expected_samples}; the pixel data cannot be interpreted"
+            f"(0028,0004) {photometric} needs {expected_samples}; the pixel data cannot be interpreted",
+            kind="unsupported",
         )
     check_frame_size(ds, source=source, max_frame_pixels=max_frame_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -252,7 +266,8 @@ def _refuse_if_too_large(rows: int, cols: int, source: str, limit: int, what: st
         raise PixelError(
             f"{source}: {what}{cols} x {rows} pixels ({rows * cols / 1e6:.0f} megapixels), over the limit of "
             f"{limit / 1e6:g} megapixels per frame (setting max_frame_megapixels); the image was stored but "
-            "not decoded"
+            "not decoded",
+            kind="too_large",
         )
 
 
@@ -357,7 +372,8 @@ def locate_sample_bits(stored: np.ndarray, ds: Dataset, source: str) -> np.ndarr
         raise PixelError(
             f"{source}: High Bit (0028,0102) {high_bit} is impossible with Bits Stored (0028,0101) "
             f"{bits_stored} and Bits Allocated (0028,0100) {bits_allocated}; the pixel values cannot be located. "
-            "Ask the device's vendor to correct the header"
+            "Ask the device's vendor to correct the header",
+            kind="unsupported",
         )
     shift = _high_bit_shift(ds)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
@@ -365,7 +381,8 @@ def locate_sample_bits(stored: np.ndarray, ds: Dataset, source: str) -> np.ndarr
         if shift:
             raise PixelError(
                 f"{source}: signed pixel data with High Bit (0028,0102) {high_bit} above Bits Stored (0028,0101) "
-                f"- 1 = {bits_stored - 1} is not supported; the image was not decoded"
+                f"- 1 = {bits_stored - 1} is not supported; the image was not decoded",
+                kind="unsupported",
             )
         return stored
     if shift == 0 and bits_stored == bits_allocated:
