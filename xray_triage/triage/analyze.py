@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xray_triage.inference.runner import ModelRunner
-from xray_triage.pipeline.pixels import DisplayImage, read_any_display
+from xray_triage.pipeline.pixels import (
+    IMAGE_SUFFIXES,
+    DisplayImage,
+    dataset_to_display,
+    read_any_display,
+    read_dicom,
+)
 from xray_triage.pipeline.preprocess import decode_min_side, to_model_input
 from xray_triage.triage.heatmaps import heatmap_records
 from xray_triage.triage.scoring import Score, score
@@ -53,13 +59,19 @@ def analyze_display(image: DisplayImage, runner: ModelRunner, decode_ms: float) 
     )
 
 
-def analyze_file(path: Path, runner: ModelRunner, *, reduced_decode: bool = True) -> Analysis:
+def analyze_file(path: Path, runner: ModelRunner, *, reduced_decode: bool = True, source: str = "") -> Analysis:
     """Raise :class:`xray_triage.pipeline.pixels.PixelError` if the image cannot be read.
 
     ``reduced_decode`` (the ``j2k_reduced_decode`` setting) lets a JPEG 2000 image be
     decoded only down to the resolution the model needs (``preprocess.decode_min_side``).
+    ``source`` names a DICOM image in error messages instead of its path (the server
+    passes the SOP Instance UID: users must not see its disk); empty = the path.
     """
     start = time.perf_counter()
     min_side = decode_min_side(runner.card.input) if reduced_decode else 0
-    image = read_any_display(Path(path), min_side=min_side)
+    path = Path(path)
+    if source and path.suffix.lower() not in IMAGE_SUFFIXES:
+        image = dataset_to_display(read_dicom(path, source=source), source=source, min_side=min_side)
+    else:
+        image = read_any_display(path, min_side=min_side)
     return analyze_display(image, runner, _ms(start))
