@@ -122,3 +122,45 @@ def test_reason_hides_other_server_paths_but_keeps_ordinary_text(tmp_path: Path)
         "Photometric Interpretation (0028,0004) is 'RGB'"
     )
     assert user_reason(None) is None
+
+
+def test_redecode_text_repairs_names_stored_by_an_older_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from e2e_helpers import SHARED_DATA, dataset_bytes
+    from xray_triage.cli import main
+    from xray_triage.settings import Settings
+    from xray_triage.store.db import open_database
+    from xray_triage.store.ingest import Ingestor, TriagePolicy
+    from xray_triage.store.schema import Study
+
+    source = SHARED_DATA / "dicom-realworld" / "rwd_08_dx_utf8_names_no_charset.dcm"
+    if not source.is_file():
+        pytest.skip(f"{source} is not in the shared data")
+    settings = Settings(data_dir=tmp_path / "data")
+    db = open_database(settings)
+    encoded = source.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(encoded))
+    outcome = Ingestor(settings.data_dir, db, TriagePolicy(["DX"], ["CHEST"])).ingest(
+        ds, encoded, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), calling_ae="S1", peer_address="127.0.0.1"
+    )
+    assert outcome.ok, outcome
+    mojibake = "Nguyễn^Thị Hồng Nhung".encode().decode("latin-1")  # what the older version stored
+    with db.session() as session:
+        study = session.query(Study).one()
+        assert study.patient_name == "Nguyễn^Thị Hồng Nhung"
+        study.patient_name, study.institution_name = mojibake, "Trạm Y tế Đảo Thử".encode().decode("latin-1")
+    db.dispose()
+
+    data = ["--data-dir", str(settings.data_dir)]
+    assert main(["studies", "redecode-text", "--dry-run", *data]) == 0
+    assert "would change 2 text field(s)" in capsys.readouterr().out
+    assert main(["studies", "redecode-text", *data]) == 0
+    assert "changed 2 text field(s)" in capsys.readouterr().out
+    db = open_database(settings)
+    with db.read_session() as session:
+        study = session.query(Study).one()
+        assert (study.patient_name, study.institution_name) == ("Nguyễn^Thị Hồng Nhung", "Trạm Y tế Đảo Thử")
+    db.dispose()
+    (stored,) = (settings.data_dir / "dicom").rglob("*.dcm")
+    assert dataset_bytes(stored) == dataset_bytes(source)  # the file is never rewritten
