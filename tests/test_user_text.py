@@ -164,3 +164,40 @@ def test_redecode_text_repairs_names_stored_by_an_older_version(
     db.dispose()
     (stored,) = (settings.data_dir / "dicom").rglob("*.dcm")
     assert dataset_bytes(stored) == dataset_bytes(source)  # the file is never rewritten
+
+
+def test_500_page_is_in_the_users_language_without_internals(tmp_path: Path, tiny_model: Path) -> None:
+    import sqlite3
+
+    from web_helpers import add_station_row, add_user_row, client_for, make_web_env, store_dicom, triage_all
+
+    from consult_web.i18n import translate
+    from e2e_helpers import SHARED_DATA
+
+    source = SHARED_DATA / "dicom-realworld" / "rwd_08_dx_utf8_names_no_charset.dcm"
+    if not source.is_file():
+        pytest.skip(f"{source} is not in the shared data")
+    env = make_web_env(tmp_path, tiny_model)
+    add_station_row(env, "S1")
+    add_user_row(env, "hoa", "specialist", language="en")
+    add_user_row(env, "an", "specialist", language="vi")
+    study_uid, _ = store_dicom(env, source, "S1")
+    assert triage_all(env) == 1
+    conn = sqlite3.connect(env.data_dir / "xray-triage.db")
+    with conn:  # a damaged row: reading the study's result raises inside the route
+        conn.execute("UPDATE triage_results SET probabilities = '{\"Abnormal\": 0.'")
+    conn.close()
+    for user, language in (("hoa", "en"), ("an", "vi")):
+        client, _ = client_for(env, user)
+        page = client.get(f"/studies/{study_uid}")
+        assert page.status_code == 500
+        assert translate(language, "error.internal") in page.text, page.text[:2000]
+        assert translate(language, "error.reference", reference="") in page.text
+        api = client.get(f"/api/studies/{study_uid}")
+        assert api.status_code == 500
+        assert api.json()["message"] == translate(language, "error.internal")
+        assert api.json()["detail"] == translate("en", "error.internal")
+        for text in (page.text, api.text):
+            assert "Traceback" not in text and "JSONDecodeError" not in text and str(tmp_path) not in text
+        assert client.get("/worklist").status_code == 500  # the worklist reads the same row
+        assert page.headers["content-security-policy"]  # the 500 answer gets the security headers
