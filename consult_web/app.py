@@ -9,6 +9,7 @@ logged-in user (``auth.current_user``).
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def create_app(
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _install_error_handlers(app)
+    app.add_middleware(UnexpectedErrors)  # innermost: its 500 answer gets the security headers too
     app.add_middleware(SecurityHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app
@@ -120,14 +122,68 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"path": request.url.path})
-        return _error(request, 500, "error.internal")
+        # Only what escapes the middlewares gets here (UnexpectedErrors answers the rest);
+        # Starlette re-raises after this answer, so uvicorn closes the connection.
+        return internal_error(request, exc)
+
+
+def internal_error(request: Request, exc: BaseException) -> Response:
+    """The generic 500 answer: a translated message and a reference to the log line, nothing
+    of the exception (no traceback, no server path)."""
+    reference = secrets.token_hex(4)
+    log.error(
+        "unhandled error",
+        exc_info=exc,
+        extra={"path": request.url.path, "method": request.method, "reference": reference},
+    )
+    language = request_language(request)
+    message = translate(language, "error.internal")
+    detail = translate(language, "error.reference", reference=reference)
+    if is_api(request):
+        english = translate("en", "error.internal")
+        return JSONResponse({"detail": english, "message": message, "reference": reference}, status_code=500)
+    return render(request, "error.html", {"status": 500, "message": message, "detail": detail}, status_code=500)
 
 
 def _quote(value: str) -> str:
     from urllib.parse import quote
 
     return quote(value, safe="")
+
+
+class UnexpectedErrors:
+    """Answer an exception no route handled with the generic 500 page, and keep the connection.
+
+    Starlette's ``ServerErrorMiddleware`` (where ``exception_handler(Exception)`` runs)
+    re-raises after answering, and uvicorn then closes the transport of a response it has
+    already started: the client's next request on that keep-alive connection was reset.
+    Caught here, inside that middleware, the exception ends with a complete 500 response
+    and the connection stays usable. If the response had already begun, nothing sane can
+    be sent: the exception goes on and the server closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = internal_error(Request(scope, receive), exc)
+            await response(scope, receive, send)
 
 
 class BodySizeLimit:

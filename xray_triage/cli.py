@@ -93,7 +93,10 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
     from xray_triage.store.queries import get_study, list_studies
 
-    db = open_database(_settings(args))
+    settings = _settings(args)
+    db = open_database(settings)
+    if args.studies_cmd == "redecode-text":
+        return _redecode_text(db, settings, dry_run=args.dry_run)
     try:
         with db.session() as session:
             if args.studies_cmd == "show":
@@ -106,6 +109,21 @@ def cmd_studies(args: argparse.Namespace) -> int:
                 _print_json(studies) if args.json else _print_study_table(studies)
     finally:
         db.dispose()
+    return 0
+
+
+def _redecode_text(db: Any, settings: Settings, *, dry_run: bool) -> int:
+    from xray_triage.store.redecode import redecode_text
+
+    try:
+        with db.session() as session:
+            changes = redecode_text(session, settings.data_dir, settings.default_character_set, apply=not dry_run)
+    finally:
+        db.dispose()
+    for change in changes:
+        print(f"{change.study_uid} {change.field}: {change.old!r} -> {change.new!r}")
+    verb = "would change" if dry_run else "changed"
+    print(f"{verb} {len(changes)} text field(s)")
     return 0
 
 
@@ -282,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd_show = sd_sub.add_parser("show", parents=[common], help="one study with every image's result")
     sd_show.add_argument("study_uid", metavar="STUDY_UID")
     sd_show.add_argument("--json", action="store_true")
+    sd_re = sd_sub.add_parser(
+        "redecode-text",
+        parents=[common],
+        help="decode stored studies' names and descriptions again from their files with the current "
+        "character set rules (for studies stored before them or before default_character_set changed)",
+    )
+    sd_re.add_argument("--dry-run", action="store_true", help="only print what would change")
     studies.set_defaults(func=cmd_studies)
 
     predict = sub.add_parser("predict", parents=[common], help="triage DICOM/PNG/JPEG files without the server")

@@ -102,6 +102,7 @@ def run_server(settings: Settings) -> int:
         db,
         TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
         on_job_queued=workers.notify,
+        default_character_set=settings.default_character_set,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
     health: dict[str, Any] = {"dicom_gateway": "starting"}

@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
 
     # DICOM gateway
+    default_character_set: str = Field(
+        "ISO_IR 100",
+        description="decodes header text (names) that declares no Specific Character Set (0008,0005) and is "
+        "not valid UTF-8 (valid UTF-8 is read as UTF-8): a DICOM term ('ISO_IR 100' Latin-1, 'ISO_IR 192' "
+        "UTF-8) or a Python codec name ('cp1258' Windows Vietnamese). Stored files keep their bytes",
+    )
     ae_title: str = Field("XRAY_TRIAGE", max_length=16)
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(11112, ge=0, le=65535)
@@ -108,6 +114,14 @@ class Settings(BaseSettings):
         if not value or "\\" in value or not value.isascii():
             raise ValueError("AE title must be 1-16 ASCII characters without backslash")
         return value
+
+    @field_validator("default_character_set")
+    @classmethod
+    def _character_set_ok(cls, value: str) -> str:
+        from xray_triage.store.charset import python_codec
+
+        python_codec(value)  # ValueError says what is accepted
+        return value.strip()
 
     @property
     def resolved_database_url(self) -> str:

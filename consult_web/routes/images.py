@@ -31,6 +31,7 @@ from xray_triage.pipeline.render import (
     render,
     windows_info,
 )
+from xray_triage.store.reasons import image_label, user_reason
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,15 @@ def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: 
         _study, instance = visible_instance(session, user, study_uid, sop_uid)
         file_path = instance.file_path
     settings = request.app.state.settings
+    label = image_label(sop_uid)
     try:
         return image_cache(settings.render_cache_images, settings.max_frame_pixels).get(
-            Path(settings.data_dir) / file_path, source="image", size=size
+            Path(settings.data_dir) / file_path, source=label, size=size
         )
     except PixelError as exc:
-        log.warning("cannot render image", extra={"sop_uid": sop_uid, "error": str(exc)})
-        raise LocalizedError(422, f"usererror.image_{exc.kind}", error=str(exc)) from exc
+        log.warning("cannot render image", extra={"sop_uid": sop_uid, "file": file_path, "error": str(exc)})
+        error = user_reason(str(exc), file_path=file_path, label=label, data_dir=settings.data_dir)
+        raise LocalizedError(422, f"usererror.image_{exc.kind}", error=error) from exc
 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/render")

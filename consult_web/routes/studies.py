@@ -24,8 +24,10 @@ from consult_web.audit import audit
 from consult_web.auth import current_user
 from consult_web.templating import render
 from consult_web.viewer import viewer_context
+from xray_triage.store.charset import decoded_text, header_encodings, python_codec
 from xray_triage.store.consult_schema import CONCLUSIONS, URGENCIES, Consult
 from xray_triage.store.dicom_meta import display_name
+from xray_triage.store.queries import instance_reason
 from xray_triage.store.schema import Station, Study
 from xray_triage.store.users import AuthUser
 
@@ -40,16 +42,21 @@ KEY_TAGS = (
 )  # fmt: skip
 
 
-def key_tags(data_dir: Path, file_path: str) -> list[tuple[str, str]]:
-    """Header tags of the stored file, read without its pixels; values decoded with its character set."""
+def key_tags(data_dir: Path, file_path: str, default_character_set: str) -> list[tuple[str, str]]:
+    """Header tags of the stored file, read without its pixels.
+
+    Text is decoded as at ingest (``charset.header_encodings``): the declared character set,
+    else UTF-8 when valid, else ``default_character_set``.
+    """
     try:
         ds = pydicom.dcmread(data_dir / file_path, stop_before_pixels=True)
     except Exception as exc:  # a missing or damaged file should not break the page
         log.warning("cannot read DICOM header", extra={"file": file_path, "error": str(exc)})
         return []
+    encodings = header_encodings(ds, python_codec(default_character_set))
     tags = []
     for keyword in KEY_TAGS:
-        value = ds.get(keyword)
+        value = decoded_text(ds, keyword, encodings)
         if value is None or value == "":
             continue
         text = display_name(str(value)) if keyword == "PatientName" else str(value)
@@ -68,7 +75,7 @@ def image_findings(study: Study) -> list[dict[str, Any]]:
                 "sop_uid": instance.sop_instance_uid,
                 "view": instance.view_position,
                 "ai_status": instance.ai_status,
-                "ai_error": instance.ai_error,
+                "ai_error": instance_reason(instance),
                 "model_version": result.model_version if result else None,
                 "priority": result.priority if result else None,
                 "labels": [],
@@ -128,7 +135,7 @@ def study_page(request: Request, study_uid: str, user: AuthUser = Depends(curren
             "patient_name": display_name(study.patient_name),
             "station_name": station.name if station else "",
             "images": image_findings(study),
-            "tags": key_tags(settings.data_dir, first.file_path) if first else [],
+            "tags": key_tags(settings.data_dir, first.file_path, settings.default_character_set) if first else [],
             "priors": prior_studies(session, user, study),
             "viewer": viewer_context(session, user, study, request),
             **consult_context(session, user, study),

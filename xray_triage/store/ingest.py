@@ -21,7 +21,13 @@ from pydicom.encaps import generate_fragments
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from xray_triage.store.db import Database
-from xray_triage.store.dicom_meta import PROJECTION_CLASSES, InstanceMeta, extract_meta, is_triage_candidate
+from xray_triage.store.dicom_meta import (
+    DEFAULT_CHARACTER_SET,
+    PROJECTION_CLASSES,
+    InstanceMeta,
+    extract_meta,
+    is_triage_candidate,
+)
 from xray_triage.store.files import instance_relpath, is_valid_uid, remove_file, write_durably
 from xray_triage.store.records import Receipt, add_instance, find_instance
 
@@ -61,8 +67,11 @@ class Ingestor:
         db: Database,
         policy: TriagePolicy,
         on_job_queued: Callable[[], None] | None = None,
+        default_character_set: str = DEFAULT_CHARACTER_SET,
     ) -> None:
+        """``default_character_set``: decodes header text with no (0008,0005) that is not UTF-8."""
         self.data_dir = data_dir
+        self.default_character_set = default_character_set
         self.db = db
         self.policy = policy
         self.on_job_queued = on_job_queued or (lambda: None)
@@ -88,7 +97,7 @@ class Ingestor:
         receive_ms: float | None = None,
     ) -> IngestOutcome:
         """Validate and durably store one instance; ``encoded`` is the file as received."""
-        meta = extract_meta(ds)
+        meta = extract_meta(ds, default_character_set=self.default_character_set)
         problem = validate(ds, meta)
         if problem:
             return IngestOutcome(STATUS_DATASET_MISMATCH, problem)

@@ -8,6 +8,7 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session, selectinload
 
 from xray_triage.store.dicom_meta import display_name
+from xray_triage.store.reasons import image_label, user_reason
 from xray_triage.store.schema import Instance, Series, Station, Study
 
 
@@ -68,7 +69,7 @@ def _instance_detail(instance: Instance, series: Series) -> dict[str, Any]:
         "calling_ae": instance.calling_ae,
         "received_at": _iso(instance.received_at),
         "ai_status": instance.ai_status,
-        "ai_error": instance.ai_error,
+        "ai_error": instance_reason(instance),
         "result": None
         if result is None
         else {
@@ -83,6 +84,13 @@ def _instance_detail(instance: Instance, series: Series) -> dict[str, Any]:
             "created_at": _iso(result.created_at),
         },
     }
+
+
+def instance_reason(instance: Instance) -> str | None:
+    """The instance's failure reason as users may see it (rows of older versions named the file)."""
+    return user_reason(
+        instance.ai_error, file_path=instance.file_path, label=image_label(instance.sop_instance_uid)
+    )
 
 
 def _load_studies():  # type: ignore[no-untyped-def]

@@ -59,15 +59,17 @@ def analyze_file(
     *,
     reduced_decode: bool = True,
     max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+    source: str = "",
 ) -> Analysis:
     """Raise :class:`xray_triage.pipeline.pixels.PixelError` if the image cannot be read.
 
     ``reduced_decode`` (the ``j2k_reduced_decode`` setting) lets a JPEG 2000 image be
     decoded only down to the resolution the model needs (``preprocess.decode_min_side``).
     ``max_frame_pixels`` (the ``max_frame_megapixels`` setting): a larger image is refused
-    before it is decoded.
+    before it is decoded. ``source`` names the image in error messages instead of its path
+    (the server passes the SOP Instance UID: users must not see its disk); empty = the path.
     """
     start = time.perf_counter()
     min_side = decode_min_side(runner.card.input) if reduced_decode else 0
-    image = read_any_display(Path(path), min_side=min_side, max_frame_pixels=max_frame_pixels)
+    image = read_any_display(Path(path), min_side=min_side, max_frame_pixels=max_frame_pixels, source=source)
     return analyze_display(image, runner, _ms(start))

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 class ClaimedJob:
     job_id: int
     instance_id: int
+    sop_instance_uid: str
     file_path: str
     attempts: int
     receive_ms: float | None
@@ -79,6 +80,7 @@ def claim_next(db: Database, worker: str) -> ClaimedJob | None:
             return ClaimedJob(
                 job_id=job_id,
                 instance_id=instance.id,
+                sop_instance_uid=instance.sop_instance_uid,
                 file_path=instance.file_path,
                 attempts=job.attempts,
                 receive_ms=instance.receive_ms,

@@ -15,6 +15,7 @@ from pathlib import Path
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.pipeline.pixels import DEFAULT_MAX_FRAME_PIXELS, PixelError
 from xray_triage.store.db import Database
+from xray_triage.store.reasons import image_label, user_reason
 from xray_triage.triage import jobs
 from xray_triage.triage.analyze import analyze_file
 
@@ -83,22 +84,36 @@ class TriageWorkers:
                 log.exception("triage worker error; retrying shortly")
                 time.sleep(POLL_INTERVAL_S)
 
+    def _reason(self, message: str, job: jobs.ClaimedJob, label: str) -> str:
+        """The failure as users see it (study page, API, CLI): the image's label, no server path."""
+        return user_reason(message, file_path=job.file_path, label=label, data_dir=self.data_dir) or message
+
     def run_one(self, name: str = "worker") -> bool:
         """Process one queued job; return False when the queue is empty."""
         job = jobs.claim_next(self.db, name)
         if job is None:
             return False
         path = self.data_dir / job.file_path
+        label = image_label(job.sop_instance_uid)
         try:
             analysis = analyze_file(
-                path, self.runner, reduced_decode=self.reduced_decode, max_frame_pixels=self.max_frame_pixels
+                path,
+                self.runner,
+                reduced_decode=self.reduced_decode,
+                max_frame_pixels=self.max_frame_pixels,
+                source=label,
             )
         except PixelError as exc:
-            jobs.fail(self.db, job, str(exc), permanent=True, max_attempts=self.max_attempts)
-            log.warning("triage failed: image cannot be decoded", extra={"instance_id": job.instance_id, "error": str(exc)})
+            reason = self._reason(str(exc), job, label)
+            jobs.fail(self.db, job, reason, permanent=True, max_attempts=self.max_attempts)
+            log.warning(
+                "triage failed: image cannot be decoded",
+                extra={"instance_id": job.instance_id, "file": str(path), "error": str(exc)},
+            )
             return True
         except Exception as exc:
-            final = jobs.fail(self.db, job, f"{type(exc).__name__}: {exc}", permanent=False, max_attempts=self.max_attempts)
+            reason = self._reason(f"{type(exc).__name__}: {exc}", job, label)
+            final = jobs.fail(self.db, job, reason, permanent=False, max_attempts=self.max_attempts)
             log.exception("triage error", extra={"instance_id": job.instance_id, "final": final})
             return True
         jobs.complete(self.db, job, analysis)
