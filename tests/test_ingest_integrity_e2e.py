@@ -160,6 +160,8 @@ def test_same_sop_uid_with_other_content_is_quarantined_and_identical_resends_ar
     store_ok([second], server.dicom_port)  # acknowledged: so it must be kept
 
     assert counts_for_sop(server.data_dir, uids.sop) == (1, 1, 1)  # the first copy, triaged once
+    kept_copies = [p for p in server.data_dir.rglob("*.dcm") if dataset_bytes(p) == dataset_bytes(second)]
+    assert len(kept_copies) == 1, "the acknowledged second data set is not on disk"
     assert dataset_bytes(server.data_dir / image["file_path"]) == dataset_bytes(first)  # not overwritten
     (row,) = quarantine_rows(server, uids.sop)
     assert row["reason"] == "sop_instance_conflict" and row["calling_ae"] == STATION1, dict(row)
