@@ -29,6 +29,7 @@ from e2e_helpers import (
     read_uids,
     send_raw_c_store,
     store_ok,
+    storescu,
 )
 
 pytestmark = pytest.mark.slow
@@ -93,9 +94,13 @@ def wait_for(server: Server, what: str, condition: Any) -> Any:
     raise AssertionError(f"no {what} after {DEADLINE_S} s (last: {last})\n{server.log_tail()}")
 
 
+@pytest.mark.parametrize("stopped_by", ["crash", "sigterm"])
 def test_restart_on_a_full_disk_starts_degraded_and_recovers(
-    launch_server: Any, samples: list[SampleFile], tmp_path: Path
+    launch_server: Any, samples: list[SampleFile], tmp_path: Path, stopped_by: str
 ) -> None:
+    """``crash``: kill -9 left SQLite's -wal/-shm files; the database reads, its first write fails:
+    C-STORE is answered 0xA700. ``sigterm``: a clean stop removed them and SQLite cannot even
+    create its -shm file to read: associations are rejected as transient (the modality retries)."""
     source = next(s.path for s in samples if s.name.startswith("dev_01"))
     first, second = copy_with_new_uids([source, source], tmp_path / "images")
     env = {
@@ -116,7 +121,10 @@ def test_restart_on_a_full_disk_starts_degraded_and_recovers(
                 conn.execute("UPDATE triage_jobs SET state = 'running', worker = 'worker-0', attempts = 1")
         finally:
             conn.close()
-        server.kill9()
+        if stopped_by == "crash":
+            server.kill9()
+        else:
+            server.stop_cleanly()
         filler = fill_disk(server.data_dir)
 
         server.start(env_extra={**env, "XRAY_TRIAGE_TRIAGE_WORKERS": "1"}, wait=False)
@@ -125,11 +133,15 @@ def test_restart_on_a_full_disk_starts_degraded_and_recovers(
         assert body["storage"] == "degraded" and body["disk_free_mb"] < MIN_FREE_MB, body
         assert body["storage_problem"], body
         assert "started degraded" in server.log(), server.log_tail()
-        server.echo_ok()
-
-        status = send_raw_c_store(second, server.dicom_port)
-        assert status == 0xA700, f"status 0x{status:04X}, expected 0xA700\n{server.log_tail()}"
-        assert counts_for_sop(server.data_dir, read_uids(second).sop) == (0, 0, 0)
+        if stopped_by == "crash":
+            server.echo_ok()
+            status = send_raw_c_store(second, server.dicom_port)
+            assert status == 0xA700, f"status 0x{status:04X}, expected 0xA700\n{server.log_tail()}"
+        else:
+            run = storescu([second], server.dicom_port)
+            assert run.returncode != 0 and "Success" not in run.store_responses, run.describe()
+            assert "Association Rejected" in run.output and "Transient" in run.output, run.describe()
+        assert not list((server.data_dir / "dicom").rglob(f"{read_uids(second).sop}.dcm"))
 
         filler.unlink()
         code, body = wait_for(server, "recovery", lambda: (lambda h: h if h[0] == 200 else None)(health(server)))

@@ -299,10 +299,14 @@ def _pixel_data_problem(ds: Dataset) -> str | None:
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
-        expected = rows * cols * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
-        expected *= int(ds.get("NumberOfFrames", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = rows * cols * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) * frames
+        expected = (bits + 7) // 8  # 1-bit pixels are packed across frames (PS3.5 8.1.1)
     except (AttributeError, TypeError, ValueError) as exc:
         return f"image geometry (Rows/Columns/BitsAllocated) missing or invalid: {exc}"
     if len(raw) < expected:
-        return f"Pixel Data is {len(raw)} bytes, Rows x Columns x BitsAllocated needs {expected} (truncated?)"
+        return (
+            f"Pixel Data is {len(raw)} bytes, Rows x Columns x SamplesPerPixel x BitsAllocated/8 "
+            f"x NumberOfFrames needs {expected} (truncated?)"
+        )
     return None
