@@ -4,10 +4,10 @@ pydicom reads a short value without complaint (``fp.read(length)`` simply return
 fewer bytes) and drops an undefined-length element whose delimiter never came
 (with only a warning), so a data set cut off in transit parses "fine" and would
 be stored as a file that stricter readers (dcmtk, a PACS) refuse. This module
-re-parses what was received with pydicom and checks pydicom's own record of
-each element (its value offset and declared length, PS3.5 7.1) against the
-length of the stream, at every nesting level, and that the last element ends
-where the stream ends.
+re-reads what was received with pydicom's element reader and checks pydicom's
+own record of each element (its value offset and declared length, PS3.5 7.1)
+against the length of the stream, at every nesting level, and that the last
+element ends where the stream ends.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import zlib
 from io import BytesIO
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset, read_preamble
+from pydicom.filereader import data_element_generator, read_dataset, read_preamble
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
-ITEM_DELIMITER_BYTES = 8  # (FFFE,E0DD) or (FFFE,E00D) tag + a zero 32-bit length
+DEFER_BYTES = 1024 * 1024  # larger values are bounds-checked and skipped, not read
 
 
 def dataset_offset(part10: bytes) -> int:
@@ -51,31 +52,43 @@ def dataset_stream(part10: bytes, transfer_syntax_uid: str) -> bytes:
 def incompleteness(part10: bytes, transfer_syntax_uid: str) -> str | None:
     """Why the data set in ``part10`` (a Part 10 file as received) is incomplete, or None.
 
-    Fully parses the data set (every element converted, every sequence item read)
-    and reports the first element whose declared length runs past the bytes
-    received, an undefined-length element without its delimiter, or any element
-    pydicom cannot read. Deflated streams are inflated first.
+    Walks every top-level element with pydicom's element reader and checks that each
+    declared length fits in the bytes received and that the last element ends where
+    the bytes end (an undefined-length element without its delimiter raises inside
+    pydicom). Then converts every element, reading every sequence item, and checks the
+    items against their sequence's bytes (the "full parse"). Values over 1 MiB (Pixel
+    Data) are skipped over, not copied. Deflated streams are inflated first.
     """
     ts = UID(transfer_syntax_uid)
     try:
-        stream = dataset_stream(part10, ts)
+        if ts == DeflatedExplicitVRLittleEndian:
+            fp, end = BytesIO(dataset_stream(part10, ts)), None
+        else:
+            fp, end = BytesIO(part10), len(part10)  # no copy of the (large) bytes
+            fp.seek(dataset_offset(part10))
+        if end is None:
+            end = len(fp.getbuffer())
         implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
         little = ts.is_little_endian if ts.is_transfer_syntax else True
-        ds = read_dataset(BytesIO(stream), implicit, little)
-    except Exception as exc:  # pydicom raises many kinds on malformed input
-        return f"data set cannot be parsed: {exc}"
-    last_end = _last_element_end(ds)  # before _check_level converts the raw elements
+        elements: dict[BaseTag, RawDataElement | DataElement] = {}
+        last_end = fp.tell()
+        for elem in data_element_generator(fp, implicit, little, defer_size=DEFER_BYTES):
+            problem = _beyond(elem, end)
+            if problem:
+                return problem
+            elements[elem.tag] = elem
+            last_end = fp.tell()  # the generator has consumed (read or skipped) this element
+    except Exception as exc:  # pydicom raises EOFError, OSError, struct.error... on cut input
+        return f"data set cut off or malformed: {exc}"
+    if last_end > end:
+        return "the last element's delimiter is cut off"
+    if last_end < end:
+        return f"{end - last_end} bytes after the last complete element are no complete element (cut off?)"
     try:
-        problem = _check_level(ds, len(stream))
+        ds = Dataset(elements)
+        return _check_level(ds, end)
     except Exception as exc:
         return f"data set cannot be parsed: {exc}"
-    if problem:
-        return problem
-    if last_end > len(stream):
-        return "the last element's delimiter is cut off"
-    if last_end < len(stream):
-        return f"{len(stream) - last_end} bytes after the last complete element are no complete element (cut off?)"
-    return None
 
 
 def _name(tag: int) -> str:
@@ -84,37 +97,33 @@ def _name(tag: int) -> str:
     return f"{keyword} {text}" if keyword else text
 
 
+def _beyond(elem: RawDataElement | DataElement, end: int) -> str | None:
+    """The element's declared length runs past ``end``, the end of the bytes that hold it."""
+    if not isinstance(elem, RawDataElement) or elem.length == UNDEFINED_LENGTH:
+        return None
+    if elem.value_tell + elem.length <= end:
+        return None
+    have = max(0, end - elem.value_tell)
+    return f"{_name(elem.tag)} declares {elem.length} bytes, only {have} were received"
+
+
 def _check_level(ds: Dataset, end: int) -> str | None:
-    """Check each element of one (sub)data set whose bytes end at offset ``end``."""
+    """Convert each element of one (sub)data set whose bytes end at offset ``end``; check its items."""
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement):
-            if raw.length != UNDEFINED_LENGTH and raw.value_tell + raw.length > end:
-                have = max(0, end - raw.value_tell)
-                return f"{_name(tag)} declares {raw.length} bytes, only {have} were received"
+            problem = _beyond(raw, end)
+            if problem:
+                return problem
+            if raw.value is None and raw.length != 0:
+                continue  # skipped over (over DEFER_BYTES): nothing to convert
             value_end = raw.value_tell + len(raw.value or b"")
         else:
             value_end = end
-        elem = ds[tag]  # converts the raw value: the "full parse"; may raise
+        elem = ds[tag]  # converts the raw value; may raise
         if elem.VR == "SQ":
             for item in elem.value:
                 problem = _check_level(item, value_end)
                 if problem:
                     return f"{_name(tag)} item: {problem}"
     return None
-
-
-def _last_element_end(ds: Dataset) -> int:
-    """Stream offset just after the last top-level element, from pydicom's record of it.
-
-    0 for an empty data set: pydicom returns one when an undefined-length element at
-    the top level never reaches its delimiter (it stops reading and only warns).
-    """
-    if not len(ds):
-        return 0
-    raw = ds.get_item(list(ds.keys())[-1])
-    if not isinstance(raw, RawDataElement):
-        raise TypeError("expected a freshly read data set")
-    if raw.length != UNDEFINED_LENGTH:
-        return raw.value_tell + raw.length
-    return raw.value_tell + len(raw.value or b"") + ITEM_DELIMITER_BYTES
