@@ -210,6 +210,14 @@ def test_study_uid_of_another_station_is_quarantined_not_shown_to_that_station(
     sops = station1_sops(server)
     assert own_uids.sop in sops and other_uids.sop not in sops
     assert station1_get(server, f"/api/studies/{own_uids.study}/images/{other_uids.sop}/windows").status_code == 404
+    browser = web_login(server.url(""), "e2e-station1", STATION_PASSWORD)
+    try:
+        page = browser.get(f"/studies/{own_uids.study}")
+        render = browser.get(f"/studies/{own_uids.study}/images/{other_uids.sop}/render")
+    finally:
+        browser.close()
+    assert page.status_code == 200 and own_uids.sop in page.text and other_uids.sop not in page.text
+    assert render.status_code == 404
     page = admin_page(server)
     quarantine = page.split('id="quarantine"')[1].split("</section>")[0]
     assert other_uids.sop in quarantine and STATION2 in quarantine
