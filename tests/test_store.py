@@ -297,3 +297,27 @@ def test_conflicting_uids_are_quarantined_with_their_own_file_and_row(tmp_path: 
         row = s.scalar(select(QuarantinedInstance))
         assert (row.reason, row.calling_ae, row.conflicting_station_ae) == ("sop_instance_conflict", "ST2", "ST1")
         assert (tmp_path / "data" / row.file_path).read_bytes() == raw
+
+
+def test_start_up_removes_orphan_quarantine_files_and_keeps_recorded_ones(tmp_path: Path) -> None:
+    from xray_triage.serve import reconcile_files
+    from xray_triage.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    database = Database(settings.resolved_database_url)
+    database.create_schema()
+    try:
+        ingestor = Ingestor(settings.data_dir, database, TriagePolicy(["CR", "DX"], ["CHEST"]))
+        ds, raw = _read("dev_05_dx_ap_rle.dcm")
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        assert ingestor.ingest(ds, raw, transfer_syntax_uid=ts, calling_ae="ST1", peer_address="a").ok
+        kept = ingestor.ingest(ds, raw, transfer_syntax_uid=ts, calling_ae="ST2", peer_address="b")
+        assert kept.quarantined
+        orphan = settings.data_dir / "quarantine" / str(ds.SOPInstanceUID) / "crashed-before-commit.dcm"
+        orphan.write_bytes(raw)  # written, row never committed: never acknowledged
+        reconcile_files(settings, database)
+        remaining = list((settings.data_dir / "quarantine").rglob("*.dcm"))
+        assert len(remaining) == 1 and remaining[0] != orphan
+    finally:
+        database.dispose()
