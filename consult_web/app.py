@@ -28,6 +28,7 @@ from xray_triage import __version__
 from xray_triage.inference.card import ModelCard
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
+from xray_triage.store.diskspace import StorageGuard
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -48,8 +49,11 @@ def create_app(
     card: ModelCard | None = None,
     health: dict[str, Any] | None = None,
     settings: Settings | None = None,
+    *,
+    storage: StorageGuard | None = None,
 ) -> FastAPI:
-    """Build the app around an open database; ``health`` holds live component state."""
+    """Build the app around an open database; ``health`` holds live component state,
+    ``storage`` the gateway's disk guard (one is made from ``settings`` if not given)."""
     from consult_web.routes import admin, annotations, api, images, live, login, studies, worklist
 
     settings = settings or Settings()
@@ -58,6 +62,7 @@ def create_app(
     app.state.card = card
     app.state.settings = settings
     app.state.health = health if health is not None else {}
+    app.state.storage = storage or StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     app.state.limiter = LoginLimiter(settings.login_max_failures, settings.login_lockout_s)
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER

@@ -188,6 +188,52 @@ def create_api_user(data_dir: Path) -> str:
     return token
 
 
+_USERS = """
+import contextlib, io, json, sys
+from xray_triage.cli import main
+data = ["--data-dir", sys.argv[1]]
+tokens = {}
+for name, role, station, password in json.loads(sys.argv[2]):
+    sys.stdin = io.StringIO(password + "\\n")
+    out = io.StringIO()
+    extra = ["--station", station] if station else []
+    with contextlib.redirect_stdout(out):
+        code = main(["users", "add", name, "--role", role, *extra, "--password-stdin", *data])
+        code = code or main(["tokens", "create", name, "--name", "e2e tests", *data])
+    if code != 0:
+        sys.exit(f"users add / tokens create {name} -> {code}: {out.getvalue()}")
+    tokens[name] = out.getvalue().splitlines()[-1].strip()
+print(json.dumps(tokens))
+"""
+
+
+def create_users(data_dir: Path, users: Sequence[tuple[str, str, str | None, str]]) -> dict[str, str]:
+    """Add users (name, role, station AE or None, password), each with an API token; name -> token."""
+    proc = subprocess.run(
+        [python_command(), "-c", _USERS, str(data_dir), json.dumps(list(users))],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=server_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def web_login(base_url: str, username: str, password: str) -> httpx.Client:
+    """A browser-like client logged in through the real login form (login CSRF cookie and token)."""
+    client = httpx.Client(base_url=base_url, trust_env=False, timeout=30)
+    page = client.get("/login")
+    token = re.search(r'name="login_csrf" value="([^"]*)"', page.text)
+    assert page.status_code == 200 and token, page.text[:500]
+    response = client.post(
+        "/login", data={"username": username, "password": password, "login_csrf": token.group(1), "next": "/"}
+    )
+    assert response.status_code == 303, f"login {username}: {response.status_code} {response.text[:500]}"
+    return client
+
+
 def python_command() -> str:
     venv_python = PROJECT_ROOT / ".venv" / "bin" / "python"
     if Path(sys.executable).parent == venv_python.parent or not venv_python.is_file():
@@ -706,9 +752,13 @@ def assert_store_consistent(data_dir: Path) -> None:
     if parts:
         problems.append(f"left in incoming/: {parts}")
     files: set[str] = set()
+    quarantined: set[str] = set()
     for path in data_dir.rglob("*"):
         rel = path.relative_to(data_dir)
         if path.is_dir() or rel.parts[0] == "incoming" or (len(rel.parts) == 1 and rel.name in DB_FILES):
+            continue
+        if rel.parts[0] == "quarantine" and len(rel.parts) == 3 and path.suffix == ".dcm":
+            quarantined.add(str(rel))
             continue
         if rel.parts[0] != "dicom" or len(rel.parts) != 4 or path.suffix != ".dcm":
             problems.append(f"unexpected file in the data directory: {rel}")
@@ -730,6 +780,12 @@ def assert_store_consistent(data_dir: Path) -> None:
         problems.append(f"files without an instance row: {sorted(files - known)}")
     if known - files:
         problems.append(f"instance rows without a file: {sorted(known - files)}")
+    kept_apart = quarantined_rows(data_dir)
+    if quarantined != kept_apart:
+        problems.append(
+            f"quarantined files without a row: {sorted(quarantined - kept_apart)}; "
+            f"rows without a file: {sorted(kept_apart - quarantined)}"
+        )
     orphan_checks = {
         "instances without a series/study": "SELECT COUNT(*) FROM instances i LEFT JOIN series s ON s.id = i.series_id "
         "LEFT JOIN studies st ON st.id = s.study_id WHERE st.id IS NULL",
@@ -751,6 +807,14 @@ def assert_store_consistent(data_dir: Path) -> None:
         if n:
             problems.append(f"{what}: {n}")
     assert not problems, "store is inconsistent:\n" + "\n".join(problems)
+
+
+def quarantined_rows(data_dir: Path) -> set[str]:
+    """File paths of quarantined instances (none when the table does not exist yet)."""
+    exists = scalar(data_dir, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'quarantined_instances'")
+    if not exists:
+        return set()
+    return {r[0] for r in query(data_dir, "SELECT file_path FROM quarantined_instances")}
 
 
 def own_error_lines(log: str) -> list[str]:

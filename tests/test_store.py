@@ -183,9 +183,141 @@ def test_create_schema_adds_missing_indexes_and_tables_to_an_older_database(tmp_
     with sqlite3.connect(path) as conn:
         conn.execute("DROP INDEX ix_studies_updated_at")
         conn.execute("DROP TABLE annotations")
+        conn.execute("DROP TABLE quarantined_instances")  # made by a version that had none
     db = Database(f"sqlite:///{path}")
     db.create_schema()
     db.dispose()
     with sqlite3.connect(path) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"ix_studies_updated_at", "annotations", "users", "consults"} <= names
+    assert {"ix_studies_updated_at", "annotations", "users", "consults", "quarantined_instances"} <= names
+
+
+# -- completeness, disk guard, quarantine (issue 11) ---------------------------------------
+
+
+def _part10(name: str) -> tuple[bytes, str]:
+    raw = (SHARED_DICOM / name).read_bytes()
+    return raw, str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def test_every_shared_file_is_complete() -> None:
+    from xray_triage.store.completeness import incompleteness
+
+    for path in sorted(SHARED_DICOM.glob("*.dcm")):
+        raw, ts = _part10(path.name)
+        assert incompleteness(raw, ts) is None, path.name
+
+
+@pytest.mark.parametrize(
+    ("name", "cut"),
+    [
+        ("dev_01_dx_pa_explicit_window.dcm", 1),  # native Pixel Data one byte short
+        ("dev_02_cr_ap_mono1_implicit.dcm", 1000),  # implicit VR
+        ("dev_03_dx_pa_jpeg_lossless_sv1.dcm", 1),  # encapsulated: the delimiter's length cut
+        ("dev_06_dx_pa_j2k_lossless.dcm", 5000),  # encapsulated: inside the last fragment
+    ],
+)
+def test_a_cut_data_set_is_incomplete(name: str, cut: int) -> None:
+    from xray_triage.store.completeness import incompleteness
+
+    raw, ts = _part10(name)
+    assert incompleteness(raw[:-cut], ts) is not None
+
+
+def test_an_element_declaring_more_than_was_received_is_named() -> None:
+    import struct
+
+    from xray_triage.store.completeness import incompleteness
+
+    raw, ts = _part10("dev_01_dx_pa_explicit_window.dcm")
+    trailing = b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 4096) + b"\x00" * 16
+    problem = incompleteness(raw + trailing, ts)
+    assert problem is not None and "DataSetTrailingPadding" in problem and "4096" in problem
+
+
+def test_a_cut_deflated_data_set_is_incomplete() -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from xray_triage.store.completeness import incompleteness
+
+    ds = pydicom.dcmread(SHARED_DICOM / "dev_01_dx_pa_explicit_window.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    assert incompleteness(raw, DeflatedExplicitVRLittleEndian) is None
+    assert "deflated" in (incompleteness(raw[:-100], DeflatedExplicitVRLittleEndian) or "")
+
+
+def test_storage_guard_refuses_before_the_disk_is_full(tmp_path: Path, db: Database) -> None:
+    from xray_triage.store.diskspace import MB, StorageGuard
+
+    free = {"bytes": 100 * MB}
+    guard = StorageGuard(tmp_path / "data", min_free_mb=50, free=lambda _path: free["bytes"])
+    ingestor = Ingestor(tmp_path / "data", db, TriagePolicy(["CR", "DX"], ["CHEST"]), storage=guard)
+    ds, raw = _read("dev_01_dx_pa_explicit_window.dcm")
+    free["bytes"] = 50 * MB + len(raw) - 1  # storing it would leave less than 50 MB
+    outcome = _ingest(ingestor, ds, raw)
+    assert outcome.status == STATUS_OUT_OF_RESOURCES and "disk nearly full" in outcome.message
+    assert _count(db, Instance) == 0 and not (tmp_path / "data" / "dicom").exists()
+    assert guard.report()["storage"] == "ok"  # 52 MB free: not under the threshold yet
+    free["bytes"] = 40 * MB
+    assert guard.report()["storage"] == "degraded" and guard.report()["disk_free_mb"] == 40.0
+
+    guard.set_degraded("database: disk full")
+    free["bytes"] = 10_000 * MB
+    outcome = _ingest(ingestor, ds, raw)
+    assert outcome.status == STATUS_OUT_OF_RESOURCES and "degraded" in outcome.message
+    assert guard.report() == {
+        "storage": "degraded",
+        "disk_free_mb": 10_000.0,
+        "min_free_disk_mb": 50,
+        "storage_problem": "database: disk full",
+    }
+    guard.clear_degraded()
+    assert _ingest(ingestor, ds, raw).ok and guard.report()["storage"] == "ok"
+
+
+def test_conflicting_uids_are_quarantined_with_their_own_file_and_row(tmp_path: Path, db: Database) -> None:
+    from xray_triage.store.schema import QuarantinedInstance
+
+    ingestor = _ingestor(tmp_path, db)
+    ds, raw = _read("dev_05_dx_ap_rle.dcm")
+    assert _ingest(ingestor, ds, raw).ok
+    outcome = ingestor.ingest(
+        ds, raw, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), calling_ae="ST2", peer_address="10.0.0.2"
+    )
+    assert outcome.ok and outcome.quarantined and not outcome.duplicate  # same bytes, another station
+    again = ingestor.ingest(
+        ds, raw, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID), calling_ae="ST2", peer_address="10.0.0.2"
+    )
+    assert again.ok and again.duplicate and again.quarantine_id == outcome.quarantine_id
+    assert (_count(db, Instance), _count(db, TriageJob), _count(db, QuarantinedInstance)) == (1, 1, 1)
+    with db.session() as s:
+        row = s.scalar(select(QuarantinedInstance))
+        assert (row.reason, row.calling_ae, row.conflicting_station_ae) == ("sop_instance_conflict", "ST2", "ST1")
+        assert (tmp_path / "data" / row.file_path).read_bytes() == raw
+
+
+def test_start_up_removes_orphan_quarantine_files_and_keeps_recorded_ones(tmp_path: Path) -> None:
+    from xray_triage.serve import reconcile_files
+    from xray_triage.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.data_dir.mkdir()
+    database = Database(settings.resolved_database_url)
+    database.create_schema()
+    try:
+        ingestor = Ingestor(settings.data_dir, database, TriagePolicy(["CR", "DX"], ["CHEST"]))
+        ds, raw = _read("dev_05_dx_ap_rle.dcm")
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        assert ingestor.ingest(ds, raw, transfer_syntax_uid=ts, calling_ae="ST1", peer_address="a").ok
+        kept = ingestor.ingest(ds, raw, transfer_syntax_uid=ts, calling_ae="ST2", peer_address="b")
+        assert kept.quarantined
+        orphan = settings.data_dir / "quarantine" / str(ds.SOPInstanceUID) / "crashed-before-commit.dcm"
+        orphan.write_bytes(raw)  # written, row never committed: never acknowledged
+        reconcile_files(settings, database)
+        remaining = list((settings.data_dir / "quarantine").rglob("*.dcm"))
+        assert len(remaining) == 1 and remaining[0] != orphan
+    finally:
+        database.dispose()

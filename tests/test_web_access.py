@@ -392,3 +392,21 @@ def test_healthz_is_json_when_degraded(env: WebEnv) -> None:
     assert response.status_code == 503
     assert response.json()["status"] == "degraded" and response.json()["dicom_gateway"] == "stopping"
     assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_healthz_reports_free_disk_space_and_low_space_is_degraded(env: WebEnv) -> None:
+    client = TestClient(env.app)
+    body = client.get("/healthz").json()
+    assert body["storage"] == "ok" and body["disk_free_mb"] > body["min_free_disk_mb"] == 512, body
+    storage = env.app.state.storage
+    storage.min_free_mb = body["disk_free_mb"] * 1000  # far above what is free
+    try:
+        response = client.get("/healthz")
+        admin, _ = client_for(env, "admin")
+        page = admin.get("/admin").text
+    finally:
+        storage.min_free_mb = 512
+    assert response.status_code == 503, response.text
+    assert response.json()["status"] == "degraded" and response.json()["storage"] == "degraded"
+    assert 'id="storage-degraded"' in page
+    assert client.get("/healthz").status_code == 200

@@ -12,7 +12,7 @@ from web_helpers import add_user_row, client_for, make_web_env
 from consult_web.i18n import LANGUAGES, catalog, format_age, format_datetime, translate
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.store.consult_schema import CONCLUSIONS, CONSULT_STATUSES, ROLES, URGENCIES
-from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
+from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING, QUARANTINE_REASONS
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "consult_web" / "templates"
 DYNAMIC = {
@@ -23,6 +23,7 @@ DYNAMIC = {
     "conclusion.": CONCLUSIONS,
     "role.": ROLES,
     "lang.": LANGUAGES,
+    "quarantine.": QUARANTINE_REASONS,
 }
 
 

@@ -2,7 +2,12 @@
 
 Start-up order is chosen so that nothing is acknowledged that cannot be
 processed: the model is loaded, checked against its card's sha256 and warmed up
-*before* the gateway starts listening. Shutdown runs the other way: the gateway
+*before* the gateway starts listening. If the start-up storage work (schema,
+leftover files, interrupted jobs) cannot be written, e.g. on a full disk, the
+server still starts, *degraded*: the gateway answers C-STORE 0xA700 (the
+modality keeps the image and retries), ``/healthz`` says so, and the work is
+retried every ``storage_retry_s`` until it succeeds; only then do the triage
+workers start. Shutdown runs the other way: the gateway
 stops accepting and lets in-flight associations finish (or aborts them after a
 grace period), then the workers finish the image in hand; queued jobs stay in
 the database for the next start.
@@ -17,16 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import Settings
-from xray_triage.store.db import Database, open_database
-from xray_triage.store.files import clean_incoming, remove_file, stored_files
+from xray_triage.store.db import Database
+from xray_triage.store.diskspace import StorageGuard
+from xray_triage.store.files import clean_incoming, quarantined_files, remove_file, stored_files
 from xray_triage.store.ingest import Ingestor, TriagePolicy
-from xray_triage.store.schema import Instance
+from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 
 log = logging.getLogger(__name__)
@@ -39,9 +46,10 @@ def reconcile_files(settings: Settings, db: Database) -> None:
     so removing them loses nothing and keeps "no file without a row" true.
     """
     parts = clean_incoming(settings.data_dir)
-    with db.session() as session:
+    with db.read_session() as session:
         known = set(session.scalars(select(Instance.file_path)))
-    orphans = stored_files(settings.data_dir) - known
+        kept_apart = set(session.scalars(select(QuarantinedInstance.file_path)))
+    orphans = (stored_files(settings.data_dir) - known) | (quarantined_files(settings.data_dir) - kept_apart)
     for relpath in orphans:
         remove_file(settings.data_dir, Path(relpath))
     missing = len(known - stored_files(settings.data_dir)) if known else 0
@@ -49,6 +57,79 @@ def reconcile_files(settings: Settings, db: Database) -> None:
         log.warning("removed unacknowledged leftovers of an interrupted run", extra={"partial": parts, "orphans": len(orphans)})
     if missing:
         log.error("instances whose DICOM file is missing from the data directory", extra={"count": missing})
+
+
+def prepare_storage(settings: Settings, db: Database, workers: TriageWorkers) -> None:
+    """The start-up storage work: schema, leftovers of a crash, interrupted jobs (then the workers).
+
+    Raises SQLAlchemyError or OSError when it cannot be written (e.g. the disk is full).
+    """
+    db.create_schema()
+    reconcile_files(settings, db)
+    workers.start()  # re-queues interrupted jobs before any worker thread starts
+
+
+class StorageRecovery:
+    """Runs :func:`prepare_storage` at start-up and, while it fails, every ``storage_retry_s``.
+
+    While it has not succeeded the storage guard is degraded: C-STORE answers 0xA700
+    and ``/healthz`` says why, instead of the server exiting on a full disk.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        workers: TriageWorkers,
+        storage: StorageGuard,
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.workers = workers
+        self.storage = storage
+        self.stop = stop
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.attempt():
+            return
+        log.error(
+            "storage not ready: started degraded, C-STORE answers 0xA700 until it recovers",
+            extra={"retry_s": self.settings.storage_retry_s, "why": self.storage.degraded},
+        )
+        self._thread = threading.Thread(target=self._loop, name="storage-recovery", daemon=True)
+        self._thread.start()
+
+    def attempt(self) -> bool:
+        """One try; True once the storage work is done (the guard is then cleared)."""
+        try:
+            prepare_storage(self.settings, self.db, self.workers)
+        except (SQLAlchemyError, OSError) as exc:
+            self.storage.set_degraded(_storage_problem(exc))
+            return False
+        self.storage.clear_degraded()
+        return True
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.settings.storage_retry_s):
+            if self.attempt():
+                log.warning("storage recovered: accepting images again", extra={"free_mb": self.storage.free_mb()})
+                return
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def _storage_problem(exc: BaseException) -> str:
+    """A short reason for /healthz and the logs (no SQL, no paths)."""
+    if isinstance(exc, SQLAlchemyError):
+        original = getattr(exc, "orig", None)
+        return f"database: {original or type(exc).__name__}"
+    if isinstance(exc, OSError):
+        return f"file system: {exc.strerror or type(exc).__name__}"
+    return type(exc).__name__
 
 
 def gateway_config(settings: Settings) -> GatewayConfig:
@@ -81,8 +162,8 @@ def run_server(settings: Settings) -> int:
             "batch_max_size > triage_workers: batches can never fill, each waits batch_max_wait_ms",
             extra={"batch_max_size": settings.batch_max_size, "triage_workers": settings.triage_workers},
         )
-    db = open_database(settings)
-    reconcile_files(settings, db)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
     log.info(
         "starting",
         extra={"data_dir": str(settings.data_dir.resolve()), "database": db.engine.url.render_as_string(hide_password=True)},
@@ -96,21 +177,24 @@ def run_server(settings: Settings) -> int:
         reduced_decode=settings.j2k_reduced_decode,
         max_frame_pixels=settings.max_frame_pixels,
     )
-    workers.start()
+    storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
+    health: dict[str, Any] = {"dicom_gateway": "starting"}
+    stop_requested = threading.Event()
+    recovery = StorageRecovery(settings, db, workers, storage, stop_requested)
+    recovery.start()
     ingestor = Ingestor(
         settings.data_dir,
         db,
         TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
         on_job_queued=workers.notify,
         default_character_set=settings.default_character_set,
+        storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
-    health: dict[str, Any] = {"dicom_gateway": "starting"}
-    stop_requested = threading.Event()
     try:
         gateway.start()
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health, settings)
+        app = create_app(db, card, health, settings, storage=storage)
         config = uvicorn.Config(
             app,
             host=settings.http_host,
@@ -131,7 +215,9 @@ def run_server(settings: Settings) -> int:
     finally:
         log.info("shutting down")
         health["dicom_gateway"] = "stopping"
+        stop_requested.set()
         gateway.stop(settings.shutdown_grace_s)
+        recovery.join()
         workers.stop()
         runner.close()
         db.dispose()

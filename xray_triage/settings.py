@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     # Storage
     data_dir: Path = Field(Path("xray-triage-data"), description="DICOM files, database, logs")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+    min_free_disk_mb: float = Field(
+        512.0,
+        ge=0,
+        description="C-STORE answers 0xA700 and /healthz says degraded while the data directory's disk "
+        "has less than this free (after the incoming file)",
+    )
+    storage_retry_s: float = Field(
+        30.0, gt=0, description="when start-up storage work failed (e.g. disk full): how often to retry it"
+    )
 
     # DICOM gateway
     default_character_set: str = Field(

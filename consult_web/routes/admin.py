@@ -1,4 +1,5 @@
-"""Admin pages: users (add, disable, enable), stations (add, remove) and the audit log."""
+"""Admin pages: users (add, disable, enable), stations (add, remove), quarantined images,
+the storage's degraded state and the audit log."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from consult_web.auth import require_admin
 from consult_web.errors import LocalizedError
 from consult_web.templating import render
 from xray_triage.store.consult_schema import ROLES, AuditEvent
+from xray_triage.store.records import list_quarantined
 from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
 from xray_triage.store.users import AuthUser, UserError, add_user, list_users, set_disabled
 
@@ -22,12 +24,17 @@ def _admin_page(request: Request, error: str = "", status_code: int = 200) -> HT
         users = list_users(session)
         stations = list_stations(session)
         events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(100)))
-        return render(
-            request,
-            "admin.html",
-            {"users": users, "stations": stations, "events": events, "roles": ROLES, "error": error},
-            status_code=status_code,
-        )
+        quarantined = list_quarantined(session)
+        context = {
+            "users": users,
+            "stations": stations,
+            "events": events,
+            "roles": ROLES,
+            "error": error,
+            "quarantined": quarantined,
+            "storage": request.app.state.storage.report(),
+        }
+        return render(request, "admin.html", context, status_code=status_code)
 
 
 @router.get("")

@@ -21,7 +21,12 @@ router = APIRouter()
 
 @router.get("/healthz")
 def healthz(request: Request) -> JSONResponse:
-    """Unauthenticated on purpose: this is what monitoring and the Docker health check read."""
+    """Unauthenticated on purpose: this is what monitoring and the Docker health check read.
+
+    ``storage`` is ``degraded`` (and the status 503) when the data directory's disk has
+    less than ``min_free_disk_mb`` free or start-up storage work has not succeeded yet;
+    ``disk_free_mb`` says how much is free.
+    """
     state = request.app.state.health
     card = request.app.state.card
     try:
@@ -30,12 +35,14 @@ def healthz(request: Request) -> JSONResponse:
         database = "ok"
     except Exception as exc:  # report, don't crash
         database = f"error: {type(exc).__name__}"
-    ok = database == "ok" and all(v == "ok" for v in state.values())
+    storage = request.app.state.storage.report()
+    ok = database == "ok" and storage["storage"] == "ok" and all(v == "ok" for v in state.values())
     body = {
         "status": "ok" if ok else "degraded",
         "version": __version__,
         "database": database,
         "model": card.model_version if card else None,
+        **storage,
         **state,
     }
     # JSON either way (never the HTML error page): monitoring reads which part failed.

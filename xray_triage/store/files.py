@@ -3,6 +3,7 @@
 Layout (one file per SOP instance, easy to inspect with dcmdump)::
 
     <data_dir>/dicom/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    <data_dir>/quarantine/<SOPInstanceUID>/<random>.dcm   (kept apart: see ingest.py)
     <data_dir>/incoming/<random>.part        (only while a file is being written)
 
 A file is written to ``incoming/`` first, flushed and fsync'ed, then renamed
@@ -34,6 +35,13 @@ def instance_relpath(study_uid: str, series_uid: str, sop_uid: str) -> Path:
         if not is_valid_uid(uid):
             raise ValueError(f"not a valid DICOM UID: {uid!r}")
     return Path("dicom") / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def quarantine_relpath(sop_uid: str) -> Path:
+    """A new, unique path for a quarantined copy of ``sop_uid`` (there may be several)."""
+    if not is_valid_uid(sop_uid):
+        raise ValueError(f"not a valid DICOM UID: {sop_uid!r}")
+    return Path("quarantine") / sop_uid / f"{uuid.uuid4().hex}.dcm"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,3 +97,11 @@ def stored_files(data_dir: Path) -> set[str]:
     if not root.is_dir():
         return set()
     return {str(p.relative_to(data_dir)) for p in root.glob("*/*/*.dcm")}
+
+
+def quarantined_files(data_dir: Path) -> set[str]:
+    """Every ``.dcm`` under ``quarantine/``, as paths relative to the data directory."""
+    root = data_dir / "quarantine"
+    if not root.is_dir():
+        return set()
+    return {str(p.relative_to(data_dir)) for p in root.glob("*/*.dcm")}

@@ -15,6 +15,7 @@ from xray_triage.store.schema import (
     AI_PENDING,
     PRIORITY_RANK,
     Instance,
+    QuarantinedInstance,
     Series,
     Study,
     TriageJob,
@@ -138,3 +139,55 @@ def refresh_study(session: Session, study: Study) -> None:
     study.priority = best
     study.priority_rank = PRIORITY_RANK.get(best, 0)
     study.updated_at = utcnow()
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    """What is kept of a quarantined instance besides its file."""
+
+    reason: str
+    detail: str
+    conflicting_station_ae: str
+    sha256: str
+
+
+def add_quarantined(
+    session: Session, meta: InstanceMeta, receipt: Receipt, record: QuarantineRecord
+) -> QuarantinedInstance:
+    """Record an instance kept apart (no study, series, instance row or triage job)."""
+    row = QuarantinedInstance(
+        reason=record.reason,
+        detail=record.detail,
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        study_instance_uid=meta.study_instance_uid,
+        series_instance_uid=meta.series_instance_uid,
+        conflicting_station_ae=record.conflicting_station_ae,
+        transfer_syntax_uid=receipt.transfer_syntax_uid,
+        file_path=receipt.relpath,
+        file_size=receipt.file_size,
+        sha256=record.sha256,
+        calling_ae=receipt.calling_ae,
+        peer_address=receipt.peer_address,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def find_quarantined_copy(session: Session, sop_instance_uid: str, calling_ae: str, sha256: str) -> int | None:
+    """The id of an identical quarantined copy from the same station (a re-send), if any."""
+    return session.scalar(
+        select(QuarantinedInstance.id).where(
+            QuarantinedInstance.sop_instance_uid == sop_instance_uid,
+            QuarantinedInstance.calling_ae == calling_ae,
+            QuarantinedInstance.sha256 == sha256,
+        )
+    )
+
+
+def list_quarantined(session: Session, limit: int = 200) -> list[QuarantinedInstance]:
+    """Newest first, for the admin page."""
+    return list(
+        session.scalars(select(QuarantinedInstance).order_by(QuarantinedInstance.id.desc()).limit(limit))
+    )

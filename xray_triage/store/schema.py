@@ -184,3 +184,44 @@ class TriageResult(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="result")
+
+
+# Why an instance was quarantined instead of filed into a study.
+QUARANTINE_SOP_CONFLICT = "sop_instance_conflict"  # same SOP Instance UID, other content or other station
+QUARANTINE_STUDY_OTHER_STATION = "study_of_other_station"  # Study Instance UID already used by another station
+QUARANTINE_SERIES_OTHER_STATION = "series_of_other_station"  # Series Instance UID already used by another station
+QUARANTINE_SERIES_OTHER_STUDY = "series_of_other_study"  # Series Instance UID already filed under another study
+QUARANTINE_REASONS = (
+    QUARANTINE_SOP_CONFLICT,
+    QUARANTINE_STUDY_OTHER_STATION,
+    QUARANTINE_SERIES_OTHER_STATION,
+    QUARANTINE_SERIES_OTHER_STUDY,
+)
+
+
+class QuarantinedInstance(Base):
+    """An acknowledged instance kept apart: stored and recorded, in no study, never triaged.
+
+    A separate table (not a flag on ``instances``) so that no study view, worklist
+    or API query can show it by accident, and so that a 0.1.0 database gains it
+    through ``create_schema`` without a migration. Admins see these on ``/admin``.
+    """
+
+    __tablename__ = "quarantined_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    reason: Mapped[str] = mapped_column(String(32), nullable=False)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    # The station that already owns the UID (or the first copy), when there is one.
+    conflicting_station_ae: Mapped[str] = mapped_column(String(16), default="")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    file_path: Mapped[str] = mapped_column(Text, nullable=False)  # relative to the data directory
+    file_size: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")  # of the data set as received (no meta group)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    peer_address: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

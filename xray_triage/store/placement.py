@@ -1,0 +1,91 @@
+"""Where a received instance may be filed, so that nothing is misfiled or shown to the wrong station.
+
+Studies and series belong to the station (calling AE title) that sent their first
+image, and a station user sees only its own station's studies. So an image is
+filed into an existing study or series only if that study is its own station's
+and (for a series) the series really is in the study the image names. Otherwise,
+or when its SOP Instance UID is already stored with other content, it is
+*quarantined*: stored and recorded apart, in no study, not triaged, shown to
+admins on ``/admin``. Nothing acknowledged is dropped, and no UID, chosen by
+mistake or on purpose, can put an image in front of another station's users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from xray_triage.store.dicom_meta import InstanceMeta
+from xray_triage.store.schema import (
+    QUARANTINE_SERIES_OTHER_STATION,
+    QUARANTINE_SERIES_OTHER_STUDY,
+    QUARANTINE_SOP_CONFLICT,
+    QUARANTINE_STUDY_OTHER_STATION,
+    Instance,
+    Series,
+    Study,
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``reason`` None: file it normally. Otherwise quarantine it, for that reason.
+
+    ``existing_instance_id``: the stored instance with the same SOP Instance UID
+    (the caller decides whether the new copy is identical, i.e. an idempotent re-send).
+    """
+
+    reason: str | None = None
+    detail: str = ""
+    conflicting_station: str = ""
+    existing_instance_id: int | None = None
+    existing_file: str = ""
+    existing_calling_ae: str = ""
+    existing_transfer_syntax: str = ""
+
+
+def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
+    """Decide in ``session`` (the transaction that will insert) where ``meta`` may go."""
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
+    if existing is not None:
+        owner = session.scalar(
+            select(Study.station_ae).join(Series, Series.study_id == Study.id).where(Series.id == existing.series_id)
+        )
+        return Placement(
+            QUARANTINE_SOP_CONFLICT,
+            "SOP Instance UID already stored with other content or from another station",
+            owner or existing.calling_ae,
+            existing.id,
+            existing.file_path,
+            existing.calling_ae,
+            existing.transfer_syntax_uid,
+        )
+    study = session.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
+    if study is not None and study.station_ae != calling_ae:
+        return Placement(
+            QUARANTINE_STUDY_OTHER_STATION,
+            "Study Instance UID already used by another station",
+            study.station_ae,
+        )
+    row = session.execute(
+        select(Study.station_ae, Study.study_instance_uid)
+        .join(Series, Series.study_id == Study.id)
+        .where(Series.series_instance_uid == meta.series_instance_uid)
+    ).first()
+    if row is not None:
+        series_station, series_study = row
+        if series_station != calling_ae:
+            return Placement(
+                QUARANTINE_SERIES_OTHER_STATION,
+                "Series Instance UID already used by another station",
+                series_station,
+            )
+        if series_study != meta.study_instance_uid:
+            return Placement(
+                QUARANTINE_SERIES_OTHER_STUDY,
+                f"Series Instance UID already filed under study {series_study}",
+                series_station,
+            )
+    return Placement()
