@@ -25,7 +25,7 @@ import torch
 import torchxrayvision as xrv
 from torch import nn
 
-from xray_triage.export.common import (
+from model_tools.export.common import (
     HEATMAPS,
     INPUT_NAME,
     PARITY_TOLERANCE,

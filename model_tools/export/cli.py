@@ -64,8 +64,8 @@ def cmd_export_torchxrayvision(args: argparse.Namespace) -> int:
         import torchxrayvision  # noqa: F401
     except ImportError as exc:
         return _error(f"the export needs torch and torchxrayvision ({exc}); install them with: {INSTALL_HINT}")
-    from xray_triage.export.common import ExportError
-    from xray_triage.export.torchxrayvision_export import export_torchxrayvision
+    from model_tools.export.common import ExportError
+    from model_tools.export.torchxrayvision_export import export_torchxrayvision
     from xray_triage.inference.card import ModelCardError
 
     try:

@@ -59,7 +59,7 @@ if str(REPO) not in sys.path:  # allow `python models/train.py` without PYTHONPA
 
 from xray_triage.evaluation.metrics import auroc, bootstrap_ci, sens_spec, youden_threshold  # noqa: E402
 from xray_triage.inference.card import InputSpec, load_card, sha256_file  # noqa: E402
-from xray_triage.inference.card_toml import toml_value as _toml_value  # noqa: E402
+from model_tools.card_toml import toml_value as _toml_value  # noqa: E402
 from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
 from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
 

@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:  # allow `python models/quantize.py` without PYTHO
 
 from xray_triage.evaluation.metrics import auroc  # noqa: E402
 from xray_triage.inference.card import ModelCard, load_card, sha256_file, variant_card_name  # noqa: E402
-from xray_triage.inference.card_toml import toml_value as _toml_value  # noqa: E402
+from model_tools.card_toml import toml_value as _toml_value  # noqa: E402
 from xray_triage.inference.runner import ModelRunner  # noqa: E402
 from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
 from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from xray_triage.inference.card_toml import toml_key, toml_value
+from model_tools.card_toml import toml_key, toml_value
 
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
