@@ -24,7 +24,7 @@ the evaluation set (``--eval-data``), with the largest probability change.
 
 Run from the repository root in the project venv::
 
-    .venv/bin/python models/quantize.py                 # both variants of models/default
+    .venv/bin/python models/quantize.py                 # both variants of the shipped model
     .venv/bin/python models/quantize.py --variants int8
     .venv/bin/python models/quantize.py --remeasure      # keep the files, time them again
 
@@ -46,23 +46,23 @@ import re
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from model_tools.card_toml import toml_dumps, toml_value
+from xray_triage.evaluation.metrics import auroc
+from xray_triage.inference.card import ModelCard, load_card, sha256_file, variant_card_name
+from xray_triage.inference.runner import ModelRunner
+from xray_triage.pipeline.pixels import read_picture_display
+from xray_triage.pipeline.preprocess import to_model_input
+from xray_triage.settings import DEFAULT_MODEL_DIR
+from xray_triage.triage.scoring import score
+
+# The checkout this file is in (an editable install): ../shared/data beside it.
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow `python models/quantize.py` without PYTHONPATH
-    sys.path.insert(0, str(REPO))
-
-from xray_triage.evaluation.metrics import auroc  # noqa: E402
-from xray_triage.inference.card import ModelCard, load_card, sha256_file, variant_card_name  # noqa: E402
-from model_tools.card_toml import toml_value as _toml_value  # noqa: E402
-from xray_triage.inference.runner import ModelRunner  # noqa: E402
-from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
-from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
-from xray_triage.triage.scoring import score  # noqa: E402
-
 SHARED = REPO.parent / "shared" / "data"
 DEFAULT_CALIB = SHARED / "cxr-train" / "images"
 DEFAULT_EVAL = SHARED / "cxr"
@@ -393,22 +393,7 @@ def fix_casts_to_float(model) -> int:  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------- cards
 
 
-def toml_value(v: object) -> str:
-    return _toml_value(v, digits=6)
-
-
-def toml_table(name: str, table: dict) -> str:
-    lines = [f"[{name}]"]
-    subs = []
-    for key, value in table.items():
-        if isinstance(value, dict):
-            subs.append((key, value))
-        else:
-            lines.append(f"{key} = {toml_value(value)}")
-    text = "\n".join(lines) + "\n"
-    for key, value in subs:
-        text += "\n" + toml_table(f"{name}.{key}", value)
-    return text
+CARD_DIGITS = 6  # floats in a variant card: 6 decimals, as in the fp32 card
 
 
 def variant_card_text(base: ModelCard, variant: str, onnx_path: Path, variant_table: dict) -> str:
@@ -421,7 +406,7 @@ def variant_card_text(base: ModelCard, variant: str, onnx_path: Path, variant_ta
         ("onnx_file", onnx_path.name),
         ("sha256", sha256_file(onnx_path)),
     ):
-        head, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {toml_value(value)}", head, count=1)
+        head, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {toml_value(value, CARD_DIGITS)}", head, count=1)
         if n != 1:
             raise SystemExit(f"{base.path}: no [model].{key} line to replace")
     purpose = "CPU" if variant == "int8" else "GPU"
@@ -434,7 +419,10 @@ def variant_card_text(base: ModelCard, variant: str, onnx_path: Path, variant_ta
         "# [evaluation], [runtime] etc. describe the fp32 model (sha256 = [variant].base_sha256).\n"
         "# [variant] holds what was measured for this file against fp32.\n\n"
     )
-    return header + head + sep + rest.rstrip("\n") + "\n\n" + toml_table("variant", variant_table)
+    variant = toml_dumps({"variant": variant_table}, digits=CARD_DIGITS)
+    text = header + head + sep + rest.rstrip("\n") + "\n\n" + variant
+    tomllib.loads(text)  # the whole card must still be valid TOML
+    return text
 
 
 # --------------------------------------------------------------------------- main
@@ -447,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--model-dir", type=Path, default=REPO / "models" / "default", help="directory with model.toml (fp32)"
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="directory with model.toml (fp32; default: the shipped model)"
     )
     p.add_argument("--variants", nargs="+", choices=("int8", "fp16"), default=["int8", "fp16"])
     p.add_argument("--calib-data", type=Path, default=DEFAULT_CALIB, help="TRAIN images for INT8 calibration")

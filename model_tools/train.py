@@ -26,9 +26,12 @@ What it does, in order:
 6. writes ``model.onnx`` and the card ``model.toml`` into ``--out`` and checks the
    card loads with ``xray_triage.inference.card.load_card``.
 
-Run from the repository root, in the export environment::
+Run from the repository root, in the export environment (the project installed
+editable with the ``export`` extra: ``pip install -e '.[export]'``)::
 
-    PYTHONPATH=. .venv-export/bin/python models/train.py --out models/default
+    .venv-export/bin/python models/train.py --out xray_triage/models/default
+
+(``models/train.py`` only calls :func:`main`; ``python -m model_tools.train`` is the same.)
 
 The CPU is the target: torch uses ``--threads`` threads (2 by default) and the
 run is seeded and deterministic as far as torch allows on CPU.
@@ -53,15 +56,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow `python models/train.py` without PYTHONPATH
-    sys.path.insert(0, str(REPO))
+from model_tools.card_toml import card_text, write_card
+from xray_triage.evaluation.metrics import auroc, bootstrap_ci, sens_spec, youden_threshold
+from xray_triage.inference.card import InputSpec, load_card, sha256_file
+from xray_triage.pipeline.pixels import read_picture_display
+from xray_triage.pipeline.preprocess import to_model_input
+from xray_triage.settings import DEFAULT_MODEL_DIR
 
-from xray_triage.evaluation.metrics import auroc, bootstrap_ci, sens_spec, youden_threshold  # noqa: E402
-from xray_triage.inference.card import InputSpec, load_card, sha256_file  # noqa: E402
-from model_tools.card_toml import toml_value as _toml_value  # noqa: E402
-from xray_triage.pipeline.pixels import read_picture_display  # noqa: E402
-from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
+# The checkout this file is in (an editable install): git provenance and ../shared/data.
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL_NAME = "xray-triage-demo"
 MODEL_VERSION = "0.1.0"
@@ -610,41 +613,14 @@ def export_onnx(model, path: Path, spec: InputSpec, sample: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- card (TOML)
 
 
-def toml_value(v) -> str:
-    return _toml_value(v, digits=6)
-
-
-def toml_tables(tables: dict, comments: dict[str, str] | None = None) -> str:
-    """Write nested dicts as TOML tables (scalars first, then sub-tables)."""
-    comments = comments or {}
-    out: list[str] = []
-
-    def emit(name: str, table: dict) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if scalars or not subs:
-            if name in comments:
-                out.extend("# " + line if line else "#" for line in comments[name].splitlines())
-            out.append(f"[{name}]")
-            for k, v in scalars.items():
-                out.append(f"{k} = {toml_value(v)}")
-            out.append("")
-        for k, v in subs.items():
-            emit(f"{name}.{k}", v)
-
-    for name, table in tables.items():
-        emit(name, table)
-    return "\n".join(out)
-
-
 CARD_HEADER = """\
-# Model card of the default model shipped with xray-triage.
-# Schema: xray_triage/inference/card.py. Written by models/train.py; do not edit by hand
-# (the sha256 pins model.onnx; the numbers below were computed from that file).
-#
-# DEMONSTRATION ONLY - NOT A MEDICAL DEVICE. To use a validated model, put its .onnx and a
-# card like this one in a directory and set the server's model_dir to that directory.
-"""
+Model card of the default model shipped with xray-triage.
+Schema: xray_triage/inference/card.py. Written by models/train.py; do not edit by hand
+(the sha256 pins model.onnx; the numbers below were computed from that file).
+
+DEMONSTRATION ONLY - NOT A MEDICAL DEVICE. To use a validated model, put its .onnx and a
+card like this one in a directory and set the server's model_dir to that directory."""
+CARD_DIGITS = 6  # floats in the card: 6 decimals
 
 CARD_COMMENTS = {
     "thresholds": "Per-label operating points, chosen on the patient-disjoint validation split of TRAIN\n"
@@ -655,7 +631,8 @@ CARD_COMMENTS = {
 }
 
 
-def build_card(*, spec, onnx_path, thresholds, extra) -> str:
+def card_tables(*, spec, onnx_path, thresholds, extra) -> dict:
+    """The card's tables (``[model]``, ``[input]``, ... then ``extra``), for ``model_tools.card_toml``."""
     tables = {
         "model": {
             "name": MODEL_NAME,
@@ -684,7 +661,7 @@ def build_card(*, spec, onnx_path, thresholds, extra) -> str:
         },
     }
     tables.update(extra)
-    return CARD_HEADER + "\n" + toml_tables(tables, CARD_COMMENTS)
+    return tables
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -795,6 +772,8 @@ def git_commit() -> str:
             "--porcelain",
             "--",
             "models/train.py",
+            "model_tools/train.py",
+            "model_tools/card_toml.py",
             "xray_triage/evaluation/metrics.py",
         ],
         capture_output=True,
@@ -822,7 +801,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TRAIN folder (labels.csv, images/)")
     p.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL, help="DEV folder for evaluation only")
-    p.add_argument("--out", type=Path, default=REPO / "models" / "default", help="output model directory")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="output model directory (default: the shipped model)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=20240611)
     p.add_argument("--size", type=int, default=224, help="model input height = width")
@@ -946,7 +925,7 @@ def main(argv=None) -> int:
     torch.set_num_interop_threads(1)
     torch.use_deterministic_algorithms(True)
     np.random.seed(args.seed)
-    command = "PYTHONPATH=. python models/train.py " + " ".join(
+    command = "python models/train.py " + " ".join(
         shlex.quote(a) for a in (argv or sys.argv[1:])
     )
     t_start = time.perf_counter()
@@ -973,12 +952,9 @@ def main(argv=None) -> int:
     # the model as the server would, while --out keeps its previous card until the final one.
     scratch = tempfile.TemporaryDirectory(prefix="xray-card-")
     provisional = Path(scratch.name) / "model.toml"
-    provisional.write_text(
-        build_card(spec=spec, onnx_path=onnx_path, thresholds=dict.fromkeys(LABELS, 0.5), extra={}).replace(
-            'onnx_file = "model.onnx"', f"onnx_file = {toml_value(str(onnx_path))}"
-        ),
-        encoding="utf-8",
-    )
+    provisional_tables = card_tables(spec=spec, onnx_path=onnx_path, thresholds=dict.fromkeys(LABELS, 0.5), extra={})
+    provisional_tables["model"]["onnx_file"] = str(onnx_path)  # absolute: the card is elsewhere
+    provisional.write_text(card_text(provisional_tables, digits=CARD_DIGITS), encoding="utf-8")
     card = load_card(provisional)
     runner = ModelRunner(card, providers=["CPUExecutionProvider"], intra_op_threads=args.threads)
 
@@ -1185,11 +1161,13 @@ def main(argv=None) -> int:
             "labels_rule": f"per-finding labels only for findings with >= {MIN_FINDING_IMAGES} TRAIN images",
         },
     }
-    tmp_card = card_path.with_name(card_path.name + ".tmp")  # not *.toml: never seen as a card
-    tmp_card.write_text(
-        build_card(spec=spec, onnx_path=onnx_path, thresholds=thresholds, extra=extra), encoding="utf-8"
+    write_card(
+        card_path,
+        card_tables(spec=spec, onnx_path=onnx_path, thresholds=thresholds, extra=extra),
+        header=CARD_HEADER,
+        comments=CARD_COMMENTS,
+        digits=CARD_DIGITS,
     )
-    os.replace(tmp_card, card_path)
     scratch.cleanup()
     card = load_card(card_path)  # must load with the server's loader
     ModelRunner(card, providers=["CPUExecutionProvider"], intra_op_threads=1)

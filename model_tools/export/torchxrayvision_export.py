@@ -25,6 +25,7 @@ import torch
 import torchxrayvision as xrv
 from torch import nn
 
+from model_tools.card_toml import write_card
 from model_tools.export.common import (
     HEATMAPS,
     INPUT_NAME,
@@ -38,7 +39,6 @@ from model_tools.export.common import (
     export_onnx,
     random_inputs,
     verify_with_runner,
-    write_card,
 )
 from xray_triage.inference.card import sha256_file
 
