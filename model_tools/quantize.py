@@ -435,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="directory with model.toml (fp32; default: the shipped model)"
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="directory with model.toml (fp32)"
     )
     p.add_argument("--variants", nargs="+", choices=("int8", "fp16"), default=["int8", "fp16"])
     p.add_argument("--calib-data", type=Path, default=DEFAULT_CALIB, help="TRAIN images for INT8 calibration")

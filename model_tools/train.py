@@ -801,7 +801,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="TRAIN folder (labels.csv, images/)")
     p.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL, help="DEV folder for evaluation only")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="output model directory (default: the shipped model)")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="output model directory")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=20240611)
     p.add_argument("--size", type=int, default=224, help="model input height = width")
