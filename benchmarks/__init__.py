@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from xray_triage.settings import DEFAULT_MODEL_DIR  # noqa: F401 - the shipped model (package data)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DICOM = SHARED_DATA / "dicom"
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
 # The detector-size source image every transfer syntax variant is made from.
 DETECTOR_SOURCE = SHARED_DICOM / "dev_08_dx_pa_2800px_jpegls.dcm"

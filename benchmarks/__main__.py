@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which 2800x2800 variant the throughput runs send (default: explicit-le, uncompressed)",
     )
     run.add_argument(
-        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: models/default)"
+        "--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: the shipped model)"
     )
     run.add_argument(
         "--work-dir", type=Path, help="where to create the temporary directory (default: system temp)"

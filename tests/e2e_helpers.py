@@ -30,10 +30,12 @@ from typing import Any
 
 import httpx
 
+from xray_triage.settings import DEFAULT_MODEL_DIR
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DICOM = SHARED_DATA / "dicom"
-DEFAULT_MODEL_CARD = PROJECT_ROOT / "models" / "default" / "model.toml"
+DEFAULT_MODEL_CARD = DEFAULT_MODEL_DIR / "model.toml"  # the shipped model (package data)
 
 CALLED_AE = "XRAY_TRIAGE"
 STATION1 = "STATION1"
@@ -527,6 +529,7 @@ class Server:
     log_path: Path | None = None
     starts: int = 0
     api_token: str = ""  # Bearer token of a specialist (sees every station's studies)
+    command: list[str] | None = None  # the xray-triage executable; default cli_command()
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
@@ -556,7 +559,7 @@ class Server:
             self.http_port = free_port()
         self.log_path = self.root / f"server-{self.starts}.log"
         args = [
-            *cli_command(),
+            *(self.command or cli_command()),
             "serve",
             "--data-dir",
             str(self.data_dir),

@@ -15,9 +15,10 @@ from xray_triage.cli import main
 from xray_triage.evaluation.evaluate import EvaluationError, evaluate, read_labelled_set
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
+from xray_triage.settings import DEFAULT_MODEL_DIR
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_MODEL = DEFAULT_MODEL_DIR  # the shipped model (package data)
 
 # background level, abnormal, findings, patch (x, y), box (x, y, w, h) or None
 FIXTURE = [

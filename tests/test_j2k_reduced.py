@@ -28,11 +28,12 @@ from xray_triage.pipeline.pixels import (
     read_dicom_display,
 )
 from xray_triage.pipeline.preprocess import decode_min_side, to_model_input
+from xray_triage.settings import DEFAULT_MODEL_DIR
 from xray_triage.triage.analyze import analyze_file
 from xray_triage.triage.heatmaps import peak_in_source
 
 SHARED_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "dev_06_dx_pa_j2k_lossless.dcm"
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+DEFAULT_MODEL = DEFAULT_MODEL_DIR  # the shipped model (package data)
 
 
 def _j2k_dataset(pixels: np.ndarray, precision: int = 12) -> Dataset:

@@ -22,11 +22,10 @@ from xray_triage.inference.card import ModelCardError, find_card, list_cards, lo
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.pipeline.pixels import DisplayImage, read_any_display
 from xray_triage.pipeline.preprocess import to_model_input
-from xray_triage.settings import SettingsError, load_settings
+from xray_triage.settings import DEFAULT_MODEL_DIR, SettingsError, load_settings
 from xray_triage.triage.analyze import analyze_display
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "default"
+DEFAULT_MODEL = DEFAULT_MODEL_DIR
 LONG_WAIT_MS = 60_000.0  # a batch that must fill before it runs: only a full batch flushes it
 # Largest |p_variant - p_fp32| accepted on the shared DICOMs (models/quantize.py measures
 # the same on the 200 evaluation images and writes it into each card's [variant.accuracy]).
@@ -350,7 +349,7 @@ def test_analysis_is_the_same_with_batching(model_dir: Path) -> None:
 @pytest.mark.parametrize("variant", ["int8", "fp16"])
 def test_shipped_variant_matches_fp32(variant: str, shared_dicom: Path) -> None:
     if not (DEFAULT_MODEL / f"model.{variant}.toml").is_file():
-        pytest.skip(f"models/default has no {variant} variant (make it with models/quantize.py)")
+        pytest.skip(f"the shipped model has no {variant} variant (make it with models/quantize.py)")
     base = load_card(DEFAULT_MODEL)
     card = load_card(DEFAULT_MODEL, variant=variant)  # verifies the variant's own sha256
     assert card.variant == variant and card.version == f"{base.version}-{variant}"

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -332,13 +334,49 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_models_evaluate)
-    from xray_triage.export.cli import register as register_export_commands
-
-    register_export_commands(md_sub, common)
     from xray_triage.cli_users import register as register_user_commands
 
     register_user_commands(sub, common, _settings)
+    register_plugin_commands(CommandGroups(top=sub, models=md_sub, common=common))
     return parser
+
+
+# -- extra commands from other installed packages ----------------------------------------
+
+
+COMMANDS_GROUP = "xray_triage.commands"
+
+
+@dataclass(frozen=True)
+class CommandGroups:
+    """Where an extra-commands plugin adds its subcommands (argparse ``add_parser``).
+
+    A plugin is an entry point in the ``xray_triage.commands`` group whose object is
+    ``register(groups: CommandGroups) -> None``; each parser it adds sets ``func``
+    (``args -> exit status``) with ``set_defaults``. The model tooling registers
+    ``xray-triage models export-*`` this way, so this package never imports it.
+    """
+
+    top: argparse._SubParsersAction  # xray-triage COMMAND
+    models: argparse._SubParsersAction  # xray-triage models ACTION
+    common: argparse.ArgumentParser  # parent parser with --config and --data-dir
+
+
+def register_plugin_commands(groups: CommandGroups) -> None:
+    """Let every installed ``xray_triage.commands`` entry point add its subcommands.
+
+    A plugin that fails to load or register is reported on stderr and skipped: a
+    broken optional tool must not stop ``serve`` or any other command.
+    """
+    for entry_point in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
+        try:
+            entry_point.load()(groups)
+        except Exception as exc:  # noqa: BLE001 - any failure of optional code: report and go on
+            print(
+                f"xray-triage: warning: extra commands {entry_point.name!r} ({entry_point.value}) "
+                f"not available: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

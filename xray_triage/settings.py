@@ -5,12 +5,14 @@ Sources, highest priority first:
 2. environment variables ``XRAY_TRIAGE_<NAME>`` (e.g. ``XRAY_TRIAGE_DATA_DIR``),
 3. the TOML file from ``--config FILE`` or ``XRAY_TRIAGE_CONFIG`` (top-level keys),
 4. the defaults below: SQLite and local files under the data directory, the
-   model shipped in ``models/default``, CPU unless a GPU build sees a GPU.
+   model shipped in the package (``xray_triage/models/default``, package data),
+   CPU unless a GPU build sees a GPU.
 """
 
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,9 +24,22 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = PROJECT_ROOT / "models" / "default"
 CONFIG_ENV = "XRAY_TRIAGE_CONFIG"
+
+
+def shipped_model_dir() -> Path:
+    """The demo model's directory inside the installed package (ONNX files + cards).
+
+    Package data (``[tool.setuptools.package-data]``) found through
+    :mod:`importlib.resources`, so it is the same for an editable install,
+    ``pip install .``, a wheel or the Docker image, whatever the working directory.
+    ONNX Runtime opens the model by path, so the package must be installed as files
+    (as pip does), not imported from a zip archive (then the card is reported missing).
+    """
+    return Path(str(files("xray_triage") / "models" / "default"))
+
+
+DEFAULT_MODEL_DIR = shipped_model_dir()
 
 
 class Settings(BaseSettings):

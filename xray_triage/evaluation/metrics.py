@@ -1,6 +1,6 @@
 """Classification metrics for model cards, in plain numpy (no scikit-learn).
 
-Used by ``models/train.py`` to fill a card's ``[evaluation]`` and ``[thresholds]``
+Used by ``model_tools/train.py`` to fill a card's ``[evaluation]`` and ``[thresholds]``
 tables, and meant to be reused by the server's ``models evaluate`` command, so it
 depends on numpy only.
 

@@ -11,7 +11,7 @@ card ``model.toml``: ``model.int8.toml`` (INT8, for CPU) and ``model.fp16.toml``
 written by ``models/quantize.py``. The ``model_variant`` setting picks one
 (:func:`find_card`).
 
-Example (see ``models/default/model.toml`` for a complete one)::
+Example (see ``xray_triage/models/default/model.toml`` for a complete one)::
 
     [model]
     name = "xray-triage-demo"

@@ -1,6 +1,6 @@
 """Card-driven preprocessing: display image in [0, 1] -> the model's input tensor.
 
-Training code (``models/train.py``) calls this same function on PNGs, so the
+Training code (``model_tools/train.py``) calls this same function on PNGs, so the
 server and the training loop can never disagree about resizing or scaling.
 """
 

@@ -15,8 +15,8 @@ from pathlib import Path
 INSTALL_HINT = "pip install -e '.[export]'"
 
 
-def register(models_subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add the export subcommands to ``xray-triage models``."""
+def register(models_subparsers: argparse._SubParsersAction) -> None:
+    """Add the export subcommands to ``xray-triage models`` (see :mod:`model_tools.commands`)."""
     p = models_subparsers.add_parser(
         "export-torchxrayvision",
         help="export torchxrayvision's DenseNet-121 to ONNX with a model card (needs the export extra)",
@@ -64,8 +64,9 @@ def cmd_export_torchxrayvision(args: argparse.Namespace) -> int:
         import torchxrayvision  # noqa: F401
     except ImportError as exc:
         return _error(f"the export needs torch and torchxrayvision ({exc}); install them with: {INSTALL_HINT}")
-    from xray_triage.export.common import ExportError
-    from xray_triage.export.torchxrayvision_export import export_torchxrayvision
+    from model_tools.card_toml import CardWriteError
+    from model_tools.export.common import ExportError
+    from model_tools.export.torchxrayvision_export import export_torchxrayvision
     from xray_triage.inference.card import ModelCardError
 
     try:
@@ -79,7 +80,7 @@ def cmd_export_torchxrayvision(args: argparse.Namespace) -> int:
             allow_pickle=args.allow_pickle,
             force=args.force,
         )
-    except (ExportError, ModelCardError) as exc:
+    except (ExportError, CardWriteError, ModelCardError) as exc:
         return _error(str(exc))
     print(f"ok: {result.onnx_path} and {result.card_path}; serve it with: xray-triage serve --model {result.directory}")
     return 0

@@ -25,7 +25,8 @@ import torch
 import torchxrayvision as xrv
 from torch import nn
 
-from xray_triage.export.common import (
+from model_tools.card_toml import write_card
+from model_tools.export.common import (
     HEATMAPS,
     INPUT_NAME,
     PARITY_TOLERANCE,
@@ -38,7 +39,6 @@ from xray_triage.export.common import (
     export_onnx,
     random_inputs,
     verify_with_runner,
-    write_card,
 )
 from xray_triage.inference.card import sha256_file
 

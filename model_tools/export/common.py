@@ -1,7 +1,7 @@
 """Architecture-independent export helpers: CAM wrapper, ONNX export, parity check, card.
 
-Everything here needs torch (the ``export`` extra) except :func:`toml_dumps` and
-:func:`write_card`. An exporter for one model family (see
+Everything here needs torch (the ``export`` extra); the card itself is written by
+``model_tools.card_toml.write_card``, the project's one card writer. An exporter for one model family (see
 ``torchxrayvision_export.py``) only has to say how to get the model's last
 feature map and its linear classifier; this module turns that into an ONNX file
 the server can run (``probabilities`` + class-activation ``heatmaps``), checks
@@ -10,8 +10,6 @@ it against PyTorch, and writes the model card beside it.
 
 from __future__ import annotations
 
-import math
-import tomllib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
-
-from xray_triage.inference.card_toml import toml_key, toml_value
 
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
@@ -204,53 +200,6 @@ def check_parity(
 
 
 # -- the model card --------------------------------------------------------------------
-
-def toml_dumps(tables: dict[str, dict[str, Any]], comments: dict[str, str] | None = None) -> str:
-    """Serialise ``{table: {key: value}}`` (one level of sub-tables) to TOML.
-
-    ``comments`` puts a ``# ...`` block above a table. Enough for model cards;
-    the result is parsed back by :func:`write_card` to prove it round-trips.
-    """
-    comments = comments or {}
-    out: list[str] = []
-
-    def emit(name: str, table: dict[str, Any]) -> None:
-        if name in comments:
-            out.extend(f"# {line}".rstrip() for line in comments[name].splitlines())
-        out.append(f"[{name}]")
-        subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        for key, value in table.items():
-            if not isinstance(value, dict):
-                out.append(f"{toml_key(key)} = {toml_value(value)}")
-        out.append("")
-        for key, value in subtables.items():
-            emit(f"{name}.{toml_key(key)}", value)
-
-    for name, table in tables.items():
-        emit(toml_key(name), table)
-    return "\n".join(out)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def write_card(path: Path, tables: dict[str, dict[str, Any]], *, header: str = "", comments: dict[str, str] | None = None) -> Path:
-    """Write a model card; fail if it does not parse back to ``tables``."""
-    text = toml_dumps(tables, comments)
-    if header:
-        text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + "\n" + text
-    if not _same(tomllib.loads(text), tables):
-        raise ExportError(f"{path}: the generated card does not round-trip through TOML")
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 def verify_with_runner(directory: Path, batch: np.ndarray) -> tuple[Any, Any]:
     """Load the card as the server does (sha256 included) and run ``batch`` through ModelRunner."""
