@@ -47,7 +47,7 @@ PDU_HEADER_BYTES = 6  # PDU-type, reserved, 4-byte big-endian PDU-length (PS3.8 
 # reads the rest under the socket timeout); real ones are a few KB to ~20 KB.
 PEEK_LIMIT = 64 * 1024
 PARTIAL_POLL_S = 0.01  # how often a partly received request is looked at again
-EVICT_LOG_INTERVAL_S = 1.0
+LOG_INTERVAL_S = 1.0  # each kind of dropped connection is logged at most this often
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class PendingGate:
         self._lock = threading.Lock()
         self._pending: list[_Pending] = []  # oldest first
         self._stopping = False
-        self._last_evict_log = float("-inf")
+        self._last_log: dict[str, float] = {}
 
     def register(self, sock: socket.socket, address: str) -> _Pending | None:
         """Admit a just-accepted connection to the waiting room, evicting the oldest if full.
@@ -115,11 +115,11 @@ class PendingGate:
             self._pending.append(entry)
         for victim in victims:
             _shutdown(victim.sock)
-        if victims and now - self._last_evict_log >= EVICT_LOG_INTERVAL_S:  # a flood logs once a second
-            self._last_evict_log = now
-            log.warning(
-                "too many connections without an association request: dropping the oldest",
-                extra={"peer": victims[0].address, "evicted_so_far": self.stats.evicted},
+        if victims:
+            self._log(
+                "evicted",
+                "too many connections without an association request: dropped the oldest",
+                {"peer": victims[0].address},
             )
         return entry
 
@@ -143,19 +143,38 @@ class PendingGate:
             if outcome != "evicted":  # counted when evicted
                 setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         if outcome == "timeout":
-            log.warning(
+            self._log(
+                "timed_out",
                 "connection dropped: no complete A-ASSOCIATE-RQ in time",
-                extra={"peer": entry.address, "timeout_s": self.limits.request_timeout_s},
+                {"peer": entry.address, "timeout_s": self.limits.request_timeout_s},
             )
         elif outcome == "invalid":
-            log.warning("connection dropped: first PDU is not an A-ASSOCIATE-RQ", extra={"peer": entry.address})
+            self._log("not_a_request", "connection dropped: first PDU is not an A-ASSOCIATE-RQ", {"peer": entry.address})
         elif outcome == "closed":
-            log.info("connection closed by the peer before an association request", extra={"peer": entry.address})
+            self._log(
+                "closed_by_peer",
+                "connection closed by the peer before an association request",
+                {"peer": entry.address},
+                logging.INFO,
+            )
         return outcome == "request"
+
+    def _log(self, kind: str, message: str, extra: dict[str, object], level: int = logging.WARNING) -> None:
+        """Log one kind of drop at most once per LOG_INTERVAL_S (a flood must not flood the
+        log), with the running count of that kind."""
+        now = self.clock()
+        with self._lock:
+            if now - self._last_log.get(kind, float("-inf")) < LOG_INTERVAL_S:
+                return
+            self._last_log[kind] = now
+            count = getattr(self.stats, kind)
+        log.log(level, message, extra={**extra, "count_so_far": count})
 
     def _wait(self, entry: _Pending) -> str:
         poller = select.poll()
         poller.register(entry.sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+        hangup = select.poll()
+        hangup.register(entry.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
         while True:
             if entry.evicted:
                 return "evicted"
@@ -180,9 +199,10 @@ class PendingGate:
                 wanted = PDU_HEADER_BYTES + int.from_bytes(data[2:6], "big")
                 if len(data) >= min(wanted, PEEK_LIMIT):
                     return "request"
-            # Part of the request is there: look again shortly (the socket stays
-            # readable while the bytes sit unread, so polling it would spin).
-            time.sleep(PARTIAL_POLL_S)
+            # Part of the request is there. The socket stays readable while the bytes sit
+            # unread, so wait for the peer hanging up (POLLRDHUP) or look again shortly.
+            if hangup.poll(int(PARTIAL_POLL_S * 1000)):
+                return "closed"
 
     def stop(self) -> int:
         """Refuse new connections and close every waiting one; returns how many were closed."""
