@@ -81,6 +81,8 @@ REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 # After an abort or a reject, how long pynetdicom may take to close the connection
 # itself before the reaper cuts it (a peer trickling bytes keeps its reader blocked).
 CLOSE_LINGER_S = 2.0
+# Room for a command set and PDV headers on top of the largest data set a PDU may carry.
+PDU_READ_SLACK = 64 * 1024
 REAPER_INTERVAL_S = 0.25
 
 
@@ -309,6 +311,21 @@ class DicomGateway:
     def _on_conn_open(self, event: evt.Event) -> None:
         with self._track_lock:
             self._opened[event.assoc] = self.clock()
+        _bound_pdu_reads(event.assoc, self.pdu_read_limit)
+
+    @property
+    def pdu_read_limit(self) -> int:
+        """Largest PDU length (bytes after the 6-byte header) read from a peer.
+
+        pynetdicom reads each PDU whole, whatever length its header declares and
+        whatever maximum we advertised, before any event sees it. Nothing longer
+        than one data set under ``max_dataset_bytes`` (or than ``max_pdu`` when that
+        is set) plus room for a command set can be legitimate.
+        """
+        bound = self.config.max_dataset_bytes
+        if self.config.max_pdu:
+            bound = min(bound, self.config.max_pdu)
+        return bound + PDU_READ_SLACK
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -479,6 +496,36 @@ def _failure(status: int, comment: str) -> tuple[int, object]:
 
 def _calling_ae(assoc: object) -> str:
     return str(assoc.requestor.ae_title).strip()  # type: ignore[attr-defined]
+
+
+class PduTooLong(OSError):
+    """A peer declared a PDU longer than the gateway reads; the connection is closed."""
+
+
+def _bound_pdu_reads(assoc: object, limit: int) -> None:
+    """Make the association's socket refuse to read a PDU longer than ``limit``.
+
+    pynetdicom's reader asks its :class:`~pynetdicom.transport.AssociationSocket`
+    for the 6-byte PDU header, then for exactly the declared length. Refusing that
+    second ``recv`` with an OSError is what pynetdicom treats as a broken connection
+    (Evt17: the connection is closed and the association ends), before a single
+    byte of the body is buffered. No PDU is parsed here.
+    """
+    wrapper = getattr(getattr(assoc, "dul", None), "socket", None)
+    if wrapper is None:
+        return
+    read = wrapper.recv
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > limit:
+            log.warning(
+                "peer declared a PDU over the limit: connection closed, nothing stored",
+                extra={"peer": _peer(assoc), "pdu_bytes": nr_bytes, "limit": limit},
+            )
+            raise PduTooLong(f"PDU of {nr_bytes} bytes is over the {limit}-byte limit")
+        return read(nr_bytes)
+
+    wrapper.recv = bounded_recv
 
 
 def _peer(assoc: object) -> str:

@@ -279,6 +279,23 @@ def test_oversized_data_set_is_refused_and_nothing_stored(server: Server, tmp_pa
     assert_store_consistent(server.data_dir)
 
 
+def test_a_pdu_declared_over_the_limit_is_not_waited_for(lenient: Server) -> None:
+    """One P-DATA PDU may declare up to 4 GB; the server must not start buffering it. The lenient
+    server's timeouts are 300 s, so only the size check can close this connection in time."""
+    assoc = open_association(lenient.dicom_port, OTHER_STATION, network_timeout=600)
+    assert assoc.is_established, lenient.log_tail()
+    try:
+        assoc.dul.socket.socket.sendall(declared_pdu(0x04, 0xFFFF_FFF0) + b"\x00" * 1024)
+        deadline = time.monotonic() + CLOSE_DEADLINE_S
+        while assoc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not assoc.is_alive(), f"the server waited for a 4 GB PDU\n{lenient.log_tail()}"
+        assert "peer declared a PDU over the limit" in lenient.log()
+        lenient.echo_ok()
+    finally:
+        release_all([assoc])
+
+
 # -- the setting off, and shutdown with slow peers ----------------------------------------------
 
 
