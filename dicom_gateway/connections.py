@@ -131,6 +131,8 @@ class PendingGate:
         """
         outcome = self._wait(entry)
         with self._lock:
+            if entry.evicted:  # evicted (or stopping) while the request completed: its socket is shut
+                outcome = "evicted"
             if entry in self._pending:
                 self._pending.remove(entry)
             counter = {

@@ -29,6 +29,7 @@ from e2e_helpers import (
     copy_with_new_uids,
     counts_for_sop,
     echoscu,
+    own_error_lines,
     read_uids,
     store_ok,
     storescu,
@@ -294,6 +295,11 @@ def test_a_pdu_declared_over_the_limit_is_not_waited_for(lenient: Server) -> Non
         lenient.echo_ok()
     finally:
         release_all([assoc])
+
+
+def test_flood_server_logged_no_errors_of_its_own(server: Server) -> None:
+    """Refusals are warnings; an ERROR of ours (e.g. associations left after shutdown) is a bug."""
+    assert not own_error_lines(server.log()), server.log_tail()
 
 
 # -- the setting off, and shutdown with slow peers ----------------------------------------------
