@@ -15,9 +15,10 @@ Defences against a hostile or broken network (issue 11):
   too slow); accepted sockets get a read timeout;
 * :mod:`dicom_gateway.limits` caps associations per calling AE title and per
   address and keeps slots for registered stations;
-* a reaper thread cuts the connection of an association pynetdicom has given up
-  on (aborted, rejected, or never requested) but whose thread is still blocked
-  reading from a peer that trickles bytes;
+* a reaper thread cuts the connection of an association that was aborted,
+  rejected or never requested but is still open a moment later (its reader
+  blocked on a peer that trickles bytes, or its reactor idling until the network
+  timeout), and stops its threads;
 * a data set larger than ``max_dataset_bytes`` is refused while it arrives: the
   association is aborted (A-ABORT) once the P-DATA of one message exceeds the
   limit, nothing is stored. pynetdicom only lets a C-STORE be answered after
@@ -236,7 +237,7 @@ class DicomGateway:
             time.sleep(0.05)
         stuck = server.active_associations
         for assoc in stuck:
-            force_close(_raw_socket(assoc))
+            _end(assoc)
         deadline = time.monotonic() + CLOSE_LINGER_S
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -303,7 +304,7 @@ class DicomGateway:
                 table_set.intersection_update(alive)
         for assoc, why in to_cut:
             log.warning("cutting a stalled connection", extra={"peer": _peer(assoc), "why": why})
-            force_close(_raw_socket(assoc))
+            _end(assoc)
         return len(to_cut)
 
     # -- event handlers ---------------------------------------------------------------
@@ -526,6 +527,18 @@ def _bound_pdu_reads(assoc: object, limit: int) -> None:
         return read(nr_bytes)
 
     wrapper.recv = bounded_recv
+
+
+def _end(assoc: object) -> None:
+    """Cut the connection and stop the association's threads.
+
+    Shutting the socket down wakes a reader blocked in ``recv``; ``kill()`` then
+    stops the association's reactor, which after an abort of ours would otherwise
+    idle until pynetdicom's network timeout. ``kill()`` waits for the reader, so it
+    runs in a short-lived daemon thread.
+    """
+    force_close(_raw_socket(assoc))  # type: ignore[arg-type]
+    threading.Thread(target=assoc.kill, name="dicom-kill", daemon=True).start()  # type: ignore[attr-defined]
 
 
 def _peer(assoc: object) -> str:
