@@ -11,6 +11,7 @@ hanging.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -63,12 +64,19 @@ DRIP_MAX_ROUNDS = 400  # the drip stops by itself after ~2 minutes at most
 
 
 @pytest.fixture(scope="module")
-def server(module_launcher: Any) -> Server:
-    return module_launcher.launch(
+def server(module_launcher: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    srv = module_launcher.launch(
         "gateway-net",
         env=FLOOD_ENV,
         stations=[(FLOODER, "Flooder", None), (OTHER_STATION, "Other", None)],
     )
+    # One image stored and triaged first, so the threads the model runtime starts on first
+    # use are part of the baseline that every flood test must come back to.
+    warm = copy_with_new_uids([SMALL_FILE], tmp_path_factory.mktemp("warm-up"))[0]
+    store_ok([warm], srv.dicom_port)
+    srv.wait_final([read_uids(warm).study])
+    srv.baseline_threads = settled_thread_count(srv)  # type: ignore[attr-defined]
+    return srv
 
 
 @pytest.fixture
@@ -155,10 +163,32 @@ def declared_pdu(pdu_type: int, length: int) -> bytes:
     return bytes([pdu_type, 0]) + length.to_bytes(4, "big")
 
 
-def assert_all_slots_free(port: int) -> None:
-    """Every one of the MAX_ASSOCIATIONS slots can be taken again (then released)."""
+def server_threads(server: Server) -> int:
+    assert server.proc is not None
+    return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+
+
+def settled_thread_count(server: Server) -> int:
+    """The server's thread count once it has stopped changing for a second (bounded)."""
+    last, stable_since, deadline = server_threads(server), time.monotonic(), time.monotonic() + CLOSE_DEADLINE_S
+    while time.monotonic() < deadline and time.monotonic() - stable_since < 1.0:
+        time.sleep(0.1)
+        now = server_threads(server)
+        if now != last:
+            last, stable_since = now, time.monotonic()
+    return last
+
+
+def assert_all_slots_free(server: Server) -> None:
+    """Every one of the MAX_ASSOCIATIONS slots can be taken again, and no connection of the
+    flood left a thread behind: the server comes back to its thread count from before."""
+    baseline = server.baseline_threads  # type: ignore[attr-defined]
+    deadline = time.monotonic() + CLOSE_DEADLINE_S
+    while server_threads(server) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server_threads(server) <= baseline, f"{server_threads(server)} threads, {baseline} before the flood"
     aets = [STATION1, STATION1, OTHER_STATION, OTHER_STATION][:MAX_ASSOCIATIONS]
-    assocs = [open_association(port, aet) for aet in aets]
+    assocs = [open_association(server.dicom_port, aet) for aet in aets]
     try:
         assert [a.is_established for a in assocs] == [True] * MAX_ASSOCIATIONS
     finally:
@@ -185,7 +215,7 @@ def test_garbage_then_close_flood_frees_slots(server: Server, fresh: Path) -> No
             sock.sendall(junk[n % len(junk)])
     store_ok([fresh], server.dicom_port)
     assert_stored(server, fresh)
-    assert_all_slots_free(server.dicom_port)
+    assert_all_slots_free(server)
 
 
 def test_idle_tcp_flood_does_not_shut_stations_out(server: Server, fresh: Path) -> None:
@@ -200,7 +230,7 @@ def test_idle_tcp_flood_does_not_shut_stations_out(server: Server, fresh: Path) 
     finally:
         for sock in socks:
             sock.close()
-    assert_all_slots_free(server.dicom_port)
+    assert_all_slots_free(server)
 
 
 def test_idle_associations_from_one_station_leave_room_for_others(server: Server, fresh: Path) -> None:
@@ -211,7 +241,7 @@ def test_idle_associations_from_one_station_leave_room_for_others(server: Server
         assert_stored(server, fresh)
     finally:
         release_all(held)
-    assert_all_slots_free(server.dicom_port)
+    assert_all_slots_free(server)
 
 
 # -- item 2: slow senders ----------------------------------------------------------------------
@@ -230,7 +260,7 @@ def test_slowloris_before_association_is_dropped(server: Server, fresh: Path) ->
         drip.close()
         for sock in socks:
             sock.close()
-    assert_all_slots_free(server.dicom_port)
+    assert_all_slots_free(server)
 
 
 def test_slowloris_inside_an_association_is_dropped(server: Server, fresh: Path) -> None:
@@ -249,7 +279,7 @@ def test_slowloris_inside_an_association_is_dropped(server: Server, fresh: Path)
     finally:
         drip.close()
         release_all(assocs)
-    assert_all_slots_free(server.dicom_port)
+    assert_all_slots_free(server)
 
 
 # -- item 3: called AE title ------------------------------------------------------------------
