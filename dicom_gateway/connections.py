@@ -46,7 +46,8 @@ PDU_HEADER_BYTES = 6  # PDU-type, reserved, 4-byte big-endian PDU-length (PS3.8 
 # A request longer than this is handed over once this much has arrived (pynetdicom
 # reads the rest under the socket timeout); real ones are a few KB to ~20 KB.
 PEEK_LIMIT = 64 * 1024
-PARTIAL_POLL_S = 0.01  # how often a partly received request is looked at again
+PARTIAL_POLL_S = 0.01  # first look again at a partly received request after this...
+PARTIAL_POLL_MAX_S = 0.2  # ... then less often, up to this
 LOG_INTERVAL_S = 1.0  # each kind of dropped connection is logged at most this often
 
 
@@ -177,6 +178,7 @@ class PendingGate:
         poller.register(entry.sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
         hangup = select.poll()
         hangup.register(entry.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        partial_wait_s = PARTIAL_POLL_S
         while True:
             if entry.evicted:
                 return "evicted"
@@ -202,9 +204,11 @@ class PendingGate:
                 if len(data) >= min(wanted, PEEK_LIMIT):
                     return "request"
             # Part of the request is there. The socket stays readable while the bytes sit
-            # unread, so wait for the peer hanging up (POLLRDHUP) or look again shortly.
-            if hangup.poll(int(PARTIAL_POLL_S * 1000)):
+            # unread, so wait for the peer hanging up (POLLRDHUP) or look again shortly,
+            # less often the longer it trickles.
+            if hangup.poll(int(partial_wait_s * 1000)):
                 return "closed"
+            partial_wait_s = min(partial_wait_s * 2, PARTIAL_POLL_MAX_S)
 
     def stop(self) -> int:
         """Refuse new connections and close every waiting one; returns how many were closed."""
