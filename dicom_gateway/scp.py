@@ -3,8 +3,27 @@
 Association admission (registered calling AE title, optional per-station IP
 list) happens on EVT_REQUESTED, before any presentation context is accepted,
 so an unknown station gets a proper A-ASSOCIATE-RJ "calling AE title not
-recognised". Each C-STORE is handed to :class:`xray_triage.store.ingest.Ingestor`,
-which answers Success only once the file is fsync'ed and its row committed.
+recognised"; a request addressed to another called AE title is rejected with
+"called AE title not recognised" (pynetdicom's ``require_called_aet``). Each
+C-STORE is handed to :class:`xray_triage.store.ingest.Ingestor`, which answers
+Success only once the file is fsync'ed and its row committed.
+
+Defences against a hostile or broken network (issue 11):
+
+* connections wait in :mod:`dicom_gateway.connections` until they have sent a
+  complete A-ASSOCIATE-RQ (closed when the peer closes, sends garbage, or is
+  too slow); accepted sockets get a read timeout;
+* :mod:`dicom_gateway.limits` caps associations per calling AE title and per
+  address and keeps slots for registered stations;
+* a reaper thread cuts the connection of an association that was aborted,
+  rejected or never requested but is still open a moment later (its reader
+  blocked on a peer that trickles bytes, or its reactor idling until the network
+  timeout), and stops its threads;
+* a data set larger than ``max_dataset_bytes`` is refused while it arrives: the
+  association is aborted (A-ABORT) once the P-DATA of one message exceeds the
+  limit, nothing is stored. pynetdicom only lets a C-STORE be answered after
+  the whole data set has been received, so a failure status cannot be sent
+  without first buffering it all.
 """
 
 from __future__ import annotations
@@ -12,12 +31,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
+from dicom_gateway.connections import GatedAssociationServer, PendingGate, PendingLimits, force_close
+from dicom_gateway.limits import SlotLimits, SlotTable
 from xray_triage.store.db import Database
 from xray_triage.store.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
 from xray_triage.store.stations import admit
@@ -50,6 +73,18 @@ REJECT_PERMANENT = 0x01
 SOURCE_SERVICE_USER = 0x01
 REASON_NO_REASON = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
+# Rejected-transient by the service provider, presentation related, local limit exceeded:
+# what pynetdicom itself sends when maximum_associations is reached.
+REJECT_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02
+
+# After an abort or a reject, how long pynetdicom may take to close the connection
+# itself before the reaper cuts it (a peer trickling bytes keeps its reader blocked).
+CLOSE_LINGER_S = 2.0
+# Room for a command set and PDV headers on top of the largest data set a PDU may carry.
+PDU_READ_SLACK = 64 * 1024
+REAPER_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,19 +98,61 @@ class GatewayConfig:
     dimse_timeout_s: float
     network_timeout_s: float
     max_pdu: int
+    require_called_ae_title: bool = True
+    association_request_timeout_s: float = 5.0
+    max_pending_connections: int = 64
+    max_pending_per_address: int = 16
+    max_associations_per_station: int = 8
+    max_associations_per_address: int = 16
+    reserved_station_associations: int = 8
+    max_dataset_bytes: int = 256 * 1024 * 1024
 
 
 class DicomGateway:
-    """Owns the pynetdicom AE and its listening server."""
+    """Owns the pynetdicom AE, its listening server and the reaper thread."""
 
-    def __init__(self, config: GatewayConfig, db: Database, ingestor: Ingestor) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        db: Database,
+        ingestor: Ingestor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.db = db
         self.ingestor = ingestor
+        self.clock = clock
         self.ae = _make_ae(config)
-        self._server = None
+        self._server: GatedAssociationServer | None = None
         self._last_activity: dict[int, float] = {}
         self._activity_lock = threading.Lock()
+        self.gate = PendingGate(
+            PendingLimits(
+                request_timeout_s=config.association_request_timeout_s,
+                max_pending=config.max_pending_connections,
+                max_pending_per_address=config.max_pending_per_address,
+                read_timeout_s=config.network_timeout_s,
+            ),
+            clock=clock,
+        )
+        self.slots = SlotTable(
+            SlotLimits(
+                max_associations=config.max_associations,
+                per_station=config.max_associations_per_station,
+                per_address=config.max_associations_per_address,
+                reserved_for_registered=config.reserved_station_associations,
+            )
+        )
+        # Per-association bookkeeping (keys: Association threads), under _track_lock.
+        self._track_lock = threading.Lock()
+        self._opened: dict[object, float] = {}  # handed over by the gate at
+        self._requested: set[object] = set()  # A-ASSOCIATE-RQ seen
+        self._closing: dict[object, float] = {}  # aborted / rejected at
+        self._cut: set[object] = set()  # connection already cut by the reaper
+        self._dataset_bytes: dict[object, int] = {}  # P-DATA data set bytes of the message in progress
+        self._oversized: set[object] = set()
+        self._reaper_stop = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -84,16 +161,31 @@ class DicomGateway:
 
     def start(self) -> None:
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_PDU_RECV, self._on_pdu_recv),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=handlers
+        # make_server (pynetdicom's documented way to use a custom server class) instead
+        # of start_server; the accept loop runs in our own thread, as start_server's does.
+        server = self.ae.make_server(
+            (self.config.host, self.config.port),
+            evt_handlers=handlers,
+            server_class=GatedAssociationServer,
+            gate=self.gate,
         )
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        self._reaper_stop.clear()
+        self._reaper = threading.Thread(target=self._reap_loop, name="dicom-reaper", daemon=True)
+        self._reaper.start()
         log.info(
             "DICOM gateway listening",
             extra={"ae_title": self.config.ae_title, "host": self.config.host, "port": self.port},
@@ -103,54 +195,237 @@ class DicomGateway:
         return len(self._server.active_associations) if self._server else 0
 
     def stop(self, grace_s: float) -> None:
-        """Stop accepting, let in-flight associations finish for ``grace_s``, abort the rest."""
+        """Stop accepting, let in-flight associations finish for ``grace_s``, abort the rest.
+
+        Ends even when peers trickle bytes: what is still open after the grace period
+        gets an A-ABORT, and connections whose reader is blocked are cut
+        (pynetdicom's reader threads are not daemons, so one left blocked would keep
+        the process alive).
+        """
         if self._server is None:
             return
         server = self._server
         # Stop the accept loop and close the listening socket first.
         server.shutdown()  # the pynetdicom server's shutdown aborts nothing by itself
-        # A connection that never sent an A-ASSOCIATE-RQ (port probe, stalled client) has
-        # nothing in flight: drop it at once instead of waiting out the grace period.
+        # Connections that never sent an A-ASSOCIATE-RQ (port probe, stalled client) and
+        # associations not yet established have nothing in flight: drop them at once.
+        dropped = self.gate.stop()
         for assoc in server.active_associations:
             if not assoc.is_established:
-                assoc.abort()
+                self._abort(assoc)
         deadline = time.monotonic() + grace_s
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = server.active_associations
         for assoc in remaining:
             log.warning("aborting association at shutdown", extra={"calling_ae": _calling_ae(assoc)})
-            assoc.abort()
+            self._abort(assoc)
+        cut = self._finish_closing(server)
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
         self._server = None
-        log.info("DICOM gateway stopped", extra={"aborted": len(remaining)})
+        log.info(
+            "DICOM gateway stopped",
+            extra={"aborted": len(remaining), "pending_dropped": dropped, "connections_cut": cut},
+        )
+
+    def _finish_closing(self, server: GatedAssociationServer) -> int:
+        """Give aborts CLOSE_LINGER_S to leave, then cut what is still blocked; bounded."""
+        deadline = time.monotonic() + CLOSE_LINGER_S
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stuck = server.active_associations
+        for assoc in stuck:
+            _end(assoc)
+        deadline = time.monotonic() + CLOSE_LINGER_S
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = server.active_associations
+        if left:
+            log.error("associations still open after shutdown", extra={"count": len(left)})
+        return len(stuck)
+
+    def _abort(self, assoc: object) -> None:
+        """A-ABORT without waiting (a blocking abort waits for a reader that may never return)."""
+        with self._track_lock:
+            self._closing.setdefault(assoc, self.clock())
+        try:
+            assoc.abort(block=False)  # type: ignore[attr-defined]
+        except Exception as exc:  # the connection may be half gone already
+            log.debug("abort failed", extra={"error": str(exc)})
+
+    # -- the reaper ----------------------------------------------------------------------
+
+    def _reap_loop(self) -> None:
+        while not self._reaper_stop.wait(REAPER_INTERVAL_S):
+            try:
+                self.reap()
+            except Exception:
+                log.exception("reaper sweep failed")
+
+    def reap(self) -> int:
+        """One sweep: cut connections pynetdicom cannot end by itself; returns how many.
+
+        * an association aborted or rejected CLOSE_LINGER_S ago whose thread still runs
+          (its reader is blocked on a peer that trickles bytes);
+        * a connection handed over by the gate that has still not produced an
+          A-ASSOCIATE-RQ after ``association_request_timeout_s``.
+        Also frees slots of associations that ended without an end event.
+        """
+        server = self._server
+        if server is None:
+            return 0
+        now = self.clock()
+        live = server.active_associations
+        alive = set(live)
+        self.slots.prune(alive)
+        to_cut = []
+        with self._track_lock:
+            for assoc in live:
+                if assoc in self._cut:
+                    continue
+                closing = self._closing.get(assoc)
+                opened = self._opened.get(assoc)
+                if closing is not None and now - closing > CLOSE_LINGER_S:
+                    to_cut.append((assoc, "did not close after an abort or reject"))
+                elif (
+                    assoc not in self._requested
+                    and opened is not None
+                    and now - opened > self.config.association_request_timeout_s
+                ):
+                    to_cut.append((assoc, "no A-ASSOCIATE-RQ in time"))
+            for assoc, _ in to_cut:
+                self._cut.add(assoc)
+            for table in (self._opened, self._closing, self._dataset_bytes):
+                for key in [k for k in table if k not in alive]:
+                    del table[key]
+            for table_set in (self._requested, self._cut, self._oversized):
+                table_set.intersection_update(alive)
+        for assoc, why in to_cut:
+            log.warning("cutting a stalled connection", extra={"peer": _peer(assoc), "why": why})
+            _end(assoc)
+        return len(to_cut)
 
     # -- event handlers ---------------------------------------------------------------
 
+    def _on_conn_open(self, event: evt.Event) -> None:
+        with self._track_lock:
+            self._opened[event.assoc] = self.clock()
+        _bound_pdu_reads(event.assoc, self.pdu_read_limit)
+
+    @property
+    def pdu_read_limit(self) -> int:
+        """Largest PDU length (bytes after the 6-byte header) read from a peer.
+
+        pynetdicom reads each PDU whole, whatever length its header declares and
+        whatever maximum we advertised, before any event sees it. Nothing longer
+        than one data set under ``max_dataset_bytes`` (or than ``max_pdu`` when that
+        is set) plus room for a command set can be legitimate.
+        """
+        bound = self.config.max_dataset_bytes
+        if self.config.max_pdu:
+            bound = min(bound, self.config.max_pdu)
+        return bound + PDU_READ_SLACK
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        # At EVT_REQUESTED the requestor's AE title is only in the A-ASSOCIATE primitive.
-        calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+        with self._track_lock:
+            self._requested.add(assoc)
+        # At EVT_REQUESTED the requestor's AE titles are only in the A-ASSOCIATE primitive.
+        primitive = assoc.requestor.primitive
+        calling_ae = str(primitive.calling_ae_title).strip()
+        called_ae = str(primitive.called_ae_title).strip()
         peer = assoc.requestor.address
+        if self.config.require_called_ae_title and called_ae != self.config.ae_title:
+            # pynetdicom (require_called_aet) answers A-ASSOCIATE-RJ "called AE title not recognised".
+            log.warning(
+                "association rejected",
+                extra={"calling_ae": calling_ae, "peer": peer, "why": f"called AE title {called_ae!r} is not ours"},
+            )
+            return
         try:
             with self.db.session() as session:
                 decision = admit(session, calling_ae, peer, accept_unknown=self.config.accept_unknown_stations)
         except Exception as exc:  # a DB outage must reject, not crash the association thread
             log.error("station check failed, rejecting", extra={"calling_ae": calling_ae, "error": str(exc)})
-            _reject(assoc, 0x02, REASON_NO_REASON)  # transient: the modality may retry
+            self._reject(assoc, 0x02, REASON_NO_REASON)  # transient: the modality may retry
             return
-        if decision.accepted:
-            log.info("association requested", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
+        if not decision.accepted:
+            reason = REASON_CALLING_AE_NOT_RECOGNISED if decision.calling_ae_unknown else REASON_NO_REASON
+            log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
+            self._reject(assoc, REJECT_PERMANENT, reason)
             return
-        reason = REASON_CALLING_AE_NOT_RECOGNISED if decision.calling_ae_unknown else REASON_NO_REASON
-        log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
-        _reject(assoc, REJECT_PERMANENT, reason)
+        full = self.slots.try_take(assoc, calling_ae, peer, decision.registered)
+        if full is not None:
+            log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": full})
+            self._reject(assoc, REJECT_TRANSIENT, REASON_LOCAL_LIMIT_EXCEEDED, SOURCE_PROVIDER_PRESENTATION)
+            return
+        log.info("association requested", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
+
+    def _reject(self, assoc: object, result: int, reason: int, source: int = SOURCE_SERVICE_USER) -> None:
+        with self._track_lock:
+            self._closing.setdefault(assoc, self.clock())
+        _reject(assoc, result, reason, source)
 
     def _on_accepted(self, event: evt.Event) -> None:
         self._mark_activity(event.assoc)
 
+    def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejects (called AE title, its maximum_associations backstop).
+        self.slots.release(event.assoc)
+        with self._track_lock:
+            self._closing.setdefault(event.assoc, self.clock())
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        # Also pynetdicom's own abort on network_timeout: if the reader is blocked
+        # on a trickling peer, the reaper cuts the connection after CLOSE_LINGER_S.
+        with self._track_lock:
+            self._closing.setdefault(event.assoc, self.clock())
+        self._on_closed(event)
+
     def _on_closed(self, event: evt.Event) -> None:
+        self.slots.release(event.assoc)
         with self._activity_lock:
             self._last_activity.pop(id(event.assoc), None)
+
+    def _on_pdu_recv(self, event: evt.Event) -> None:
+        """Count data set bytes of the DIMSE message in progress; abort past max_dataset_bytes.
+
+        Runs in pynetdicom's reader thread for each PDU, before the fragments are
+        appended to the message being assembled, so at most one PDU more than the
+        limit is ever buffered.
+        """
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF):
+            return
+        # Message control header (PS3.8 E.2): bit 0 set = command fragment.
+        size = sum(
+            len(item.data) - 1
+            for item in pdu.presentation_data_value_items
+            if item.data and item.message_control_header_byte[-1] == "0"
+        )
+        if not size:
+            return
+        assoc = event.assoc
+        with self._track_lock:
+            if assoc in self._oversized:
+                return
+            total = self._dataset_bytes.get(assoc, 0) + size
+            self._dataset_bytes[assoc] = total
+            over = total > self.config.max_dataset_bytes
+            if over:
+                self._oversized.add(assoc)
+        if over:
+            log.warning(
+                "data set larger than max_dataset_bytes: association aborted, nothing stored",
+                extra={"calling_ae": _calling_ae(assoc), "peer": _peer(assoc), "max_dataset_bytes": self.config.max_dataset_bytes},
+            )
+            self._abort(assoc)
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        with self._track_lock:
+            self._dataset_bytes.pop(event.assoc, None)
 
     def _mark_activity(self, assoc: object) -> float:
         now = time.perf_counter()
@@ -202,10 +477,11 @@ class DicomGateway:
         return _failure(outcome.status, outcome.message)
 
 
-def _reject(assoc: object, result: int, reason: int) -> None:
+def _reject(assoc: object, result: int, reason: int, source: int = SOURCE_SERVICE_USER) -> None:
     """Send A-ASSOCIATE-RJ and wait for it to leave, as pynetdicom does for its own rejects
-    (without the wait the socket can close first and the peer sees an abort)."""
-    assoc.acse.send_reject(result, SOURCE_SERVICE_USER, reason)  # type: ignore[attr-defined]
+    (without the wait the socket can close first and the peer sees an abort). A peer
+    that never closes is cut by the reaper."""
+    assoc.acse.send_reject(result, source, reason)  # type: ignore[attr-defined]
     assoc.kill()  # type: ignore[attr-defined]
 
 
@@ -223,9 +499,68 @@ def _calling_ae(assoc: object) -> str:
     return str(assoc.requestor.ae_title).strip()  # type: ignore[attr-defined]
 
 
+class PduTooLong(OSError):
+    """A peer declared a PDU longer than the gateway reads; the connection is closed."""
+
+
+def _bound_pdu_reads(assoc: object, limit: int) -> None:
+    """Make the association's socket refuse to read a PDU longer than ``limit``.
+
+    pynetdicom's reader asks its :class:`~pynetdicom.transport.AssociationSocket`
+    for the 6-byte PDU header, then for exactly the declared length. Refusing that
+    second ``recv`` with an OSError is what pynetdicom treats as a broken connection
+    (Evt17: the connection is closed and the association ends), before a single
+    byte of the body is buffered. No PDU is parsed here.
+    """
+    wrapper = getattr(getattr(assoc, "dul", None), "socket", None)
+    if wrapper is None:
+        return
+    read = wrapper.recv
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > limit:
+            log.warning(
+                "peer declared a PDU over the limit: connection closed, nothing stored",
+                extra={"peer": _peer(assoc), "pdu_bytes": nr_bytes, "limit": limit},
+            )
+            raise PduTooLong(f"PDU of {nr_bytes} bytes is over the {limit}-byte limit")
+        return read(nr_bytes)
+
+    wrapper.recv = bounded_recv
+
+
+def _end(assoc: object) -> None:
+    """Cut the connection and stop the association's threads.
+
+    Shutting the socket down wakes a reader blocked in ``recv``; ``kill()`` then
+    stops the association's reactor, which after an abort of ours would otherwise
+    idle until pynetdicom's network timeout. ``kill()`` waits for the reader, so it
+    runs in a short-lived daemon thread.
+    """
+    force_close(_raw_socket(assoc))  # type: ignore[arg-type]
+    threading.Thread(target=assoc.kill, name="dicom-kill", daemon=True).start()  # type: ignore[attr-defined]
+
+
+def _peer(assoc: object) -> str:
+    try:
+        return str(assoc.requestor.address)  # type: ignore[attr-defined]
+    except Exception:
+        return "?"
+
+
+def _raw_socket(assoc: object) -> object | None:
+    """The TCP socket under an association (None once pynetdicom has closed it)."""
+    wrapper = getattr(getattr(assoc, "dul", None), "socket", None)
+    return getattr(wrapper, "socket", None)
+
+
 def _make_ae(config: GatewayConfig) -> AE:
     ae = AE(ae_title=config.ae_title)
-    ae.maximum_associations = config.max_associations
+    # Our SlotTable enforces max_associations on admitted associations. pynetdicom's own
+    # limit counts every Association thread, also those being rejected or torn down, so a
+    # burst of refused requests would make it turn stations away: it stays as a backstop.
+    ae.maximum_associations = config.max_associations * 4
+    ae.require_called_aet = config.require_called_ae_title
     ae.acse_timeout = config.acse_timeout_s
     ae.dimse_timeout = config.dimse_timeout_s
     ae.network_timeout = config.network_timeout_s

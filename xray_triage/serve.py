@@ -143,6 +143,14 @@ def gateway_config(settings: Settings) -> GatewayConfig:
         dimse_timeout_s=settings.dimse_timeout_s,
         network_timeout_s=settings.network_timeout_s,
         max_pdu=settings.max_pdu,
+        require_called_ae_title=settings.require_called_ae_title,
+        association_request_timeout_s=settings.association_request_timeout_s,
+        max_pending_connections=settings.max_pending_connections,
+        max_pending_per_address=settings.max_pending_per_address,
+        max_associations_per_station=settings.max_associations_per_station,
+        max_associations_per_address=settings.max_associations_per_address,
+        reserved_station_associations=settings.reserved_station_associations,
+        max_dataset_bytes=settings.max_dataset_bytes,
     )
 
 

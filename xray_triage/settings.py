@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,11 +69,37 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(11112, ge=0, le=65535)
     accept_unknown_stations: bool = False
-    max_associations: int = Field(32, ge=1)
+    max_associations: int = Field(32, ge=1, description="concurrent associations, all stations together")
+    max_associations_per_station: int = Field(8, ge=1, description="concurrent associations of one calling AE title")
+    max_associations_per_address: int = Field(16, ge=1, description="concurrent associations from one IP address")
+    reserved_station_associations: int = Field(
+        8, ge=0, description="slots only registered stations may use (unknown ones get max_associations minus this)"
+    )
+    require_called_ae_title: bool = Field(
+        True, description="reject associations whose Called AE Title is not ae_title (A-ASSOCIATE-RJ, reason 7)"
+    )
+    association_request_timeout_s: float = Field(
+        5.0, gt=0, description="a connection must send a complete A-ASSOCIATE-RQ within this, or it is closed"
+    )
+    max_pending_connections: int = Field(
+        64, ge=1, description="connections waiting for their A-ASSOCIATE-RQ; beyond it the oldest is closed"
+    )
+    max_pending_per_address: int = Field(16, ge=1, description="... of them from one IP address")
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
+    network_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="read timeout on every accepted socket, and the idle time after which pynetdicom aborts "
+        "an association that has not completed a PDU; the connection is then cut even if the peer still trickles bytes",
+    )
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
+    max_dataset_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="largest data set one C-STORE may carry; counted while it arrives, a larger one "
+        "aborts the association (A-ABORT) and nothing is stored",
+    )
     shutdown_grace_s: float = Field(10.0, ge=0, description="how long in-flight associations may finish")
 
     # HTTP
@@ -146,6 +172,12 @@ class Settings(BaseSettings):
 
         python_codec(value)  # ValueError says what is accepted
         return value.strip()
+
+    @model_validator(mode="after")
+    def _slots_ok(self) -> Settings:
+        if self.reserved_station_associations >= self.max_associations:
+            raise ValueError("reserved_station_associations must be smaller than max_associations")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

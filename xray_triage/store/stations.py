@@ -20,6 +20,7 @@ class Admission:
     accepted: bool
     reason: str  # for the log: why it was accepted or rejected
     calling_ae_unknown: bool = False  # rejected because the AE title is not registered
+    registered: bool = True  # False: an unknown station let in by accept_unknown_stations
 
 
 def normalise_ae_title(ae_title: str) -> str:
@@ -74,7 +75,7 @@ def admit(session: Session, calling_ae: str, peer_ip: str, *, accept_unknown: bo
     station = session.scalar(select(Station).where(Station.ae_title == ae))
     if station is None:
         if accept_unknown:
-            return Admission(True, "unknown station accepted (accept_unknown_stations = true)")
+            return Admission(True, "unknown station accepted (accept_unknown_stations = true)", registered=False)
         return Admission(False, f"calling AE title {ae!r} is not a registered station", calling_ae_unknown=True)
     networks = parse_allowed_ips(station.allowed_ips)
     if networks:
