@@ -57,7 +57,12 @@ def create_app(
     app.state.card = card
     app.state.settings = settings
     app.state.health = health if health is not None else {}
-    app.state.limiter = LoginLimiter(settings.login_max_failures, settings.login_lockout_s)
+    app.state.limiter = LoginLimiter(
+        settings.login_max_failures,
+        settings.login_lockout_s,
+        backoff_s=settings.login_backoff_s,
+        ipv6_prefix=settings.login_ipv6_prefix,
+    )
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 
