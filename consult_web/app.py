@@ -63,6 +63,7 @@ def create_app(
         backoff_s=settings.login_backoff_s,
         ipv6_prefix=settings.login_ipv6_prefix,
     )
+    app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 

@@ -25,7 +25,7 @@ from web_helpers import (
     triage_all,
 )
 
-from consult_web.routes.live import ChangeCursor
+from consult_web.routes.live import ChangeFeed, visible_changes
 from xray_triage.store.consult_schema import AuditEvent
 from xray_triage.store.users import create_api_token, set_disabled, user_for_session
 
@@ -282,18 +282,19 @@ def test_live_changes_respect_station_visibility(env: WebEnv, shared_dicom: Path
     def auth(username: str, role: str, station: str | None) -> AuthUser:
         return AuthUser(0, username, "", role, station, "en", "Asia/Ho_Chi_Minh")
 
-    station_cursor = ChangeCursor(env.db, auth("st1", "station", "STATION1"))
-    specialist_cursor = ChangeCursor(env.db, auth("spec", "specialist", None))
+    station, specialist = auth("st1", "station", "STATION1"), auth("spec", "specialist", None)
+    feed = ChangeFeed(env.db)
     uid2, _ = store_dicom(env, shared_dicom / "dev_05_dx_ap_rle.dcm", "STATION2")
     uid1, _ = store_dicom(env, shared_dicom / "dev_03_dx_pa_jpeg_lossless_sv1.dcm", "STATION1")
-    seen_by_station = {e["study_uid"] for e in station_cursor.poll()}
-    seen_by_specialist = {e["study_uid"] for e in specialist_cursor.poll()}
+    changes = feed.poll()
+    seen_by_station = {c.study_uid for c in visible_changes(station, changes)}
+    seen_by_specialist = {c.study_uid for c in visible_changes(specialist, changes)}
     assert uid1 in seen_by_station and uid2 not in seen_by_station
     assert {uid1, uid2} <= seen_by_specialist
-    assert station_cursor.poll() == []  # nothing new since
+    assert feed.poll() == []  # nothing new since
     client, csrf = client_for(env, "st1")
     client.post(f"/studies/{uid1}/consults", data={"question": "?", "urgency": "routine", "csrf_token": csrf})
-    assert {"kind": "consult.request", "study_uid": uid1} in specialist_cursor.poll()
+    assert {"kind": "consult.request", "study_uid": uid1} in [c.event() for c in visible_changes(specialist, feed.poll())]
 
 
 def test_error_pages_are_clear_and_bodies_limited(env: WebEnv) -> None:
