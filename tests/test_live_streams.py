@@ -13,7 +13,16 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import event
-from web_helpers import WebEnv, add_station_row, add_user_row, login, make_web_env, serve_app, store_dicom, wait_until
+from web_helpers import (
+    WebEnv,
+    add_station_row,
+    add_user_row,
+    login,
+    make_web_env,
+    serve_app,
+    store_dicom,
+    wait_until,
+)
 
 from xray_triage.store.consult_schema import User
 
