@@ -179,16 +179,21 @@ class StreamLimits:
 
     def release(self, user_id: int, session_key: str) -> None:
         with self._lock:
-            for counts, key in ((self._sessions, session_key), (self._users, user_id)):
-                left = counts.get(key, 0) - 1  # type: ignore[call-overload]
-                if left > 0:
-                    counts[key] = left  # type: ignore[index]
-                else:
-                    counts.pop(key, None)  # type: ignore[call-overload]
+            _decrement(self._sessions, session_key)
+            _decrement(self._users, user_id)
 
     def open_streams(self, user_id: int) -> int:
         with self._lock:
             return self._users.get(user_id, 0)
+
+
+def _decrement(counts: dict[Any, int], key: Any) -> None:
+    """One stream fewer; a key at zero is dropped, so the tables only hold open streams."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 @dataclass
