@@ -16,14 +16,17 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from xray_triage.store.consult_schema import ROLE_ADMIN
+from xray_triage.store.consult_schema import ROLE_ADMIN, AuditEvent
 from xray_triage.store.db import Database
+from xray_triage.store.schema import utcnow
 from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
 
 SESSION_COOKIE = "xrt_session"
@@ -129,8 +132,9 @@ class LoginLimiter:
       exponential back-off (``backoff_s``, doubled per further failure, at most
       ``window_s``) after the name's last failure, so guessing from many networks slows
       to a trickle. Networks where the user has logged in successfully (the last
-      ``KNOWN_NETWORKS`` per user) are exempt: strangers failing elsewhere cannot
-      lock a specialist out of her own hospital's network.
+      ``KNOWN_NETWORKS`` per user; ``learn_known_networks`` reloads them from the
+      audit log at start-up) are exempt: strangers failing elsewhere cannot lock a
+      specialist out of her own hospital's network.
 
     A lock or back-off lasts until the failures behind it leave the window. A successful
     login clears the (name, network) counter only: clearing the name's counter would let
@@ -215,16 +219,44 @@ class LoginLimiter:
 
     def succeeded(self, username: str, ip: str) -> None:
         """Forget the (name, network) failures and remember the network as the user's own."""
-        name, net = username.lower(), self.network(ip)
         with self._lock:
             self._failures.pop(self._keys(username, ip)[0], None)
-            known = self._known.setdefault(name, OrderedDict())
-            known[net] = None
-            known.move_to_end(net)
-            while len(known) > self.KNOWN_NETWORKS:
-                known.popitem(last=False)
+            self._remember(username, ip)
+
+    def remember(self, username: str, ip: str) -> None:
+        """Mark ``ip``'s network as one where ``username`` logs in (exempt from the name's back-off)."""
+        with self._lock:
+            self._remember(username, ip)
+
+    def _remember(self, username: str, ip: str) -> None:
+        net = self.network(ip)
+        known = self._known.setdefault(username.lower(), OrderedDict())
+        known[net] = None
+        known.move_to_end(net)
+        while len(known) > self.KNOWN_NETWORKS:
+            known.popitem(last=False)
 
     def reset(self) -> None:
         """Forget every failure (tests, or an admin after an incident); known networks stay."""
         with self._lock:
             self._failures.clear()
+
+
+def learn_known_networks(db: Database, limiter: LoginLimiter, *, days: float = 90, rows: int = 5000) -> int:
+    """Teach a new limiter (after a restart) where each user has logged in, from the audit log.
+
+    The ``login`` events of the last ``days`` (the newest ``rows`` of them) carry the user
+    name and client address; without this a restart would forget every user's own networks,
+    and an attack running at that moment could hold them back. Returns the events read.
+    """
+    since = utcnow() - timedelta(days=days)
+    with db.read_session() as session:
+        found = session.execute(
+            select(AuditEvent.username, AuditEvent.ip)
+            .where(AuditEvent.action == "login", AuditEvent.at >= since, AuditEvent.ip != "")
+            .order_by(AuditEvent.id.desc())
+            .limit(rows)
+        ).all()
+    for username, ip in reversed(found):  # oldest first: the newest networks stay when a user has many
+        limiter.remember(username, ip)
+    return len(found)

@@ -462,6 +462,24 @@ def test_strangers_on_twenty_addresses_cannot_lock_out_a_user_who_logged_in_befo
         env.app.state.limiter.reset()
 
 
+def test_a_users_own_network_is_remembered_across_a_restart(env: WebEnv) -> None:
+    """A new app on the same database (a restart) learns her networks from the audit log's logins."""
+    from consult_web.app import create_app
+
+    def attempt(app, ip: str, password: str) -> int:  # type: ignore[no-untyped-def]
+        client = TestClient(app, client=(ip, 50000))
+        token = re.search(r'name="login_csrf" value="([^"]*)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
+        data = {"username": "spec2", "password": password, "login_csrf": token}
+        return client.post("/login", data=data, follow_redirects=False).status_code
+
+    assert attempt(env.app, "2001:db8:77:1::5", PASSWORD) == 303  # she logs in from home, over IPv6
+    restarted = create_app(env.db, None, {}, env.settings)
+    for n in range(20):
+        assert attempt(restarted, f"198.51.100.{n}", "wrong-password") == 401
+    assert attempt(restarted, "2001:db8:77:1::9", PASSWORD) == 303  # same /64, after the restart
+    assert attempt(restarted, "198.51.100.201", "wrong-password") == 429
+
+
 def test_healthz_is_json_when_degraded(env: WebEnv) -> None:
     client = TestClient(env.app)
     env.app.state.health["dicom_gateway"] = "stopping"
