@@ -210,3 +210,18 @@ def test_a_worklist_page_loads_only_what_its_rows_show(env: WebEnv) -> None:
     loaded = " ".join(statements)
     assert "triage_results.heatmaps" not in loaded and "triage_results.timings_ms" not in loaded
     assert "instances.file_path" not in loaded
+
+
+def test_the_finding_filter_matches_whole_labels(tmp_path: Path, shared_dicom: Path) -> None:
+    """In SQL the flagged labels are JSON text: "Effusion" must not match "Pleural Effusion" or "Effusion2"."""
+    env = make_web_env(tmp_path)
+    add_station_row(env, "STATION1")
+    add_user_row(env, "spec", "specialist")
+    now = datetime.now(UTC)
+    env.uids = {}  # type: ignore[attr-defined]
+    for name, flagged in [("plain", ("Effusion",)), ("pleural", ("Pleural Effusion",)), ("suffix", ("Effusion2",))]:
+        uid, _ = store_dicom(env, shared_dicom / "dev_07_dx_pa_utf8_name.dcm", "STATION1")
+        _set(env, uid, "abnormal", now, flagged)
+        env.uids[name] = uid  # type: ignore[attr-defined]
+    assert _order(env, "spec", "?finding=Effusion") == ["plain"]
+    assert _order(env, "spec", "?finding=Pleural%20Effusion") == ["pleural"]
