@@ -32,8 +32,9 @@ from benchmarks.machine import describe_machine, filesystem_of, load_average
 from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
 
-PARTS = ("latency", "throughput", "inference", "viewer")
+PARTS = ("latency", "throughput", "inference", "viewer", "worklist")
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle")
+WORKLIST_SEED = SHARED_DICOM / "dev_03_dx_pa_jpeg_lossless_sv1.dcm"  # 1024 px, 0.9 MB: cheap to seed studies with
 QUIET_LOAD = 1.0  # 1-minute load average above which figures are flagged as taken on a busy machine
 
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmarks of xray-triage: end-to-end latency, ingest throughput vs dcmtk storescp, "
-        "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm. Starts its own server on free ports "
+        "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm, worklist latency under load. Starts its own server on free ports "
         "in a temporary directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -328,6 +329,22 @@ def run(args: argparse.Namespace) -> int:
                 warm_reps=plan.viewer_warm_reps,
             )
             report["warnings"] += report["viewer"]["warnings"]
+        if "worklist" in parts:
+            from benchmarks.worklist_load import LoadPlan, run_worklist_load
+
+            require_tools(("storescu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle"))
+            _detector_source_ok()
+            if variants is None:
+                progress("worklist: making the 2800x2800 variants (dcmdjpls, dcmcjpeg, dcmcrle)")
+                variants = make_detector_variants(DETECTOR_SOURCE, work / "images", have_gdcm=False)
+            burst = {v.name: v for v in variants}.get(args.throughput_image)
+            if burst is None:
+                raise BenchSetupError(f"worklist burst image {args.throughput_image} could not be made")
+            seed = image_info(WORKLIST_SEED.stem, WORKLIST_SEED)
+            report["worklist"], failures = run_worklist_load(
+                args.model, seed, burst, work, LoadPlan.for_mode(args.quick)
+            )
+            report["failures"] += failures
     except BenchSetupError as exc:
         setup_error = True
         report["failures"].append(f"setup: {exc}")

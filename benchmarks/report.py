@@ -288,6 +288,56 @@ def _viewer_lines(viewer: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _worklist_lines(worklist: dict[str, Any]) -> list[str]:
+    plan = worklist["plan"]
+    lines = [
+        "",
+        f"### Worklist under load: {plan['users']} users polling GET /worklist every {plan['poll_s']} s "
+        f"(each with an /events stream open) while {plan['stations']} stations send {plan['images']} x "
+        f"{worklist['burst_image']}; {plan['studies']} studies seeded",
+        "",
+    ]
+    rows = []
+    for label, key in (("burst alone", "burst_alone"), ("users only", "users_only"), ("burst + users", "burst_with_users")):
+        part = worklist.get(key) or {}
+        web = part if key == "users_only" else part.get("worklist") or {}
+        stats = web.get("ms") or {}
+        rows.append(
+            [
+                label,
+                str(web.get("requests", "")) if web else "",
+                _f(stats.get("p50"), 0) if web else "",
+                _f(stats.get("p95"), 0) if web else "",
+                _f(stats.get("max"), 0) if web else "",
+                str(web.get("not_ok", "")) if web else "",
+                _f(part.get("ingest_images_per_s"), 2) if "ingest_s" in part else "",
+                _f(part.get("ingest_mb_per_s"), 1) if "ingest_s" in part else "",
+                _f(part.get("all_triaged_s"), 2) if "ingest_s" in part else "",
+            ]
+        )
+    lines += _table(
+        [
+            "phase",
+            "worklist requests",
+            "p50 ms",
+            "p95 ms",
+            "max ms",
+            "not 200",
+            "ingest img/s",
+            "ingest MB/s",
+            "all triaged s",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        f"Latency: request sent -> whole page read, per user thread. Ingest: first storescu spawn -> last exit. "
+        f"Live events received per user (median): {worklist.get('events_received_per_user_median')}; "
+        f"streams refused: {worklist.get('event_streams_refused')}.",
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["## xray-triage benchmark", "", *_machine_lines(report)]
     if report.get("latency"):
@@ -298,11 +348,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _inference_lines(report["inference"])
     if report.get("viewer"):
         lines += _viewer_lines(report["viewer"])
+    if report.get("worklist"):
+        lines += _worklist_lines(report["worklist"])
     if report.get("warnings"):
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):
         lines += ["", f"FAILED ({len(report['failures'])}):", *(f"- {f}" for f in report["failures"])]
-    elif report.get("latency") or report.get("throughput"):
+    elif report.get("latency") or report.get("throughput") or report.get("worklist"):
         lines += ["", "Every image sent was stored and triaged."]
     else:
         lines += ["", "No failures."]

@@ -22,8 +22,13 @@ def visibility_clause(user: AuthUser) -> ColumnElement[bool]:
     return true()
 
 
+def can_see_station(user: AuthUser, station_ae: str) -> bool:
+    """Whether ``user`` may see the studies a station (by AE title) sent."""
+    return user.role != ROLE_STATION or (bool(user.station_ae) and station_ae == user.station_ae)
+
+
 def can_see(user: AuthUser, study: Study) -> bool:
-    return user.role != ROLE_STATION or (bool(user.station_ae) and study.station_ae == user.station_ae)
+    return can_see_station(user, study.station_ae)
 
 
 def visible_study(session: Session, user: AuthUser, study_uid: str) -> Study:

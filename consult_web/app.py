@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api
+from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, learn_known_networks
 from consult_web.errors import LocalizedError
 from consult_web.i18n import translate
 from consult_web.templating import render, request_language
@@ -63,7 +63,14 @@ def create_app(
     app.state.settings = settings
     app.state.health = health if health is not None else {}
     app.state.storage = storage or StorageGuard(settings.data_dir, settings.min_free_disk_mb)
-    app.state.limiter = LoginLimiter(settings.login_max_failures, settings.login_lockout_s)
+    app.state.limiter = LoginLimiter(
+        settings.login_max_failures,
+        settings.login_lockout_s,
+        backoff_s=settings.login_backoff_s,
+        ipv6_prefix=settings.login_ipv6_prefix,
+    )
+    learn_known_networks(db, app.state.limiter)  # each user's own networks survive a restart
+    app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 

@@ -10,18 +10,23 @@ Requests authenticated by an API token carry no cookie and need no CSRF token.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from xray_triage.store.consult_schema import ROLE_ADMIN
+from xray_triage.store.consult_schema import ROLE_ADMIN, AuditEvent
 from xray_triage.store.db import Database
+from xray_triage.store.schema import utcnow
 from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
 
 SESSION_COOKIE = "xrt_session"
@@ -112,36 +117,68 @@ require_admin = require_roles(ROLE_ADMIN)
 
 
 class LoginLimiter:
-    """Failed-login counter (in memory) that a stranger cannot turn against a user.
+    """Failed-login limits (in memory) that slow a guesser without letting a stranger lock a user out.
 
-    Three counters, each over ``window_s`` seconds:
+    Addresses are grouped into networks: an IPv4 address is its own network, an IPv6
+    address counts as its /``ipv6_prefix`` (default /64, what one subscriber gets), so
+    hopping between the addresses of one prefix gains nothing. Over ``window_s`` seconds:
 
-    - one user name from one client IP: locked after ``max_failures`` failures, so
+    - one user name from one network: locked after ``max_failures`` failures, so
       password guessing from one place stops at once;
-    - one client IP over all names, and one user name over all IPs: locked after
-      ``SPREAD_FACTOR`` x ``max_failures``, which bounds name sprays and guessing from
-      many addresses.
+    - one network over all names: locked after ``SPREAD_FACTOR`` x ``max_failures``
+      (name sprays);
+    - one user name over all networks: never a plain lock. Past ``SPREAD_FACTOR`` x
+      ``max_failures`` failures each further try from a network must wait an
+      exponential back-off (``backoff_s``, doubled per further failure, at most
+      ``window_s``) after the name's last failure, so guessing from many networks slows
+      to a trickle. Networks where the user has logged in successfully (the last
+      ``KNOWN_NETWORKS`` per user; ``learn_known_networks`` reloads them from the
+      audit log at start-up) are exempt: strangers failing elsewhere cannot lock a
+      specialist out of her own hospital's network.
 
-    Locking a name on its own after a few failures from anywhere would let anyone lock
-    a specialist out by typing wrong passwords for them; here, locking a user out
-    everywhere takes failures from several addresses. A lock lasts until the oldest
-    failure leaves the window. A successful login clears that user's counters. Kept in
-    memory on purpose: the web app runs in one process, and a restart giving a fresh
-    window is harmless.
+    A lock or back-off lasts until the failures behind it leave the window. A successful
+    login clears the (name, network) counter only: clearing the name's counter would let
+    a guesser reset the back-off whenever the real user logs in. ``clock`` (seconds,
+    monotonic) is injectable so tests need no sleeps. Kept in memory on purpose: the web
+    app runs in one process, and a restart giving a fresh window is harmless.
     """
 
     SPREAD_FACTOR = 4
+    KNOWN_NETWORKS = 8
 
-    def __init__(self, max_failures: int, window_s: float) -> None:
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float,
+        *,
+        backoff_s: float = 1.0,
+        ipv6_prefix: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
+        self.backoff_s = backoff_s
+        self.ipv6_prefix = ipv6_prefix
+        self.clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._known: dict[str, OrderedDict[str, None]] = {}  # user name -> networks of successful logins
         self._lock = threading.Lock()
 
-    def _limits(self, username: str, ip: str) -> list[tuple[str, int]]:
-        name = username.lower()
-        spread = self.SPREAD_FACTOR * self.max_failures
-        return [(f"u+ip:{name}\n{ip}", self.max_failures), (f"u:{name}", spread), (f"ip:{ip}", spread)]
+    def network(self, ip: str) -> str:
+        """The network an address is counted under: itself (IPv4) or its IPv6 prefix."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip  # not an address (a test client's name): counted as itself
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
+        return str(address)
+
+    def _keys(self, username: str, ip: str) -> tuple[str, str, str]:
+        name, net = username.lower(), self.network(ip)
+        return f"u+net:{name}\n{net}", f"net:{net}", f"u:{name}"
 
     def _recent(self, key: str, now: float) -> int:
         """Failures of ``key`` inside the window; keys with none left are forgotten (bounded memory)."""
@@ -155,26 +192,71 @@ class LoginLimiter:
         return len(entries)
 
     def retry_after(self, username: str, ip: str) -> float:
-        """Seconds until a login may be tried again; 0 when not locked."""
-        now = time.monotonic()
+        """Seconds until a login for ``username`` from ``ip`` may be tried again; 0 when allowed."""
+        now = self.clock()
+        pair, net, name = self._keys(username, ip)
+        spread = self.SPREAD_FACTOR * self.max_failures
         waits = []
         with self._lock:
-            for key, limit in self._limits(username, ip):
+            for key, limit in ((pair, self.max_failures), (net, spread)):
                 if self._recent(key, now) >= limit:
                     waits.append(self._failures[key][0] + self.window_s - now)
-        return max(waits, default=0.0)
+            over = self._recent(name, now) - spread
+            if over >= 0 and self.network(ip) not in self._known.get(username.lower(), {}):
+                delay = min(self.backoff_s * 2.0**over, self.window_s)
+                waits.append(self._failures[name][-1] + delay - now)
+        return max([w for w in waits if w > 0], default=0.0)
 
     def failed(self, username: str, ip: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             if len(self._failures) >= SWEEP_AT:  # a spray of names or addresses: drop what expired
                 for key in list(self._failures):
                     self._recent(key, now)
-            for key, _limit in self._limits(username, ip):
+            for key in self._keys(username, ip):
                 self._recent(key, now)
                 self._failures.setdefault(key, deque()).append(now)
 
     def succeeded(self, username: str, ip: str) -> None:
+        """Forget the (name, network) failures and remember the network as the user's own."""
         with self._lock:
-            for key, _limit in self._limits(username, ip)[:2]:  # the user's counters, not the IP's
-                self._failures.pop(key, None)
+            self._failures.pop(self._keys(username, ip)[0], None)
+            self._remember(username, ip)
+
+    def remember(self, username: str, ip: str) -> None:
+        """Mark ``ip``'s network as one where ``username`` logs in (exempt from the name's back-off)."""
+        with self._lock:
+            self._remember(username, ip)
+
+    def _remember(self, username: str, ip: str) -> None:
+        net = self.network(ip)
+        known = self._known.setdefault(username.lower(), OrderedDict())
+        known[net] = None
+        known.move_to_end(net)
+        while len(known) > self.KNOWN_NETWORKS:
+            known.popitem(last=False)
+
+    def reset(self) -> None:
+        """Forget every failure (tests, or an admin after an incident); known networks stay."""
+        with self._lock:
+            self._failures.clear()
+
+
+def learn_known_networks(db: Database, limiter: LoginLimiter, *, days: float = 90, rows: int = 5000) -> int:
+    """Teach a new limiter (after a restart) where each user has logged in, from the audit log.
+
+    The ``login`` events of the last ``days`` (the newest ``rows`` of them) carry the user
+    name and client address; without this a restart would forget every user's own networks,
+    and an attack running at that moment could hold them back. Returns the events read.
+    """
+    since = utcnow() - timedelta(days=days)
+    with db.read_session() as session:
+        found = session.execute(
+            select(AuditEvent.username, AuditEvent.ip)
+            .where(AuditEvent.action == "login", AuditEvent.at >= since, AuditEvent.ip != "")
+            .order_by(AuditEvent.id.desc())
+            .limit(rows)
+        ).all()
+    for username, ip in reversed(found):  # oldest first: the newest networks stay when a user has many
+        limiter.remember(username, ip)
+    return len(found)

@@ -3,7 +3,8 @@
 Order: AI priority (urgent, abnormal, normal, not yet known), then consult status
 (requested, in review, answered, no consult, closed), then arrival time, the
 longest-waiting first. Filters: station, consult status, AI status, arrival
-date (in the user's time zone) and flagged finding.
+date (in the user's time zone) and flagged finding, all in SQL, so the list is
+paged (``worklist_page_size`` rows) and a page loads only what its rows show.
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import case, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from consult_web.access import visibility_clause
 from consult_web.i18n import zone
 from xray_triage.store.consult_schema import CONSULT_STATUS_RANK, CONSULT_STATUSES, Consult
 from xray_triage.store.dicom_meta import display_name
-from xray_triage.store.queries import station_names, top_findings
-from xray_triage.store.schema import Instance, Series, Study, TriageResult, utcnow
+from xray_triage.store.queries import RowExtras, flagged_clause, row_extras, station_names
+from xray_triage.store.schema import Study, TriageResult, utcnow
 from xray_triage.store.users import AuthUser
 
-MAX_ROWS = 500
-FINDING_SCAN_LIMIT = 5000  # studies looked at, at most, to fill a worklist filtered by finding
 NO_CONSULT = "none"
+ROW_COLUMNS = (  # what a row shows of the study itself: no series, images or results are loaded
+    Study.id,
+    Study.study_instance_uid,
+    Study.patient_name,
+    Study.patient_id,
+    Study.patient_age,
+    Study.patient_sex,
+    Study.station_ae,
+    Study.received_at,
+    Study.ai_status,
+    Study.priority,
+)
 
 
 @dataclass(frozen=True)
@@ -77,18 +88,31 @@ def _day_start(day: date, tz_name: str) -> datetime:
     return datetime.combine(day, time.min, tzinfo=zone(tz_name)).astimezone(UTC)
 
 
-def _worklist_query(user: AuthUser, filters: WorklistFilters):  # type: ignore[no-untyped-def]
-    status = _latest_consult(Consult.status)
-    rank = case(
-        *[(status == name, CONSULT_STATUS_RANK[name]) for name in CONSULT_STATUSES],
-        else_=CONSULT_STATUS_RANK[None],
-    )
-    stmt = (
-        select(Study, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency"))
-        .where(visibility_clause(user))
-        .options(selectinload(Study.series).selectinload(Series.instances).selectinload(Instance.result))
-        .order_by(Study.priority_rank.desc(), rank, Study.received_at.asc(), Study.id.asc())
-    )
+@dataclass(frozen=True)
+class WorklistPage:
+    """One page of the worklist: ``page`` counts from 1; ``total`` studies match the filters."""
+
+    rows: list[WorklistRow]
+    page: int
+    page_size: int
+    total: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+    @property
+    def first_index(self) -> int:
+        """1-based position of the page's first row (0 when empty), for "41-50 of 420"."""
+        return (self.page - 1) * self.page_size + 1 if self.rows else 0
+
+    @property
+    def last_index(self) -> int:
+        return (self.page - 1) * self.page_size + len(self.rows)
+
+
+def _filtered(user: AuthUser, filters: WorklistFilters, stmt, status):  # type: ignore[no-untyped-def]
+    stmt = stmt.where(visibility_clause(user))
     if filters.station:
         stmt = stmt.where(Study.station_ae == filters.station)
     if filters.ai:
@@ -101,54 +125,54 @@ def _worklist_query(user: AuthUser, filters: WorklistFilters):  # type: ignore[n
         stmt = stmt.where(Study.received_at >= _day_start(filters.date_from, user.timezone))
     if filters.date_to:
         stmt = stmt.where(Study.received_at < _day_start(filters.date_to + timedelta(days=1), user.timezone))
+    if filters.finding:
+        stmt = stmt.where(flagged_clause(filters.finding))
     return stmt
 
 
-def query_worklist(session: Session, user: AuthUser, filters: WorklistFilters) -> list[WorklistRow]:
-    """At most MAX_ROWS rows in worklist order. The finding filter is applied in Python (flagged
-    labels are JSON), over batches of MAX_ROWS studies and at most FINDING_SCAN_LIMIT of them."""
-    stmt = _worklist_query(user, filters)
+def query_worklist(
+    session: Session, user: AuthUser, filters: WorklistFilters, *, page: int = 1, page_size: int = 50
+) -> WorklistPage:
+    """Page ``page`` (from 1; past the last page gives the last) of ``page_size`` rows in worklist order."""
+    status = _latest_consult(Consult.status)
+    total = session.scalar(_filtered(user, filters, select(func.count(Study.id)), status)) or 0
+    pages = max(1, -(-total // page_size))
+    page = min(max(page, 1), pages)
+    rank = case(
+        *[(status == name, CONSULT_STATUS_RANK[name]) for name in CONSULT_STATUSES],
+        else_=CONSULT_STATUS_RANK[None],
+    )
+    stmt = _filtered(
+        user,
+        filters,
+        select(*ROW_COLUMNS, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency")),
+        status,
+    ).order_by(Study.priority_rank.desc(), rank, Study.received_at.asc(), Study.id.asc())
+    found = session.execute(stmt.limit(page_size).offset((page - 1) * page_size)).all()
+    extras = row_extras(session, [r.id for r in found])
     names = station_names(session)
     now = utcnow()
-    rows: list[WorklistRow] = []
-    for offset in range(0, FINDING_SCAN_LIMIT if filters.finding else MAX_ROWS, MAX_ROWS):
-        batch = session.execute(stmt.limit(MAX_ROWS).offset(offset)).all()
-        for study, consult_status, urgency in batch:
-            findings = top_findings(study)
-            if filters.finding and filters.finding not in {f["label"] for f in findings}:
-                continue
-            rows.append(_row(study, findings, consult_status, urgency, names, now))
-            if len(rows) >= MAX_ROWS:
-                return rows
-        if len(batch) < MAX_ROWS:
-            break
-    return rows
+    rows = [_row(r, extras.get(r.id, RowExtras([], 0)), names, now) for r in found]
+    return WorklistPage(rows, page, page_size, total)
 
 
-def _row(
-    study: Study,
-    findings: list[dict[str, Any]],
-    consult_status: str | None,
-    urgency: str | None,
-    names: dict[str, str],
-    now: datetime,
-) -> WorklistRow:
+def _row(found, extras: RowExtras, names: dict[str, str], now: datetime) -> WorklistRow:  # type: ignore[no-untyped-def]
     return WorklistRow(
-        study_uid=study.study_instance_uid,
-        patient_name=display_name(study.patient_name),
-        patient_id=study.patient_id,
-        patient_age=study.patient_age,
-        patient_sex=study.patient_sex,
-        station_ae=study.station_ae,
-        station_name=names.get(study.station_ae, ""),
-        received_at=study.received_at,
-        waiting_s=(now - study.received_at).total_seconds(),
-        ai_status=study.ai_status,
-        priority=study.priority,
-        findings=findings,
-        consult_status=consult_status,
-        consult_urgency=urgency,
-        images=sum(len(s.instances) for s in study.series),
+        study_uid=found.study_instance_uid,
+        patient_name=display_name(found.patient_name),
+        patient_id=found.patient_id,
+        patient_age=found.patient_age,
+        patient_sex=found.patient_sex,
+        station_ae=found.station_ae,
+        station_name=names.get(found.station_ae, ""),
+        received_at=found.received_at,
+        waiting_s=(now - found.received_at).total_seconds(),
+        ai_status=found.ai_status,
+        priority=found.priority,
+        findings=extras.findings,
+        consult_status=found.consult_status,
+        consult_urgency=found.urgency,
+        images=extras.instances,
     )
 
 

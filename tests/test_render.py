@@ -183,14 +183,25 @@ def test_cache_is_an_lru_and_decodes_once_under_concurrency(
 ) -> None:
     calls: list[Path] = []
     real = R.load_image
+    arrived = threading.Semaphore(0)
+
+    class ArrivalCountingDict(dict):  # type: ignore[type-arg]
+        """The cache's in-flight table: each caller that found no cached image registers here."""
+
+        def setdefault(self, key, default=None):  # type: ignore[no-untyped-def]
+            arrived.release()
+            return super().setdefault(key, default)
 
     def counting(path: Path, **kwargs: object) -> R.LoadedImage:
         calls.append(path)
-        time.sleep(0.05)  # long enough for the other threads to arrive during the decode
+        if len(calls) == 1:  # the first decode waits until all 6 callers are in (no sleep racing them)
+            for _ in range(6):
+                assert arrived.acquire(timeout=60), "the other callers never arrived"
         return real(path, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(R, "load_image", counting)
     cache = R.ImageCache(2)
+    cache._loading = ArrivalCountingDict()
     paths = [s.path for s in samples[:3]]
     results: list[R.LoadedImage] = []
     threads = [threading.Thread(target=lambda: results.append(cache.get(paths[0]))) for _ in range(6)]

@@ -122,3 +122,106 @@ def test_worklist_shows_findings_and_diacritics(env: WebEnv) -> None:
     page = client.get("/worklist").text
     assert "Nguyễn Thị Hồng" in page and "Edema 90%" in page
     assert 'option value="Edema"' in page  # the finding filter offers the model's labels
+
+
+EXPECTED = ["urgent_requested", "urgent_old", "urgent_new", "urgent_closed", "abnormal", "normal_old", "pending"]
+PAGER_LINK = re.compile(r'<a rel="(prev|next)" id="page-(?:prev|next)" href="([^"]+)"')
+
+
+@pytest.fixture(scope="module")
+def paged(env: WebEnv) -> WebEnv:
+    """The same database behind an app with 3 rows a page."""
+    from consult_web.app import create_app
+
+    settings = env.settings.model_copy(update={"worklist_page_size": 3})
+    return WebEnv(create_app(env.db, None, {}, settings), env.db, settings, None)
+
+
+def _links(page: str) -> dict[str, str]:
+    return {rel: href.replace("&amp;", "&") for rel, href in PAGER_LINK.findall(page)}
+
+
+def test_worklist_pages_continue_the_order(env: WebEnv, paged: WebEnv) -> None:
+    paged.uids = env.uids  # type: ignore[attr-defined]
+    assert _order(paged, "spec") == EXPECTED[:3]
+    assert _order(paged, "spec", "?page=2") == EXPECTED[3:6]
+    assert _order(paged, "spec", "?page=3") == EXPECTED[6:]
+    assert _order(paged, "spec", "?page=99") == EXPECTED[6:]  # past the end: the last page
+    client, _ = client_for(paged, "spec")
+    first = client.get("/worklist").text
+    assert _links(first) == {"next": "/worklist?page=2"} and "studies 1–3 of 7" in first
+    last = client.get("/worklist?page=3").text
+    assert _links(last) == {"prev": "/worklist?page=2"} and "Page 3 of 3" in last
+
+
+def test_worklist_pages_keep_the_filters(env: WebEnv, paged: WebEnv) -> None:
+    paged.uids = env.uids  # type: ignore[attr-defined]
+    client, _ = client_for(paged, "spec")
+    first = client.get("/worklist?status=none&station=STATION1").text
+    assert "studies 1–3 of 3" in first and not _links(first)  # 3 rows: one page
+    first = client.get("/worklist?status=none").text
+    assert _links(first) == {"next": "/worklist?status=none&page=2"}
+    assert 'data-src="/worklist/rows?status=none&amp;page=1"' in first  # live refreshes stay on this page
+    assert _order(paged, "spec", "?status=none&page=2") == ["pending"]
+    second = client.get(_links(first)["next"]).text
+    assert _links(second) == {"prev": "/worklist?status=none&page=1"}
+    # The finding filter runs in SQL, so it pages like the others.
+    assert _order(paged, "spec", "?finding=Edema") == ["urgent_requested", "urgent_closed", "abnormal"]
+    assert _order(paged, "spec", "?finding=Effusion&page=1") == ["urgent_old", "urgent_new"]
+    assert _order(paged, "spec", "?finding=Effusion%25") == []  # LIKE wildcards are escaped
+
+
+def test_json_api_pages_with_limit_and_offset(env: WebEnv, paged: WebEnv) -> None:
+    client, _ = client_for(paged, "spec")
+    everything = client.get("/api/studies?limit=500").json()
+    assert everything["total"] == 7 and everything["next_offset"] is None and len(everything["studies"]) == 7
+    default = client.get("/api/studies").json()
+    assert (default["limit"], default["offset"], default["next_offset"], len(default["studies"])) == (3, 0, 3, 3)
+    seen: list[str] = []
+    offset: int | None = 0
+    while offset is not None:
+        answer = client.get(f"/api/studies?limit=3&offset={offset}").json()
+        seen += [s["study_uid"] for s in answer["studies"]]
+        offset = answer["next_offset"]
+    assert seen == [s["study_uid"] for s in everything["studies"]]
+    station, _ = client_for(paged, "st1")
+    assert station.get("/api/studies?limit=2").json()["total"] == 4  # only its own station's
+    assert client.get("/api/studies?limit=501").status_code == 422
+
+
+def test_a_worklist_page_loads_only_what_its_rows_show(env: WebEnv) -> None:
+    """No series/instance objects, no heatmaps, thresholds or timings: those made 500 rows cost 336 ms."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement: str, *_args: object) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement.lower())
+
+    client, _ = client_for(env, "spec")
+    for engine in {env.db.engine, env.db.read_engine}:
+        event.listen(engine, "before_cursor_execute", record)
+    try:
+        page = client.get("/worklist/rows").text
+    finally:
+        for engine in {env.db.engine, env.db.read_engine}:
+            event.remove(engine, "before_cursor_execute", record)
+    assert "Edema 90%" in page
+    loaded = " ".join(statements)
+    assert "triage_results.heatmaps" not in loaded and "triage_results.timings_ms" not in loaded
+    assert "instances.file_path" not in loaded
+
+
+def test_the_finding_filter_matches_whole_labels(tmp_path: Path, shared_dicom: Path) -> None:
+    """In SQL the flagged labels are JSON text: "Effusion" must not match "Pleural Effusion" or "Effusion2"."""
+    env = make_web_env(tmp_path)
+    add_station_row(env, "STATION1")
+    add_user_row(env, "spec", "specialist")
+    now = datetime.now(UTC)
+    env.uids = {}  # type: ignore[attr-defined]
+    for name, flagged in [("plain", ("Effusion",)), ("pleural", ("Pleural Effusion",)), ("suffix", ("Effusion2",))]:
+        uid, _ = store_dicom(env, shared_dicom / "dev_07_dx_pa_utf8_name.dcm", "STATION1")
+        _set(env, uid, "abnormal", now, flagged)
+        env.uids[name] = uid  # type: ignore[attr-defined]
+    assert _order(env, "spec", "?finding=Effusion") == ["plain"]
+    assert _order(env, "spec", "?finding=Pleural%20Effusion") == ["pleural"]

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +145,39 @@ def client_for(env: WebEnv, username: str | None = None) -> tuple[TestClient, st
     client = TestClient(env.app, base_url="http://testserver")
     csrf = login(client, username) if username else ""
     return client, csrf
+
+
+@contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """``app`` on a real uvicorn server in a thread, on a free 127.0.0.1 port; yields its base URL.
+
+    For what the test client cannot do (long-lived streams, concurrent connections) while the
+    test still reaches ``app.state`` (hooks, counters). Startup is waited for with bounded polling.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_config=None, access_log=False, timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
+    app.state.stopping = lambda: server.should_exit  # open streams end when the server stops
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_until(condition: Any, what: str, deadline_s: float = 30.0) -> None:
+    """Bounded polling for a condition another thread makes true (never a fixed sleep)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

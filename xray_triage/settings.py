@@ -111,13 +111,30 @@ class Settings(BaseSettings):
     cookie_secure: Literal["auto", "always", "never"] = Field(
         "auto", description="Secure flag on the session cookie: auto = when the request came over HTTPS"
     )
-    login_max_failures: int = Field(5, ge=1, description="failed logins of one user name from one IP before a lock-out; 4x that locks an IP (all names) or a user name (all IPs)")
+    login_max_failures: int = Field(
+        5,
+        ge=1,
+        description="failed logins of one user name from one network (an IPv4 address or an IPv6 "
+        "/login_ipv6_prefix) before a lock-out; 4x that locks a network over all names, and starts a "
+        "user name's back-off on every network where that user never logged in",
+    )
     login_lockout_s: float = Field(900.0, gt=0, description="window and lock-out time for failed logins")
+    login_backoff_s: float = Field(
+        1.0, gt=0, description="first wait of a user name's back-off; doubles with each further failure, at most login_lockout_s"
+    )
+    login_ipv6_prefix: int = Field(64, ge=32, le=128, description="IPv6 addresses count as one network per this prefix")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body the web app accepts")
     default_language: Literal["vi", "en"] = "vi"
     default_timezone: str = "Asia/Ho_Chi_Minh"
     render_cache_images: int = Field(4, ge=0, description="decoded images kept in memory for the viewer")
-    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update stream looks for changes")
+    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update poller looks for changes (one poll for all streams)")
+    live_max_streams_per_session: int = Field(
+        6, ge=1, description="open live-update streams (/events) one browser login may hold; more answer 429"
+    )
+    live_max_streams_per_user: int = Field(
+        12, ge=1, description="open live-update streams one user may hold over all logins; more answer 429"
+    )
+    worklist_page_size: int = Field(50, ge=1, le=500, description="worklist rows per page (and the JSON API's default limit)")
 
     # Model and triage
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")

@@ -13,7 +13,7 @@ from consult_web.access import visibility_clause, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
 from xray_triage import __version__
-from xray_triage.store.queries import get_study, list_studies
+from xray_triage.store.queries import count_studies, get_study, list_studies
 from xray_triage.store.users import AuthUser
 
 router = APIRouter()
@@ -52,14 +52,30 @@ def healthz(request: Request) -> JSONResponse:
 @router.get("/api/studies")
 def api_studies(
     request: Request,
-    limit: int = Query(200, ge=1, le=1000),
+    limit: int | None = Query(None, ge=1, le=500),
     offset: int = Query(0, ge=0),
     user: AuthUser = Depends(current_user),
 ) -> dict[str, Any]:
-    """Most urgent first, then newest (as ``xray-triage studies list``), only what the user may see."""
+    """One page of the studies the user may see, most urgent first, then newest (as ``studies list``).
+
+    ``limit`` (default ``worklist_page_size``, at most 500) studies from ``offset``. The answer
+    gives ``total`` (studies visible) and ``next_offset`` (null on the last page): fetch again
+    with ``offset=next_offset`` until it is null. Studies arriving meanwhile shift later pages.
+    """
+    limit = limit or request.app.state.settings.worklist_page_size
+    where = visibility_clause(user)
     with request.app.state.db.read_session() as session:
-        studies = list_studies(session, limit=limit, offset=offset, where=visibility_clause(user))
-    return {"studies": studies, "disclaimer": request.app.state.disclaimer}
+        studies = list_studies(session, limit=limit, offset=offset, where=where)
+        total = count_studies(session, where)
+    next_offset = offset + len(studies) if offset + len(studies) < total else None
+    return {
+        "studies": studies,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": next_offset,
+        "disclaimer": request.app.state.disclaimer,
+    }
 
 
 @router.get("/api/studies/{study_uid}")

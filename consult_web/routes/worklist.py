@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
@@ -10,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from consult_web.auth import current_user
 from consult_web.errors import LocalizedError
 from consult_web.templating import render
-from consult_web.worklist import NO_CONSULT, WorklistFilters, known_findings, query_worklist
+from consult_web.worklist import NO_CONSULT, WorklistFilters, WorklistPage, known_findings, query_worklist
 from xray_triage.store.consult_schema import CONSULT_STATUSES, ROLE_STATION
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
 from xray_triage.store.stations import list_stations
@@ -47,14 +48,30 @@ def parse_filters(
     )
 
 
+def page_url(filters: WorklistFilters, page: int, path: str = "/worklist") -> str:
+    """A link to another page of the same list: the user's filters are kept."""
+    return f"{path}?{urlencode({**filters.as_query(), 'page': page})}"
+
+
+def _pager(filters: WorklistFilters, result: WorklistPage) -> dict[str, object]:
+    return {
+        "page": result,
+        "prev_url": page_url(filters, result.page - 1) if result.page > 1 else "",
+        "next_url": page_url(filters, result.page + 1) if result.page < result.pages else "",
+        "rows_src": page_url(filters, result.page, "/worklist/rows"),
+    }
+
+
 @router.get("/worklist")
 def worklist_page(
     request: Request,
     user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
     filters: WorklistFilters = Depends(parse_filters),
+    page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
+    page_size = request.app.state.settings.worklist_page_size
     with request.app.state.db.read_session() as session:
-        rows = query_worklist(session, user, filters)
+        result = query_worklist(session, user, filters, page=page, page_size=page_size)
         stations = [] if user.role == ROLE_STATION else list_stations(session)
         findings = known_findings(session)
         station_options = [(s.ae_title, s.name) for s in stations]
@@ -62,7 +79,8 @@ def worklist_page(
         request,
         "worklist.html",
         {
-            "rows": rows,
+            "rows": result.rows,
+            **_pager(filters, result),
             "filters": filters,
             "stations": station_options,
             "findings": findings,
@@ -77,7 +95,9 @@ def worklist_rows(
     request: Request,
     user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
     filters: WorklistFilters = Depends(parse_filters),
+    page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
+    page_size = request.app.state.settings.worklist_page_size
     with request.app.state.db.read_session() as session:
-        rows = query_worklist(session, user, filters)
-    return render(request, "_worklist_rows.html", {"rows": rows})
+        result = query_worklist(session, user, filters, page=page, page_size=page_size)
+    return render(request, "_worklist_rows.html", {"rows": result.rows})
