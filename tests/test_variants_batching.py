@@ -16,7 +16,6 @@ import onnx
 import pytest
 
 from onnx_factory import write_tiny_model_dir
-from xray_triage.cli import main as cli_main
 from xray_triage.inference.batching import BatcherStopped, MicroBatcher
 from xray_triage.inference.card import ModelCardError, find_card, list_cards, load_card, sha256_file
 from xray_triage.inference.runner import ModelRunner
@@ -24,6 +23,7 @@ from xray_triage.pipeline.pixels import DisplayImage, read_any_display
 from xray_triage.pipeline.preprocess import to_model_input
 from xray_triage.settings import SettingsError, load_settings
 from xray_triage.triage.analyze import analyze_display
+from xray_triage_server.cli import main as cli_main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = PROJECT_ROOT / "models" / "default"

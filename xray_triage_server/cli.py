@@ -12,13 +12,10 @@ from typing import Any
 
 from xray_triage import __version__
 from xray_triage.settings import Settings, SettingsError, load_settings
+from xray_triage_server.cli_error import CliError
 
 log = logging.getLogger("xray_triage")
 VARIANT_CHOICES = ("fp32", "int8", "fp16")  # xray_triage.inference.card.VARIANTS (not imported: keeps --help fast)
-
-
-class CliError(Exception):
-    """An error to print as one line, exit status 2."""
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -34,7 +31,7 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xray_triage.logging_setup import configure_logging
-    from xray_triage.serve import run_server
+    from xray_triage_server.serve import run_server
 
     settings = _settings(
         args,
@@ -335,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_triage.export.cli import register as register_export_commands
 
     register_export_commands(md_sub, common)
-    from xray_triage.cli_users import register as register_user_commands
+    from xray_triage_server.cli_users import register as register_user_commands
 
     register_user_commands(sub, common, _settings)
     return parser
