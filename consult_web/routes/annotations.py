@@ -5,9 +5,10 @@ so a mark stays on the anatomy at any zoom, render size or window. It is validat
 strictly (shape per kind, finite numbers, inside the image with a small margin):
 the database must never hold a mark that some viewer cannot draw.
 
-Everyone who may see the study sees every mark; only its author may change or
-delete it. Every change is audited in the same transaction, which is also how the
-live-update stream learns that other browsers should reload the marks.
+Who may mark and change what is core's (``xray_triage/consults/annotations.py``, which
+raises ``AnnotationRuleError``; the app answers it as a localized HTTP error). Every
+change is audited in the same transaction, which is also how the live-update stream
+learns that other browsers should reload the marks.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from consult_web.access import can_see, visible_instance, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
-from consult_web.errors import LocalizedError
-from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION, Annotation
+from xray_triage.consults.annotations import (
+    DEFAULT_COLOR,
+    annotations_of,
+    check_author,
+    check_label,
+    check_may_annotate,
+    serialize,
+    text_label_ok,
+)
+from xray_triage.store.consult_schema import Annotation
 from xray_triage.store.schema import Instance, Study, utcnow
 from xray_triage.store.users import AuthUser
 
@@ -36,7 +44,6 @@ Kind = Literal["rect", "ellipse", "arrow", "freehand", "text"]
 MAX_LABEL = 500
 MAX_POINTS = 5000
 COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
-DEFAULT_COLOR = "#ffd400"
 MARGIN_FRACTION = 0.05  # marks may reach a little past the edge (an arrow pointing in, a loose ellipse)
 UNKNOWN_SIDE = 65535  # largest Rows/Columns DICOM allows, when the stored row lacks them
 
@@ -149,7 +156,7 @@ class AnnotationCreate(BaseModel):
     @model_validator(mode="after")
     def _shape_fits_kind(self) -> AnnotationCreate:
         self.geometry = geometry_json(parse_geometry(self.kind, self.geometry))
-        if self.kind == "text" and not self.label.strip():
+        if not text_label_ok(self.kind, self.label):
             raise ValueError("a text mark needs a non-empty label")
         return self
 
@@ -185,50 +192,13 @@ def check_bounds(shape: _Shape, instance: Instance) -> None:
             )
 
 
-def can_annotate(user: AuthUser, study: Study) -> bool:
-    """Specialists (and admins, who act as specialists) anywhere; station doctors on their own studies."""
-    if user.role in (ROLE_SPECIALIST, ROLE_ADMIN):
-        return True
-    return user.role == ROLE_STATION and can_see(user, study)
-
-
-def serialize(annotation: Annotation, instance_uid: str, user: AuthUser) -> dict[str, Any]:
-    author = annotation.author
-    return {
-        "id": annotation.id,
-        "instance_uid": instance_uid,
-        "kind": annotation.kind,
-        "geometry": annotation.geometry,
-        "label": annotation.label or "",
-        "color": annotation.color or DEFAULT_COLOR,
-        "author": (author.display_name or author.username) if author else "",
-        "author_id": annotation.author_id,
-        "created_at": annotation.created_at.isoformat() if annotation.created_at else None,
-        "updated_at": annotation.updated_at.isoformat() if annotation.updated_at else None,
-        "can_edit": annotation.author_id == user.id,
-    }
-
-
-def annotations_of(session: Session, study: Study, user: AuthUser) -> list[dict[str, Any]]:
-    """Every mark on the study's images, oldest first (the viewer draws newer marks on top)."""
-    rows = session.execute(
-        select(Annotation, Instance.sop_instance_uid)
-        .join(Instance, Annotation.instance_id == Instance.id)
-        .where(Annotation.study_id == study.id)
-        .options(selectinload(Annotation.author))
-        .order_by(Annotation.id)
-    ).all()
-    return [serialize(annotation, sop_uid, user) for annotation, sop_uid in rows]
-
-
 def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tuple[Annotation, Study, Instance]:
     """The annotation if the user may see it (else 404) and wrote it (else 403)."""
     annotation = session.get(Annotation, annotation_id)
     study = session.get(Study, annotation.study_id) if annotation is not None else None
     if annotation is None or study is None or not can_see(user, study):
         raise HTTPException(status_code=404, detail="annotation not found")
-    if annotation.author_id != user.id:
-        raise LocalizedError(403, "usererror.annotation_not_author")
+    check_author(user, annotation)
     instance = session.get(Instance, annotation.instance_id)
     if instance is None:
         raise HTTPException(status_code=404, detail="annotation not found")
@@ -248,8 +218,7 @@ def create_annotation(
 ) -> dict[str, Any]:
     with request.app.state.db.session() as session:
         study, instance = visible_instance(session, user, study_uid, body.instance_uid)
-        if not can_annotate(user, study):
-            raise LocalizedError(403, "usererror.annotation_forbidden")
+        check_may_annotate(user, study)
         check_bounds(parse_geometry(body.kind, body.geometry), instance)
         now = utcnow()
         annotation = Annotation(
@@ -287,8 +256,7 @@ def update_annotation(
             check_bounds(shape, instance)
             annotation.geometry = geometry_json(shape)
         if body.label is not None:
-            if annotation.kind == "text" and not body.label.strip():
-                raise LocalizedError(422, "usererror.text_mark_label")
+            check_label(annotation.kind, body.label)
             annotation.label = body.label
         if body.color is not None:
             annotation.color = body.color.lower()
