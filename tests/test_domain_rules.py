@@ -12,11 +12,12 @@ from web_helpers import add_user_row, client_for, make_web_env
 
 from consult_web.errors import RULE_ERRORS, LocalizedError, localized
 from consult_web.i18n import catalog
-from xray_triage.consults import annotations, rules
+from xray_triage.consults import annotations, geometry, rules
 from xray_triage.consults.errors import AnnotationRuleError, ConsultRuleError, RuleError
 from xray_triage.settings import Settings
 from xray_triage.store.consult_schema import CONSULT_CLOSED, CONSULT_REQUESTED, Annotation, Consult
 from xray_triage.store.db import open_database
+from xray_triage.store.schema import Instance
 from xray_triage.store.users import AuthUser
 
 RULE_ERROR_CLASSES = (ConsultRuleError, AnnotationRuleError)
@@ -63,6 +64,18 @@ def test_annotation_rules_refuse_with_domain_codes() -> None:
         annotations.check_label("text", "  ")
     assert refused.value.code == "text_mark_label"
     annotations.check_label("arrow", "")
+
+
+def test_geometry_rules_need_no_web() -> None:
+    """Shape per kind and on-the-image checks are core's; they refuse with a ValueError that says why."""
+    image = Instance(rows=100, columns=200)
+    geometry.check_bounds(geometry.parse_geometry("rect", {"x": 190.0, "y": 0.0, "w": 10.0, "h": 100.0}), image)
+    with pytest.raises(ValueError, match=r"outside the image \(200x100 px\): point \(230, 5\)"):
+        geometry.check_bounds(geometry.parse_geometry("arrow", {"x1": 0.0, "y1": 0.0, "x2": 230.0, "y2": 5.0}), image)
+    with pytest.raises(ValueError, match="invalid ellipse geometry"):
+        geometry.parse_geometry("ellipse", {"cx": 1.0, "cy": 1.0, "rx": float("nan"), "ry": 1.0})
+    freehand = geometry.parse_geometry("freehand", {"points": [[1.0, 2.0], [3.0, 4.0]]})
+    assert geometry.geometry_json(freehand) == {"points": [[1.0, 2.0], [3.0, 4.0]]}
 
 
 def test_an_unknown_code_is_a_programming_error() -> None:
