@@ -119,7 +119,7 @@ def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str,
         "urgencies": URGENCIES,
         "conclusions": CONCLUSIONS,
         "is_specialist": flow.is_specialist(user),
-        "can_request": user.role in ("station", "admin"),
+        "can_request": flow.can_request(user),
     }
 
 

@@ -53,6 +53,11 @@ def is_specialist(user: AuthUser) -> bool:
     return user.role in (ROLE_SPECIALIST, ROLE_ADMIN)
 
 
+def can_request(user: AuthUser) -> bool:
+    """Station doctors (and admins) request consults."""
+    return user.role in (ROLE_STATION, ROLE_ADMIN)
+
+
 def open_consult(session: Session, study: Study) -> Consult | None:
     return session.scalar(
         select(Consult).where(Consult.study_id == study.id, Consult.status != CONSULT_CLOSED).order_by(Consult.id.desc())
@@ -64,7 +69,7 @@ def consults_of(session: Session, study: Study) -> list[Consult]:
 
 
 def request_consult(session: Session, user: AuthUser, study: Study, question: str, urgency: str) -> Consult:
-    if user.role not in (ROLE_STATION, ROLE_ADMIN):
+    if not can_request(user):
         raise ConsultRuleError("only_station_requests")
     if urgency not in URGENCIES:
         raise ConsultRuleError("urgency_invalid", choices=", ".join(URGENCIES))
