@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def cli_command() -> list[str]:
     """The ``xray-triage`` CLI run by this interpreter, so server and benchmark share a venv."""
-    return [sys.executable, "-m", "xray_triage.cli"]
+    return [sys.executable, "-m", "xray_triage_server.cli"]
 
 
 def proc_status_kb(pid: int) -> dict[str, int]:

@@ -1,34 +1,22 @@
 """Which studies a user may see: a station user its own station's, everyone else all.
 
-Every route that touches a study goes through ``visible_study`` (or filters with
-``visibility_clause``). A study the user may not see answers 404, the same as a
-study that does not exist, so guessing UIDs tells a station nothing.
+The rule itself is core's (``xray_triage/consults/visibility.py``); this module adds the
+web's lookups. Every route that touches a study goes through ``visible_study`` (or
+filters with ``visibility_clause``). A study the user may not see answers 404, the same
+as a study that does not exist, so guessing UIDs tells a station nothing.
 """
 
 from __future__ import annotations
 
 from fastapi import HTTPException
-from sqlalchemy import ColumnElement, true
 from sqlalchemy.orm import Session
 
-from xray_triage.store.consult_schema import ROLE_STATION
+# re-exported for the routes
+from xray_triage.consults.visibility import can_see as can_see
+from xray_triage.consults.visibility import can_see_station as can_see_station
+from xray_triage.consults.visibility import visibility_clause as visibility_clause
 from xray_triage.store.schema import Instance, Series, Study
 from xray_triage.store.users import AuthUser
-
-
-def visibility_clause(user: AuthUser) -> ColumnElement[bool]:
-    if user.role == ROLE_STATION:
-        return Study.station_ae == (user.station_ae or "\x00no-station")
-    return true()
-
-
-def can_see_station(user: AuthUser, station_ae: str) -> bool:
-    """Whether ``user`` may see the studies a station (by AE title) sent."""
-    return user.role != ROLE_STATION or (bool(user.station_ae) and station_ae == user.station_ae)
-
-
-def can_see(user: AuthUser, study: Study) -> bool:
-    return can_see_station(user, study.station_ae)
 
 
 def visible_study(session: Session, user: AuthUser, study_uid: str) -> Study:

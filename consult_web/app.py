@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, learn_known_networks
-from consult_web.errors import LocalizedError
+from consult_web.errors import LocalizedError, localized
 from consult_web.i18n import translate
 from consult_web.templating import render, request_language
 from xray_triage import __version__
+from xray_triage.consults.errors import RuleError
 from xray_triage.inference.card import ModelCard
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
@@ -124,6 +125,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.headers:
             response.headers.update(exc.headers)
         return response
+
+    @app.exception_handler(RuleError)
+    async def _rule(request: Request, exc: RuleError) -> Response:
+        # A domain rule said no (core knows no HTTP): answer as its localized HTTP error.
+        return await _http(request, localized(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -19,8 +19,8 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 
 from consult_web.i18n import FALLBACK, catalog
-from consult_web.routes.annotations import DEFAULT_COLOR, annotations_of, can_annotate
 from consult_web.templating import request_language
+from xray_triage.consults.annotations import DEFAULT_COLOR, annotations_of, can_annotate
 from xray_triage.pipeline.render import DEFAULT_SIZE, PRESETS
 from xray_triage.store.schema import Instance, Study
 from xray_triage.store.users import AuthUser

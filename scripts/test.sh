@@ -24,6 +24,10 @@ echo "== installing xray-triage[dev] into .venv =="
 echo "== ruff =="
 .venv/bin/ruff check .
 
+# Dependencies point one way: the contracts are [tool.importlinter] in pyproject.toml.
+echo "== import contracts (lint-imports) =="
+.venv/bin/lint-imports
+
 echo "== pytest =="
 .venv/bin/python -m pytest "$@"
 

@@ -85,7 +85,7 @@ def cli_command() -> list[str]:
     venv_script = PROJECT_ROOT / ".venv" / "bin" / "xray-triage"
     if venv_script.is_file():
         return [str(venv_script)]
-    return [sys.executable, "-m", "xray_triage.cli"]
+    return [sys.executable, "-m", "xray_triage_server.cli"]
 
 
 def run_cli(
@@ -123,7 +123,7 @@ def _station_args(data_dir: Path, ae_title: str, name: str, allow_ip: str | None
 
 _ADD_MANY = """
 import contextlib, io, json, sys
-from xray_triage.cli import main
+from xray_triage_server.cli import main
 for args in json.loads(sys.argv[1]):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -138,7 +138,7 @@ def add_stations(data_dir: Path, stations: Sequence[tuple[str, str, str | None]]
     """Register stations: (ae_title, name, allow_ip).
 
     One station: the ``xray-triage stations add`` executable. Several: the same CLI
-    entry point (``xray_triage.cli.main``) called once per station in a single
+    entry point (``xray_triage_server.cli.main``) called once per station in a single
     interpreter, which saves an interpreter start per station.
     """
     if not stations:
@@ -162,7 +162,7 @@ def add_stations(data_dir: Path, stations: Sequence[tuple[str, str, str | None]]
 
 _API_USER = """
 import contextlib, io, sys
-from xray_triage.cli import main
+from xray_triage_server.cli import main
 data = ["--data-dir", sys.argv[1]]
 sys.stdin = io.StringIO("e2e-specialist-password\\n")
 out = io.StringIO()
@@ -192,7 +192,7 @@ def create_api_user(data_dir: Path) -> str:
 
 _USERS = """
 import contextlib, io, json, sys
-from xray_triage.cli import main
+from xray_triage_server.cli import main
 data = ["--data-dir", sys.argv[1]]
 tokens = {}
 for name, role, station, password in json.loads(sys.argv[2]):

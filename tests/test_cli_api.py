@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 
 from consult_web.app import create_app
 from onnx_factory import write_tiny_model_dir
-from xray_triage.cli import main
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import load_settings
@@ -20,6 +19,7 @@ from xray_triage.store.db import open_database
 from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.users import add_user, create_api_token
 from xray_triage.triage.worker import TriageWorkers
+from xray_triage_server.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not found")

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from onnx_factory import write_tiny_model_dir
-from xray_triage.cli import main
 from xray_triage.evaluation.evaluate import EvaluationError, evaluate, read_labelled_set
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import DEFAULT_MODEL_DIR
+from xray_triage_server.cli import main
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR  # the shipped model (package data)

@@ -193,8 +193,8 @@ def test_viewer_decodes_other_syntaxes_in_full_whatever_the_size() -> None:
 
 def test_models_evaluate_decodes_as_the_server_is_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``models evaluate`` follows ``j2k_reduced_decode``, so it measures what the server would do."""
-    from xray_triage.cli import main
     from xray_triage.evaluation import evaluate as E
+    from xray_triage_server.cli import main
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)

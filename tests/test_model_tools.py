@@ -124,7 +124,7 @@ def _cli(plugin_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_TRIAGE_")}
     env["PYTHONPATH"] = str(plugin_root)
     return subprocess.run(
-        [sys.executable, "-m", "xray_triage.cli", *args],
+        [sys.executable, "-m", "xray_triage_server.cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -300,8 +300,8 @@ def test_conflicting_uids_are_quarantined_with_their_own_file_and_row(tmp_path: 
 
 
 def test_start_up_removes_orphan_quarantine_files_and_keeps_recorded_ones(tmp_path: Path) -> None:
-    from xray_triage.serve import reconcile_files
     from xray_triage.settings import Settings
+    from xray_triage_server.serve import reconcile_files
 
     settings = Settings(data_dir=tmp_path / "data")
     settings.data_dir.mkdir()

@@ -128,11 +128,11 @@ def test_redecode_text_repairs_names_stored_by_an_older_version(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from e2e_helpers import SHARED_DATA, dataset_bytes
-    from xray_triage.cli import main
     from xray_triage.settings import Settings
     from xray_triage.store.db import open_database
     from xray_triage.store.ingest import Ingestor, TriagePolicy
     from xray_triage.store.schema import Study
+    from xray_triage_server.cli import main
 
     source = SHARED_DATA / "dicom-realworld" / "rwd_08_dx_utf8_names_no_charset.dcm"
     if not source.is_file():

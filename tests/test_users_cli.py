@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from xray_triage.cli import main
 from xray_triage.settings import Settings
 from xray_triage.store.db import open_database
 from xray_triage.store.users import get_user, user_for_api_token
+from xray_triage_server.cli import main
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, *args: str, stdin: str = "") -> int:

@@ -16,7 +16,6 @@ import onnx
 import pytest
 
 from onnx_factory import write_tiny_model_dir
-from xray_triage.cli import main as cli_main
 from xray_triage.inference.batching import BatcherStopped, MicroBatcher
 from xray_triage.inference.card import ModelCardError, find_card, list_cards, load_card, sha256_file
 from xray_triage.inference.runner import ModelRunner
@@ -24,6 +23,7 @@ from xray_triage.pipeline.pixels import DisplayImage, read_any_display
 from xray_triage.pipeline.preprocess import to_model_input
 from xray_triage.settings import DEFAULT_MODEL_DIR, SettingsError, load_settings
 from xray_triage.triage.analyze import analyze_display
+from xray_triage_server.cli import main as cli_main
 
 DEFAULT_MODEL = DEFAULT_MODEL_DIR
 LONG_WAIT_MS = 60_000.0  # a batch that must fill before it runs: only a full batch flushes it

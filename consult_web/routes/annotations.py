@@ -1,129 +1,46 @@
 """Marks on study images (JSON API): list, create, edit and delete.
 
-Geometry is stored in the ORIGINAL image's pixel coordinates (x = column, y = row),
-so a mark stays on the anatomy at any zoom, render size or window. It is validated
-strictly (shape per kind, finite numbers, inside the image with a small margin):
-the database must never hold a mark that some viewer cannot draw.
-
-Everyone who may see the study sees every mark; only its author may change or
-delete it. Every change is audited in the same transaction, which is also how the
-live-update stream learns that other browsers should reload the marks.
+The rules are core's: where a mark may be (``xray_triage/consults/geometry.py``:
+shape per kind, finite numbers, on the image with a small margin; refused with 422)
+and who may mark and change what (``xray_triage/consults/annotations.py``, which
+raises ``AnnotationRuleError``; the app answers it as a localized HTTP error). This
+module adds the request bodies, the 404s for what a user may not see and the audit
+trail. Every change is audited in the same transaction, which is also how the live-update stream
+learns that other browsers should reload the marks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.orm import Session
 
 from consult_web.access import can_see, visible_instance, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
-from consult_web.errors import LocalizedError
-from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION, Annotation
+from xray_triage.consults.annotations import (
+    DEFAULT_COLOR,
+    annotations_of,
+    check_author,
+    check_label,
+    check_may_annotate,
+    serialize,
+    text_label_ok,
+)
+from xray_triage.consults.geometry import Kind, Shape, check_bounds, geometry_json, parse_geometry
+from xray_triage.store.consult_schema import Annotation
 from xray_triage.store.schema import Instance, Study, utcnow
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-Kind = Literal["rect", "ellipse", "arrow", "freehand", "text"]
 MAX_LABEL = 500
-MAX_POINTS = 5000
 COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
-DEFAULT_COLOR = "#ffd400"
-MARGIN_FRACTION = 0.05  # marks may reach a little past the edge (an arrow pointing in, a loose ellipse)
-UNKNOWN_SIDE = 65535  # largest Rows/Columns DICOM allows, when the stored row lacks them
-
-Coord = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Extent = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
-
-
-class _Shape(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    def points(self) -> list[tuple[float, float]]:
-        """Points that must lie inside the image (x, y)."""
-        raise NotImplementedError
-
-
-class RectShape(_Shape):
-    x: Coord
-    y: Coord
-    w: Extent
-    h: Extent
-
-    def points(self) -> list[tuple[float, float]]:
-        return [(self.x, self.y), (self.x + self.w, self.y + self.h)]
-
-
-class EllipseShape(_Shape):
-    cx: Coord
-    cy: Coord
-    rx: Extent
-    ry: Extent
-
-    def points(self) -> list[tuple[float, float]]:
-        return [(self.cx - self.rx, self.cy - self.ry), (self.cx + self.rx, self.cy + self.ry)]
-
-
-class ArrowShape(_Shape):
-    x1: Coord
-    y1: Coord
-    x2: Coord
-    y2: Coord
-
-    def points(self) -> list[tuple[float, float]]:
-        return [(self.x1, self.y1), (self.x2, self.y2)]
-
-
-class FreehandShape(_Shape):
-    points_: list[tuple[Coord, Coord]] = Field(alias="points", min_length=2, max_length=MAX_POINTS)
-
-    def points(self) -> list[tuple[float, float]]:
-        return list(self.points_)
-
-    def as_geometry(self) -> dict[str, Any]:
-        return {"points": [[x, y] for x, y in self.points_]}
-
-
-class TextShape(_Shape):
-    x: Coord
-    y: Coord
-
-    def points(self) -> list[tuple[float, float]]:
-        return [(self.x, self.y)]
-
-
-SHAPES: dict[str, type[_Shape]] = {
-    "rect": RectShape,
-    "ellipse": EllipseShape,
-    "arrow": ArrowShape,
-    "freehand": FreehandShape,
-    "text": TextShape,
-}
-
-
-def parse_geometry(kind: str, raw: Any) -> _Shape:
-    """The geometry as its kind's shape; ValueError with a short reason when it does not fit."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"geometry must be an object for kind {kind!r}")
-    try:
-        return SHAPES[kind].model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'geometry'}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"invalid {kind} geometry: {problems}") from None
-
-
-def geometry_json(shape: _Shape) -> dict[str, Any]:
-    if isinstance(shape, FreehandShape):
-        return shape.as_geometry()
-    return shape.model_dump()
 
 
 def _check_label(label: str) -> str:
@@ -149,7 +66,7 @@ class AnnotationCreate(BaseModel):
     @model_validator(mode="after")
     def _shape_fits_kind(self) -> AnnotationCreate:
         self.geometry = geometry_json(parse_geometry(self.kind, self.geometry))
-        if self.kind == "text" and not self.label.strip():
+        if not text_label_ok(self.kind, self.label):
             raise ValueError("a text mark needs a non-empty label")
         return self
 
@@ -173,52 +90,12 @@ class AnnotationUpdate(BaseModel):
         return self
 
 
-def check_bounds(shape: _Shape, instance: Instance) -> None:
-    """422 unless every point of the shape lies on the image (plus a small margin)."""
-    cols, rows = instance.columns or UNKNOWN_SIDE, instance.rows or UNKNOWN_SIDE
-    margin = MARGIN_FRACTION * max(rows, cols)
-    for x, y in shape.points():
-        if not (-margin <= x <= cols + margin and -margin <= y <= rows + margin):
-            raise HTTPException(
-                status_code=422,
-                detail=f"geometry outside the image ({cols}x{rows} px): point ({x:g}, {y:g})",
-            )
-
-
-def can_annotate(user: AuthUser, study: Study) -> bool:
-    """Specialists (and admins, who act as specialists) anywhere; station doctors on their own studies."""
-    if user.role in (ROLE_SPECIALIST, ROLE_ADMIN):
-        return True
-    return user.role == ROLE_STATION and can_see(user, study)
-
-
-def serialize(annotation: Annotation, instance_uid: str, user: AuthUser) -> dict[str, Any]:
-    author = annotation.author
-    return {
-        "id": annotation.id,
-        "instance_uid": instance_uid,
-        "kind": annotation.kind,
-        "geometry": annotation.geometry,
-        "label": annotation.label or "",
-        "color": annotation.color or DEFAULT_COLOR,
-        "author": (author.display_name or author.username) if author else "",
-        "author_id": annotation.author_id,
-        "created_at": annotation.created_at.isoformat() if annotation.created_at else None,
-        "updated_at": annotation.updated_at.isoformat() if annotation.updated_at else None,
-        "can_edit": annotation.author_id == user.id,
-    }
-
-
-def annotations_of(session: Session, study: Study, user: AuthUser) -> list[dict[str, Any]]:
-    """Every mark on the study's images, oldest first (the viewer draws newer marks on top)."""
-    rows = session.execute(
-        select(Annotation, Instance.sop_instance_uid)
-        .join(Instance, Annotation.instance_id == Instance.id)
-        .where(Annotation.study_id == study.id)
-        .options(selectinload(Annotation.author))
-        .order_by(Annotation.id)
-    ).all()
-    return [serialize(annotation, sop_uid, user) for annotation, sop_uid in rows]
+def _on_image(shape: Shape, instance: Instance) -> None:
+    """422 unless every point of the shape lies on the image (the detail names the point)."""
+    try:
+        check_bounds(shape, instance)
+    except ValueError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
 def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tuple[Annotation, Study, Instance]:
@@ -227,8 +104,7 @@ def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tup
     study = session.get(Study, annotation.study_id) if annotation is not None else None
     if annotation is None or study is None or not can_see(user, study):
         raise HTTPException(status_code=404, detail="annotation not found")
-    if annotation.author_id != user.id:
-        raise LocalizedError(403, "usererror.annotation_not_author")
+    check_author(user, annotation)
     instance = session.get(Instance, annotation.instance_id)
     if instance is None:
         raise HTTPException(status_code=404, detail="annotation not found")
@@ -248,9 +124,8 @@ def create_annotation(
 ) -> dict[str, Any]:
     with request.app.state.db.session() as session:
         study, instance = visible_instance(session, user, study_uid, body.instance_uid)
-        if not can_annotate(user, study):
-            raise LocalizedError(403, "usererror.annotation_forbidden")
-        check_bounds(parse_geometry(body.kind, body.geometry), instance)
+        check_may_annotate(user, study)
+        _on_image(parse_geometry(body.kind, body.geometry), instance)
         now = utcnow()
         annotation = Annotation(
             created_at=now,
@@ -284,11 +159,10 @@ def update_annotation(
                 shape = parse_geometry(annotation.kind, body.geometry)
             except ValueError as exc:
                 raise HTTPException(status_code=422, detail=str(exc)) from None
-            check_bounds(shape, instance)
+            _on_image(shape, instance)
             annotation.geometry = geometry_json(shape)
         if body.label is not None:
-            if annotation.kind == "text" and not body.label.strip():
-                raise LocalizedError(422, "usererror.text_mark_label")
+            check_label(annotation.kind, body.label)
             annotation.label = body.label
         if body.color is not None:
             annotation.color = body.color.lower()

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from consult_web import consults as flow
 from consult_web.access import visibility_clause, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
 from xray_triage import __version__
+from xray_triage.consults import rules as flow
 from xray_triage.store.queries import count_studies, get_study, list_studies
 from xray_triage.store.users import AuthUser
 

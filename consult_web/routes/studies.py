@@ -18,12 +18,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consult_web import consults as flow
 from consult_web.access import can_see, visibility_clause, visible_study
 from consult_web.audit import audit
 from consult_web.auth import current_user
 from consult_web.templating import render
 from consult_web.viewer import viewer_context
+from xray_triage.consults import rules as flow
 from xray_triage.store.charset import decoded_text, header_encodings, python_codec
 from xray_triage.store.consult_schema import CONCLUSIONS, URGENCIES, Consult
 from xray_triage.store.dicom_meta import display_name
@@ -119,7 +119,7 @@ def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str,
         "urgencies": URGENCIES,
         "conclusions": CONCLUSIONS,
         "is_specialist": flow.is_specialist(user),
-        "can_request": user.role in ("station", "admin"),
+        "can_request": flow.can_request(user),
     }
 
 

@@ -19,16 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from xray_triage.store import consult_schema  # noqa: F401  (registers the consult tables on Base)
 from xray_triage.store.schema import Base
-
-if TYPE_CHECKING:
-    from xray_triage.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +108,19 @@ def make_engine(url: str, *, immediate: bool = True) -> Engine:
     return engine
 
 
-def open_database(settings: Settings) -> Database:
+class DatabaseSettings(Protocol):
+    """What ``open_database`` reads of ``xray_triage.settings.Settings``. A protocol, not an
+    import: the settings module validates with the store (``store/charset.py``), so the
+    store importing it back would make a cycle."""
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def resolved_database_url(self) -> str: ...
+
+
+def open_database(settings: DatabaseSettings) -> Database:
     """The configured database, with its schema created; the data directory made if needed."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from xray_triage.priority import PRIORITY_RANK
 from xray_triage.store.dicom_meta import InstanceMeta
 from xray_triage.store.schema import (
     AI_DONE,
     AI_FAILED,
     AI_NOT_APPLICABLE,
     AI_PENDING,
-    PRIORITY_RANK,
     Instance,
     QuarantinedInstance,
     Series,

@@ -21,16 +21,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# AI status of an instance or study, and the triage priority, as stored strings.
+# The triage priority is stored as one of these words (re-exported for the store's readers).
+from xray_triage.priority import PRIORITY_ABNORMAL as PRIORITY_ABNORMAL
+from xray_triage.priority import PRIORITY_NORMAL as PRIORITY_NORMAL
+from xray_triage.priority import PRIORITY_RANK as PRIORITY_RANK
+from xray_triage.priority import PRIORITY_URGENT as PRIORITY_URGENT
+
+# AI status of an instance or study, as stored strings.
 AI_PENDING = "pending"
 AI_DONE = "done"
 AI_FAILED = "failed"
 AI_NOT_APPLICABLE = "not_applicable"
-
-PRIORITY_URGENT = "urgent"
-PRIORITY_ABNORMAL = "abnormal"
-PRIORITY_NORMAL = "normal"
-PRIORITY_RANK = {PRIORITY_URGENT: 3, PRIORITY_ABNORMAL: 2, PRIORITY_NORMAL: 1, None: 0}
 
 JOB_QUEUED = "queued"
 JOB_RUNNING = "running"

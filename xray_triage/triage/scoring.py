@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xray_triage.inference.card import ModelCard
-from xray_triage.store.schema import PRIORITY_ABNORMAL, PRIORITY_NORMAL, PRIORITY_URGENT
+from xray_triage.priority import PRIORITY_ABNORMAL, PRIORITY_NORMAL, PRIORITY_URGENT
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@
   (claiming it on the way if nobody had). A station's follow-up question on an
   answered consult puts it back in review.
 * The requesting station, a specialist or an admin closes it.
+
+A refusal raises ``ConsultRuleError`` with a stable code (``"consult_closed"``...) and
+the message's values; the web app answers it as a localized HTTP error.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consult_web.errors import LocalizedError
+from xray_triage.consults.errors import ConsultRuleError
 from xray_triage.store.consult_schema import (
     CONCLUSIONS,
     CONSULT_ANSWERED,
@@ -40,14 +43,19 @@ def _clean_text(text: str, limit: int, what: str) -> str:
     """``what`` is "question" or "reply" (it picks the message)."""
     text = text.replace("\r\n", "\n").strip()
     if not text:
-        raise LocalizedError(400, f"usererror.{what}_empty")
+        raise ConsultRuleError(f"{what}_empty")
     if len(text) > limit:
-        raise LocalizedError(400, f"usererror.{what}_too_long", limit=limit)
+        raise ConsultRuleError(f"{what}_too_long", limit=limit)
     return text
 
 
 def is_specialist(user: AuthUser) -> bool:
     return user.role in (ROLE_SPECIALIST, ROLE_ADMIN)
+
+
+def can_request(user: AuthUser) -> bool:
+    """Station doctors (and admins) request consults."""
+    return user.role in (ROLE_STATION, ROLE_ADMIN)
 
 
 def open_consult(session: Session, study: Study) -> Consult | None:
@@ -61,12 +69,12 @@ def consults_of(session: Session, study: Study) -> list[Consult]:
 
 
 def request_consult(session: Session, user: AuthUser, study: Study, question: str, urgency: str) -> Consult:
-    if user.role not in (ROLE_STATION, ROLE_ADMIN):
-        raise LocalizedError(403, "usererror.only_station_requests")
+    if not can_request(user):
+        raise ConsultRuleError("only_station_requests")
     if urgency not in URGENCIES:
-        raise LocalizedError(400, "usererror.urgency_invalid", choices=", ".join(URGENCIES))
+        raise ConsultRuleError("urgency_invalid", choices=", ".join(URGENCIES))
     if open_consult(session, study) is not None:
-        raise LocalizedError(409, "usererror.consult_open_exists")
+        raise ConsultRuleError("consult_open_exists")
     consult = Consult(
         study_id=study.id,
         requested_by_id=user.id,
@@ -81,11 +89,11 @@ def request_consult(session: Session, user: AuthUser, study: Study, question: st
 
 def claim(session: Session, user: AuthUser, consult: Consult) -> None:
     if not is_specialist(user):
-        raise LocalizedError(403, "usererror.only_specialist_claims")
+        raise ConsultRuleError("only_specialist_claims")
     if consult.status == CONSULT_CLOSED:
-        raise LocalizedError(409, "usererror.consult_closed")
+        raise ConsultRuleError("consult_closed")
     if consult.claimed_by_id not in (None, user.id):
-        raise LocalizedError(409, "usererror.consult_claimed")
+        raise ConsultRuleError("consult_claimed")
     consult.claimed_by_id = user.id
     if consult.status == CONSULT_REQUESTED:
         consult.status = CONSULT_IN_REVIEW
@@ -94,7 +102,7 @@ def claim(session: Session, user: AuthUser, consult: Consult) -> None:
 
 def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> ConsultMessage:
     if consult.status == CONSULT_CLOSED:
-        raise LocalizedError(409, "usererror.consult_closed")
+        raise ConsultRuleError("consult_closed")
     message = ConsultMessage(consult_id=consult.id, author_id=user.id, body=_clean_text(body, MAX_MESSAGE, "reply"))
     session.add(message)
     if is_specialist(user):
@@ -109,11 +117,11 @@ def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> Cons
 
 def conclude(session: Session, user: AuthUser, consult: Consult, conclusion: str) -> None:
     if not is_specialist(user):
-        raise LocalizedError(403, "usererror.only_specialist_concludes")
+        raise ConsultRuleError("only_specialist_concludes")
     if conclusion not in CONCLUSIONS:
-        raise LocalizedError(400, "usererror.conclusion_invalid", choices=", ".join(CONCLUSIONS))
+        raise ConsultRuleError("conclusion_invalid", choices=", ".join(CONCLUSIONS))
     if consult.status == CONSULT_CLOSED:
-        raise LocalizedError(409, "usererror.consult_closed")
+        raise ConsultRuleError("consult_closed")
     consult.conclusion = conclusion
     consult.claimed_by_id = consult.claimed_by_id or user.id
     consult.status = CONSULT_ANSWERED

@@ -12,7 +12,7 @@ import getpass
 import sys
 from typing import Any
 
-from xray_triage.cli import CliError
+from xray_triage_server.cli_error import CliError
 
 ROLE_CHOICES = ("station", "specialist", "admin")  # xray_triage.store.consult_schema.ROLES (keeps --help fast)
 

@@ -14,13 +14,10 @@ from typing import Any
 
 from xray_triage import __version__
 from xray_triage.settings import Settings, SettingsError, load_settings
+from xray_triage_server.cli_error import CliError
 
 log = logging.getLogger("xray_triage")
 VARIANT_CHOICES = ("fp32", "int8", "fp16")  # xray_triage.inference.card.VARIANTS (not imported: keeps --help fast)
-
-
-class CliError(Exception):
-    """An error to print as one line, exit status 2."""
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
@@ -36,7 +33,7 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xray_triage.logging_setup import configure_logging
-    from xray_triage.serve import run_server
+    from xray_triage_server.serve import run_server
 
     settings = _settings(
         args,
@@ -334,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_models_evaluate)
-    from xray_triage.cli_users import register as register_user_commands
+    from xray_triage_server.cli_users import register as register_user_commands
 
     register_user_commands(sub, common, _settings)
     register_plugin_commands(CommandGroups(top=sub, models=md_sub, common=common))
