@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,7 +71,10 @@ def create_app(
         backoff_s=settings.login_backoff_s,
         ipv6_prefix=settings.login_ipv6_prefix,
     )
-    learn_known_networks(db, app.state.limiter)  # each user's own networks survive a restart
+    try:
+        learn_known_networks(db, app.state.limiter)  # each user's own networks survive a restart
+    except SQLAlchemyError as exc:  # e.g. a full disk at start-up: the server starts degraded instead
+        log.warning("could not read users' known login networks; they are learned again at each login: %s", exc)
     app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
