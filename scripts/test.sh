@@ -37,5 +37,5 @@ if [ "${XRAY_TRIAGE_EXPORT_TESTS:-1}" != "0" ]; then
   echo "== export tests (torch, torchxrayvision in .venv-export) =="
   [ -x .venv-export/bin/python ] || python3 -m venv .venv-export
   .venv-export/bin/python -m pip install -q --disable-pip-version-check -e ".[export,dev]"
-  .venv-export/bin/python -m pytest "$@" tests/test_export_torchxrayvision.py
+  .venv-export/bin/python -m pytest "$@" tests/unit/test_export_torchxrayvision.py
 fi

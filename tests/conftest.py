@@ -23,6 +23,20 @@ from e2e_helpers import (  # noqa: E402
     load_manifest,
 )
 
+KINDS = ("unit", "web", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its kind, from its directory (tests/unit, tests/web, tests/e2e)."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            kind = Path(item.path).resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        if kind in KINDS:
+            item.add_marker(getattr(pytest.mark, kind))
+
 
 @pytest.fixture(scope="session")
 def shared_dicom() -> Path:

@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
+from e2e_helpers import SHARED_DATA
 from onnx_factory import write_tiny_model_dir
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
@@ -32,7 +33,7 @@ from xray_triage.settings import DEFAULT_MODEL_DIR
 from xray_triage.triage.analyze import analyze_file
 from xray_triage.triage.heatmaps import peak_in_source
 
-SHARED_J2K = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "dev_06_dx_pa_j2k_lossless.dcm"
+SHARED_J2K = SHARED_DATA / "dicom" / "dev_06_dx_pa_j2k_lossless.dcm"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR  # the shipped model (package data)
 
 

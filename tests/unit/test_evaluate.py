@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from e2e_helpers import PROJECT_ROOT, SHARED_DATA
 from onnx_factory import write_tiny_model_dir
 from xray_triage.evaluation.evaluate import EvaluationError, evaluate, read_labelled_set
 from xray_triage.inference.card import load_card
@@ -17,7 +18,7 @@ from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import DEFAULT_MODEL_DIR
 from xray_triage_server.cli import main
 
-SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+SHARED_CXR = SHARED_DATA / "cxr"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR  # the shipped model (package data)
 
 # background level, abnormal, findings, patch (x, y), box (x, y, w, h) or None
@@ -159,7 +160,7 @@ def test_train_py_writes_its_validation_split_for_evaluate(tmp_path: Path) -> No
     import sys
 
     out = tmp_path / "valset"
-    script = Path(__file__).resolve().parents[1] / "models" / "train.py"
+    script = PROJECT_ROOT / "models" / "train.py"
     subprocess.run([sys.executable, str(script), "--write-validation-set", str(out)], check=True, capture_output=True)
     images = read_labelled_set(out)
     card = load_card(DEFAULT_MODEL)

@@ -26,12 +26,13 @@ from web_helpers import (
 )
 
 from consult_web.viewer import viewer_strings
+from e2e_helpers import PROJECT_ROOT
 from xray_triage.store.consult_schema import AuditEvent
 from xray_triage.store.schema import Instance, TriageResult
 from xray_triage.store.users import create_api_token
 
 XSS = "<img src=x onerror=alert(1)>"
-ROOT = Path(__file__).resolve().parents[1] / "consult_web"
+ROOT = PROJECT_ROOT / "consult_web"
 VIEWER_DATA = re.compile(r'<script type="application/json" id="viewer-data">(.*?)</script>', re.S)
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from e2e_helpers import PROJECT_ROOT
 from model_tools import quantize, train
 from model_tools.card_toml import CardWriteError, card_text, toml_dumps, write_card
 from xray_triage.inference.card import load_card
 from xray_triage.settings import DEFAULT_MODEL_DIR
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = PROJECT_ROOT
 RUNTIME_PACKAGES = ("xray_triage", "dicom_gateway", "consult_web")
 
 

@@ -10,11 +10,12 @@ import pydicom
 import pytest
 from PIL import Image
 
+from e2e_helpers import SHARED_DATA
 from xray_triage.inference.card import InputSpec
 from xray_triage.pipeline.pixels import PixelError, dataset_to_display, read_any_display, read_dicom_display
 from xray_triage.pipeline.preprocess import to_model_input
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 DICOM_DIR = SHARED / "dicom"
 PNG_DIR = SHARED / "cxr" / "images"
 

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 xrv = pytest.importorskip("torchxrayvision")
 requests = pytest.importorskip("requests")  # torchxrayvision's download uses it
 
+from e2e_helpers import SHARED_DATA  # noqa: E402
 from xray_triage.inference.card import load_card  # noqa: E402
 from xray_triage.inference.runner import ModelRunner  # noqa: E402
 from xray_triage.pipeline.pixels import read_any_display  # noqa: E402
@@ -31,7 +32,7 @@ from xray_triage.pipeline.preprocess import to_model_input  # noqa: E402
 from xray_triage.triage.analyze import analyze_display  # noqa: E402
 from xray_triage_server.cli import main  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = SHARED_DATA
 PRESET = "densenet121-res224-nih"
 TOL = 1e-4
 

@@ -10,11 +10,12 @@ import pytest
 from web_helpers import add_user_row, client_for, make_web_env
 
 from consult_web.i18n import LANGUAGES, catalog, format_age, format_datetime, translate
+from e2e_helpers import PROJECT_ROOT
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.store.consult_schema import CONCLUSIONS, CONSULT_STATUSES, ROLES, URGENCIES
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING, QUARANTINE_REASONS
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "consult_web" / "templates"
+TEMPLATES = PROJECT_ROOT / "consult_web" / "templates"
 DYNAMIC = {
     "ai.": (AI_PENDING, AI_DONE, AI_FAILED, AI_NOT_APPLICABLE),
     "priority.": ("urgent", "abnormal", "normal", "none"),
@@ -84,7 +85,7 @@ def test_example_config_is_valid() -> None:
     """Every key of xray-triage.example.toml is a real setting with a valid value."""
     from xray_triage.settings import load_settings
 
-    example = Path(__file__).resolve().parents[1] / "xray-triage.example.toml"
+    example = PROJECT_ROOT / "xray-triage.example.toml"
     settings = load_settings(example)
     assert settings.default_language == "vi" and settings.login_max_failures == 5
 
@@ -101,7 +102,7 @@ def test_users_set_their_own_time_zone(tmp_path: Path) -> None:
     assert ok.status_code == 200 and 'id="settings-saved"' in ok.text and 'value="Europe/Paris"' in ok.text
 
 
-SOURCES = Path(__file__).resolve().parents[1] / "consult_web"
+SOURCES = PROJECT_ROOT / "consult_web"
 
 
 def test_every_user_error_has_both_languages() -> None:
