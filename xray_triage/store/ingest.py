@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from xray_triage.events import InstanceQuarantined, InstanceStored
+from xray_triage.store import outbox
 from xray_triage.store.completeness import dataset_offset, incompleteness
 from xray_triage.store.db import Database
 from xray_triage.store.dicom_meta import (
@@ -215,9 +217,18 @@ class Ingestor:
                     instance = add_instance(session, meta, receipt, triage=triage)
                     instance.store_ms = round((time.perf_counter() - start) * 1000, 2)
                     instance_id, quarantine_id = instance.id, None
+                    stored = InstanceStored(
+                        meta.study_instance_uid, rx.calling_ae, meta.sop_instance_uid, meta.series_instance_uid,
+                        instance.id, triage,
+                    )  # fmt: skip
+                    outbox.record(session, stored)
                 else:
                     record = QuarantineRecord(plan.reason, plan.detail, plan.conflicting_station, sha)
                     instance_id, quarantine_id = None, add_quarantined(session, meta, receipt, record).id
+                    kept_apart = InstanceQuarantined(
+                        meta.study_instance_uid, rx.calling_ae, meta.sop_instance_uid, quarantine_id, plan.reason
+                    )
+                    outbox.record(session, kept_apart)
         except _PlacementChanged:
             # A quarantine name is new and unique; a study path is another's only if its row exists now.
             if plan.reason is not None or now.existing_instance_id is None:
