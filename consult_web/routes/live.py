@@ -14,7 +14,7 @@ seconds, while at least one stream is open, and hands each stream the changes it
 see: the database cost is one poll per interval whatever the number of streams (one poll per
 stream let 300 streams of one user push another user's worklist p95 from 20 ms to 1.6 s).
 An event committed in this process (``Database.events``) wakes the poller early, at most
-once per quarter interval. The poller keeps its position in memory, not in
+once per ``min_gap_s`` (a quarter interval). The poller keeps its position in memory, not in
 ``outbox_cursors``: a stream only wants changes from the moment it opened. ``StreamLimits``
 caps the streams a browser login and a user may hold open
 (``live_max_streams_per_session``, ``live_max_streams_per_user``): one more is refused
@@ -149,9 +149,18 @@ class LivePoller:
     and ends when the last stream closes; the next subscriber starts it again from "now".
     """
 
-    def __init__(self, db: Database, interval_s: float, on_poll: Callable[[list[Change]], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        interval_s: float,
+        on_poll: Callable[[list[Change]], None] | None = None,
+        min_gap_s: float | None = None,
+    ) -> None:
+        """``min_gap_s``: the shortest time between two polls when events wake the poller (``interval_s / 4``)."""
         self.db = db
         self.interval_s = interval_s
+        self.min_gap_s = min(interval_s, min_gap_s if min_gap_s is not None else interval_s / 4)
+        self.feed: ChangeFeed | None = None  # set once the running poller knows where the outbox ends
         self.on_poll = on_poll
         self.polls = 0
         self.subscribers: set[Subscriber] = set()
@@ -179,17 +188,16 @@ class LivePoller:
         self.subscribers.discard(subscriber)
 
     async def _wait(self, wake: asyncio.Event) -> None:
-        """Until the next poll: ``interval_s``, or a quarter of it when an event was committed here."""
-        gap = self.interval_s / 4
-        await asyncio.sleep(gap)
+        """Until the next poll: ``interval_s``, or ``min_gap_s`` when an event was committed in this process."""
+        await asyncio.sleep(self.min_gap_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), self.interval_s - gap)
+            await asyncio.wait_for(wake.wait(), self.interval_s - self.min_gap_s)
         wake.clear()
 
     async def _run(self) -> None:
         wake = asyncio.Event()
-        self._loop, self._wake = asyncio.get_running_loop(), wake
-        feed = await run_in_threadpool(ChangeFeed, self.db)
+        self._loop, self._wake, self.feed = asyncio.get_running_loop(), wake, None
+        feed = self.feed = await run_in_threadpool(ChangeFeed, self.db)
         while self.subscribers:
             await self._wait(wake)
             if not self.subscribers:
