@@ -12,10 +12,11 @@ effect nor its cursor moved and it gets the same events again; so its effect mus
 repeat (keyed by event id or by the UIDs in the payload). Consumers are independent: each has
 its own cursor, and none deletes events.
 
-Ids are in commit order: on SQLite every write transaction holds the one write lock from BEGIN
-(``db.py``) and ``AUTOINCREMENT`` never reuses an id; on other databases ``record`` takes a
-self-excluding table lock, so an event with a lower id is never committed after one with a
-higher id and a reader that remembers "up to id N" never skips one.
+Ids are in commit order, so a reader that remembers "up to id N" never skips an event: on
+SQLite every write transaction holds the one write lock from BEGIN (``db.py``) and
+``AUTOINCREMENT`` never reuses an id; on PostgreSQL ``record`` takes a self-excluding table
+lock (SHARE ROW EXCLUSIVE, readers are not blocked) until the commit, so an event with a lower
+id is never committed after one with a higher id (not yet tested against a PostgreSQL server).
 
 ``record`` also keeps the event on the session; once the transaction commits, the session's
 ``EventHandlers`` (``session.info["event_handlers"]``, set by ``Database``) are called with it.
@@ -77,7 +78,7 @@ class StoredEvent:
 def record(session: Session, event: Event) -> None:
     """Add ``event`` to the outbox in ``session``'s transaction (committed or rolled back with the change)."""
     bind = session.get_bind()
-    if bind.dialect.name != "sqlite":
+    if bind.dialect.name == "postgresql":
         session.execute(text(f"LOCK TABLE {OutboxEvent.__tablename__} IN SHARE ROW EXCLUSIVE MODE"))
     session.add(
         OutboxEvent(
