@@ -13,7 +13,6 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,16 +106,18 @@ class Ingestor:
         data_dir: Path,
         db: Database,
         policy: TriagePolicy,
-        on_job_queued: Callable[[], None] | None = None,
         default_character_set: str = DEFAULT_CHARACTER_SET,
         storage: StorageGuard | None = None,
     ) -> None:
-        """``default_character_set``: decodes header text with no (0008,0005) that is not UTF-8."""
+        """``default_character_set``: decodes header text with no (0008,0005) that is not UTF-8.
+
+        Whoever waits for queued triage jobs (the workers) listens for ``InstanceStored`` with
+        ``triage_queued`` on ``db.events``: it is dispatched once the instance is committed.
+        """
         self.data_dir = data_dir
         self.default_character_set = default_character_set
         self.db = db
         self.policy = policy
-        self.on_job_queued = on_job_queued or (lambda: None)
         self.storage = storage
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -261,8 +262,6 @@ class Ingestor:
                 },
             )
             return IngestOutcome(STATUS_SUCCESS, f"quarantined: {plan.detail}", quarantine_id=quarantine_id)
-        if triage:
-            self.on_job_queued()
         return IngestOutcome(STATUS_SUCCESS, "stored", instance_id, triage_queued=triage)
 
     def _same_as_stored(self, plan: Placement, rx: _Received) -> bool:
