@@ -291,3 +291,18 @@ def test_annotation_changes_reach_the_live_feed(env: WebEnv, shared_dicom: Path)
     assert client.delete(f"/api/annotations/{mark}", headers={"X-CSRF-Token": csrf}).status_code == 204
     kinds = [c.kind for c in feed.poll()]
     assert kinds == ["annotation.create", "annotation.update", "annotation.delete"]
+
+
+def test_the_live_feed_reads_events_not_the_audit_log(env: WebEnv, shared_dicom: Path) -> None:
+    from consult_web.audit import audit
+    from consult_web.routes.live import ChangeFeed
+
+    uid, _ = store_dicom(env, shared_dicom / DEV_07, "STATION1")
+    feed = ChangeFeed(env.db)
+    specialist, station = _auth(env, "spec"), _auth(env, "st1")
+    with env.db.session() as session:  # an audit row alone is no change
+        audit(session, specialist, "consult.claim", study_uid=uid, consult_id=1)
+    assert feed.poll() == []
+    with env.db.session() as session:  # a change made through the rules, by any writer (no audit row)
+        rules.request_consult(session, station, _study(session, uid), "?", "routine")
+    assert feed.poll() == [Change("consult.request", uid, "STATION1")]
