@@ -1,8 +1,7 @@
-"""The audit log: who viewed or changed which study, and when.
+"""The audit log: who viewed or changed which study, and when (and logins, admin actions).
 
-Web-originated changes are also read back from this table by the live-update
-stream (``live.py``), so every state change must be audited in the same
-transaction that makes it.
+Only an audit log: nothing else reads it. What other parts react to (live updates,
+later exporters) are the domain events of the outbox (``xray_triage/events.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ from xray_triage.store.consult_schema import AuditEvent
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger("consult_web.audit")
-
-# Actions that only read: not pushed to other browsers as changes.
-VIEW_ACTIONS = ("study.view",)
 
 
 def audit(

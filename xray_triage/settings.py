@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     default_language: Literal["vi", "en"] = "vi"
     default_timezone: str = "Asia/Ho_Chi_Minh"
     render_cache_images: int = Field(4, ge=0, description="decoded images kept in memory for the viewer")
-    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update poller looks for changes (one poll for all streams)")
+    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update poller reads new outbox events (one poll for all streams; a commit in this process wakes it after a quarter of this)")
     live_max_streams_per_session: int = Field(
         6, ge=1, description="open live-update streams (/events) one browser login may hold; more answer 429"
     )

@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
+from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.settings import Settings
@@ -185,6 +186,7 @@ def run_server(settings: Settings) -> int:
         reduced_decode=settings.j2k_reduced_decode,
         max_frame_pixels=settings.max_frame_pixels,
     )
+    db.events.register(InstanceStored, lambda event: workers.notify() if event.triage_queued else None)
     storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     health: dict[str, Any] = {"dicom_gateway": "starting"}
     stop_requested = threading.Event()
@@ -194,7 +196,6 @@ def run_server(settings: Settings) -> int:
         settings.data_dir,
         db,
         TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
-        on_job_queued=workers.notify,
         default_character_set=settings.default_character_set,
         storage=storage,
     )

@@ -28,6 +28,7 @@ from xray_triage.consults.annotations import (
     check_author,
     check_label,
     check_may_annotate,
+    record_change,
     serialize,
     text_label_ok,
 )
@@ -144,6 +145,7 @@ def create_annotation(
             session, user, "annotation.create", study_uid=study_uid, request=request,
             annotation_id=annotation.id, kind=body.kind,
         )  # fmt: skip
+        record_change(session, study, annotation, "create")
         session.flush()
         return serialize(annotation, instance.sop_instance_uid, user)
 
@@ -172,6 +174,7 @@ def update_annotation(
             session, user, "annotation.update", study_uid=study.study_instance_uid, request=request,
             annotation_id=annotation.id, changed=changed,
         )  # fmt: skip
+        record_change(session, study, annotation, "update")
         session.flush()
         return serialize(annotation, instance.sop_instance_uid, user)
 
@@ -184,5 +187,6 @@ def delete_annotation(request: Request, annotation_id: int, user: AuthUser = Dep
             session, user, "annotation.delete", study_uid=study.study_instance_uid, request=request,
             annotation_id=annotation.id, kind=annotation.kind,
         )  # fmt: skip
+        record_change(session, study, annotation, "delete")
         session.delete(annotation)
     return Response(status_code=204)

@@ -1,17 +1,22 @@
 """Live updates over server-sent events (``GET /events``), one database poll for all streams.
 
-The changes come from the database rather than in-process callbacks, so every writer
-is seen (the DICOM gateway and triage workers, this web app, another process on the
-same database): studies whose ``updated_at`` moved (arrival, triage) and audit events
-of web changes (consults, replies, annotations). Each event names only the study UID;
-browsers re-fetch what they show, through the same permission checks as any page. A
-station user is told only of its own station's studies.
+The changes are the domain events of the durable outbox (``xray_triage/store/outbox.py``),
+read from the database rather than taken from in-process callbacks, so every writer is
+seen (the DICOM gateway and triage workers, this web app, another process on the same
+database): an image stored or triaged (or failed) is a "study" change, consult and
+annotation events keep the names browsers know ("consult.request", "annotation.update"...).
+Each change names only the study UID; browsers re-fetch what they show, through the same
+permission checks as any page. A station user is told only of its own station's studies
+(each event carries its study's ``station_ae``).
 
-One ``LivePoller`` per app reads the changes every ``live_poll_s`` seconds, while at
-least one stream is open, and hands each stream the changes its user may see: the
-database cost is one poll per interval whatever the number of streams (one poll per
-stream let 300 streams of one user push another user's worklist p95 from 20 ms to
-1.6 s). ``StreamLimits`` caps the streams a browser login and a user may hold open
+One ``LivePoller`` per app reads the events after its position every ``live_poll_s``
+seconds, while at least one stream is open, and hands each stream the changes its user may
+see: the database cost is one poll per interval whatever the number of streams (one poll per
+stream let 300 streams of one user push another user's worklist p95 from 20 ms to 1.6 s).
+An event committed in this process (``Database.events``) wakes the poller early, at most
+once per ``min_gap_s`` (a quarter interval). The poller keeps its position in memory, not in
+``outbox_cursors``: a stream only wants changes from the moment it opened. ``StreamLimits``
+caps the streams a browser login and a user may hold open
 (``live_max_streams_per_session``, ``live_max_streams_per_user``): one more is refused
 with HTTP 429 and a translated message rather than closing an older stream, because a
 refused ``EventSource`` stays closed (its page shows "offline") while a closed one
@@ -21,39 +26,49 @@ reconnects after its retry delay and would close the next, forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from consult_web.access import can_see_station
-from consult_web.audit import VIEW_ACTIONS
 from consult_web.auth import SESSION_COOKIE, current_user
 from consult_web.errors import LocalizedError
-from xray_triage.store.consult_schema import AuditEvent
+from xray_triage.events import (
+    AnnotationChanged,
+    ConsultAnswered,
+    ConsultClaimed,
+    ConsultClosed,
+    ConsultRequested,
+    Event,
+    InstanceStored,
+    ReplyPosted,
+    TriageCompleted,
+    TriageFailed,
+)
+from xray_triage.store import outbox
 from xray_triage.store.db import Database
-from xray_triage.store.schema import Study
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 HEARTBEAT_S = 15.0
 QUEUE_SIZE = 256  # changes waiting for one slow stream; past that they are dropped (pages re-fetch anyway)
+POLL_BATCH = 1000  # outbox events read per poll at most; a larger burst takes several polls
 
 
 @dataclass(frozen=True)
 class Change:
-    """One change: ``kind`` is "study" (arrived, triaged) or an audit action; ``station_ae`` decides who sees it."""
+    """One change: ``kind`` is "study" (arrived, triaged) or a consult/annotation action; ``station_ae`` decides who sees it."""
 
     kind: str
     study_uid: str
@@ -63,36 +78,49 @@ class Change:
         return {"kind": self.kind, "study_uid": self.study_uid}
 
 
-class ChangeFeed:
-    """Where the poller has read up to: the newest study change time and audit event id seen."""
+# What the browser is told of each event (``static/app.js``, ``study.js`` and ``viewer.js`` read
+# these kinds). Events not listed (a quarantined image, in no study) are not pushed.
+STUDY_CHANGE = "study"
+LIVE_KINDS: dict[type[Event], str] = {
+    InstanceStored: STUDY_CHANGE,
+    TriageCompleted: STUDY_CHANGE,
+    TriageFailed: STUDY_CHANGE,
+    ConsultRequested: "consult.request",
+    ConsultClaimed: "consult.claim",
+    ReplyPosted: "consult.reply",
+    ConsultAnswered: "consult.conclude",
+    ConsultClosed: "consult.close",
+}
 
-    def __init__(self, db: Database) -> None:
+
+def live_change(event: Event) -> Change | None:
+    """The change browsers are told of for ``event``, or None when they are not told."""
+    if isinstance(event, AnnotationChanged):
+        kind: str | None = f"annotation.{event.change}"
+    else:
+        kind = LIVE_KINDS.get(type(event))
+    return Change(kind, event.study_uid, event.station_ae) if kind else None
+
+
+class ChangeFeed:
+    """Where the poller has read the outbox up to (an event id); starts at the newest event."""
+
+    def __init__(self, db: Database, batch: int = POLL_BATCH) -> None:
         self.db = db
+        self.batch = batch
         with db.read_session() as session:
-            self.study_time: datetime | None = session.scalar(select(func.max(Study.updated_at)))
-            self.audit_id: int = session.scalar(select(func.max(AuditEvent.id))) or 0
+            self.event_id = outbox.latest_id(session)
 
     def poll(self) -> list[Change]:
-        """Every change since the last poll, for all users (``visible_changes`` filters per user)."""
-        changes: list[Change] = []
+        """Every change since the last poll, for all users (``visible_changes`` filters per user).
+
+        A burst of more than ``batch`` events is read over several polls. Repeats within one
+        poll (three images of one study) are sent once: browsers re-fetch the whole study anyway.
+        """
         with self.db.read_session() as session:
-            # The upper bound is read first: an event committed during this poll is left for the next.
-            newest = session.scalar(select(func.max(AuditEvent.id))) or self.audit_id
-            query = select(Study.study_instance_uid, Study.station_ae, Study.updated_at)
-            if self.study_time is not None:
-                query = query.where(Study.updated_at > self.study_time)
-            for uid, station_ae, updated in session.execute(query.order_by(Study.updated_at)):
-                changes.append(Change("study", uid, station_ae))
-                self.study_time = updated
-            audits = session.execute(
-                select(AuditEvent.action, AuditEvent.study_uid, Study.station_ae)
-                .join(Study, Study.study_instance_uid == AuditEvent.study_uid)
-                .where(AuditEvent.id > self.audit_id, AuditEvent.id <= newest, AuditEvent.action.not_in(VIEW_ACTIONS))
-                .order_by(AuditEvent.id)
-            ).all()
-        changes.extend(Change(action, uid, station_ae) for action, uid, station_ae in audits)
-        self.audit_id = max(self.audit_id, newest)
-        return changes
+            stored, self.event_id = outbox.read_after(session, self.event_id, self.batch)
+        changes = (live_change(s.event) for s in stored)
+        return list(dict.fromkeys(c for c in changes if c is not None))
 
 
 def visible_changes(user: AuthUser, changes: list[Change]) -> list[Change]:
@@ -121,13 +149,33 @@ class LivePoller:
     and ends when the last stream closes; the next subscriber starts it again from "now".
     """
 
-    def __init__(self, db: Database, interval_s: float, on_poll: Callable[[list[Change]], None] | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        interval_s: float,
+        on_poll: Callable[[list[Change]], None] | None = None,
+        min_gap_s: float | None = None,
+    ) -> None:
+        """``min_gap_s``: the shortest time between two polls when events wake the poller (``interval_s / 4``)."""
         self.db = db
         self.interval_s = interval_s
+        self.min_gap_s = min(interval_s, min_gap_s if min_gap_s is not None else interval_s / 4)
+        self.feed: ChangeFeed | None = None  # set once the running poller knows where the outbox ends
         self.on_poll = on_poll
         self.polls = 0
         self.subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        db.events.register(Event, self._on_commit)
+
+    def _on_commit(self, event: Event) -> None:
+        """In the committing thread, after the commit: a change browsers are told of wakes the poller."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or live_change(event) is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed (the app stopped)
+            loop.call_soon_threadsafe(wake.set)
 
     def subscribe(self, user: AuthUser) -> Subscriber:
         subscriber = Subscriber(user)
@@ -139,10 +187,19 @@ class LivePoller:
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.discard(subscriber)
 
+    async def _wait(self, wake: asyncio.Event) -> None:
+        """Until the next poll: ``interval_s``, or ``min_gap_s`` when an event was committed in this process."""
+        await asyncio.sleep(self.min_gap_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), self.interval_s - self.min_gap_s)
+        wake.clear()
+
     async def _run(self) -> None:
-        feed = await run_in_threadpool(ChangeFeed, self.db)
+        wake = asyncio.Event()
+        self._loop, self._wake, self.feed = asyncio.get_running_loop(), wake, None
+        feed = self.feed = await run_in_threadpool(ChangeFeed, self.db)
         while self.subscribers:
-            await asyncio.sleep(self.interval_s)
+            await self._wait(wake)
             if not self.subscribers:
                 break
             try:

@@ -129,7 +129,7 @@ def test_one_database_poll_per_interval_whatever_the_number_of_streams(
     polls_issued = [0]
 
     def count(_conn, _cursor, statement: str, *_args: object) -> None:  # type: ignore[no-untyped-def]
-        if "max(audit_events.id)" in statement.lower():  # the first statement of every change poll
+        if "from outbox_events" in statement.lower():  # the one statement of every change poll
             polls_issued[0] += 1
 
     seen_at_poll: list[int] = []

@@ -3,7 +3,8 @@
 Everyone who may see the study sees every mark; specialists (and admins, who act as
 specialists) may mark any study, station doctors their own station's; only a mark's
 author may change or delete it. The web app's annotation API and the study viewer
-both build on these; refusals raise ``AnnotationRuleError``.
+both build on these; refusals raise ``AnnotationRuleError``. Whoever creates, edits or
+deletes a mark calls ``record_change`` in that transaction (the ``AnnotationChanged`` event).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from xray_triage.consults.errors import AnnotationRuleError
 from xray_triage.consults.visibility import can_see
+from xray_triage.events import AnnotationChange, AnnotationChanged
+from xray_triage.store import outbox
 from xray_triage.store.consult_schema import ROLE_ADMIN, ROLE_SPECIALIST, ROLE_STATION, Annotation
 from xray_triage.store.schema import Instance, Study
 from xray_triage.store.users import AuthUser
@@ -50,6 +53,13 @@ def check_label(kind: str, label: str) -> None:
     """AnnotationRuleError("text_mark_label") for a blank label on a text mark."""
     if not text_label_ok(kind, label):
         raise AnnotationRuleError("text_mark_label")
+
+
+def record_change(session: Session, study: Study, annotation: Annotation, change: AnnotationChange) -> None:
+    """Record that ``annotation`` (flushed: it has an id) on ``study`` was created, updated or deleted."""
+    outbox.record(
+        session, AnnotationChanged(study.study_instance_uid, study.station_ae, annotation.id, change)
+    )
 
 
 def serialize(annotation: Annotation, instance_uid: str, user: AuthUser) -> dict[str, Any]:

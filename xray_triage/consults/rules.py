@@ -11,6 +11,9 @@
 
 A refusal raises ``ConsultRuleError`` with a stable code (``"consult_closed"``...) and
 the message's values; the web app answers it as a localized HTTP error.
+
+Each change records its domain event (``ConsultRequested``, ``ConsultClaimed``,
+``ReplyPosted``, ``ConsultAnswered``, ``ConsultClosed``) in the caller's transaction.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from xray_triage.consults.errors import ConsultRuleError
+from xray_triage.events import (
+    ConsultAnswered,
+    ConsultClaimed,
+    ConsultClosed,
+    ConsultRequested,
+    Event,
+    ReplyPosted,
+)
+from xray_triage.store import outbox
 from xray_triage.store.consult_schema import (
     CONCLUSIONS,
     CONSULT_ANSWERED,
@@ -47,6 +59,15 @@ def _clean_text(text: str, limit: int, what: str) -> str:
     if len(text) > limit:
         raise ConsultRuleError(f"{what}_too_long", limit=limit)
     return text
+
+
+def _record(session: Session, consult: Consult, event: type[Event], **fields: object) -> None:
+    """Record ``event`` for ``consult``'s study in the caller's transaction."""
+    study = session.get(Study, consult.study_id)
+    if study is not None:
+        outbox.record(
+            session, event(study.study_instance_uid, study.station_ae, consult_id=consult.id, **fields)
+        )
 
 
 def is_specialist(user: AuthUser) -> bool:
@@ -84,6 +105,7 @@ def request_consult(session: Session, user: AuthUser, study: Study, question: st
     )
     session.add(consult)
     session.flush()
+    _record(session, consult, ConsultRequested, urgency=urgency)
     return consult
 
 
@@ -98,6 +120,7 @@ def claim(session: Session, user: AuthUser, consult: Consult) -> None:
     if consult.status == CONSULT_REQUESTED:
         consult.status = CONSULT_IN_REVIEW
     consult.updated_at = utcnow()
+    _record(session, consult, ConsultClaimed, specialist_id=user.id)
 
 
 def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> ConsultMessage:
@@ -112,6 +135,7 @@ def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> Cons
         consult.status = CONSULT_IN_REVIEW if consult.claimed_by_id else CONSULT_REQUESTED
     consult.updated_at = utcnow()
     session.flush()
+    _record(session, consult, ReplyPosted, message_id=message.id, author_id=user.id, status=consult.status)
     return message
 
 
@@ -126,6 +150,7 @@ def conclude(session: Session, user: AuthUser, consult: Consult, conclusion: str
     consult.claimed_by_id = consult.claimed_by_id or user.id
     consult.status = CONSULT_ANSWERED
     consult.updated_at = utcnow()
+    _record(session, consult, ConsultAnswered, conclusion=conclusion)
 
 
 def close(session: Session, user: AuthUser, consult: Consult) -> None:
@@ -134,3 +159,4 @@ def close(session: Session, user: AuthUser, consult: Consult) -> None:
         return
     consult.status = CONSULT_CLOSED
     consult.updated_at = utcnow()
+    _record(session, consult, ConsultClosed)

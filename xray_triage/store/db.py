@@ -25,7 +25,11 @@ from typing import Protocol
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from xray_triage.store import consult_schema  # noqa: F401  (registers the consult tables on Base)
+from xray_triage.events import EventHandlers
+from xray_triage.store import (
+    consult_schema,  # noqa: F401  (registers the consult tables on Base)
+    outbox,  # registers the outbox tables on Base, and the after-commit dispatch
+)
 from xray_triage.store.schema import Base
 
 log = logging.getLogger(__name__)
@@ -36,15 +40,18 @@ SQLITE_BUSY_TIMEOUT_S = 30
 class Database:
     """An engine plus a session factory; ``session()`` is a unit of work."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, events: EventHandlers | None = None) -> None:
+        """``events``: the in-process handlers called after a transaction that recorded events commits."""
         self.url = url
+        self.events = events if events is not None else EventHandlers()
+        info = {outbox.HANDLERS_KEY: self.events}
         self.engine = make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info=info)
         # Reads (web pages, live-update polls, logins) must not queue on SQLite's write lock
         # behind the gateway: they get their own engine whose transactions BEGIN DEFERRED.
         in_memory = url.startswith("sqlite") and (url.rstrip("/") == "sqlite:" or ":memory:" in url)
         self.read_engine = self.engine if in_memory else make_engine(url, immediate=False)
-        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False, info=info)
 
     def create_schema(self) -> None:
         """Create missing tables, and missing indexes on existing tables (create_all skips those)."""

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from xray_triage.events import InstanceQuarantined, InstanceStored
+from xray_triage.store import outbox
 from xray_triage.store.completeness import dataset_offset, incompleteness
 from xray_triage.store.db import Database
 from xray_triage.store.dicom_meta import (
@@ -105,16 +106,18 @@ class Ingestor:
         data_dir: Path,
         db: Database,
         policy: TriagePolicy,
-        on_job_queued: Callable[[], None] | None = None,
         default_character_set: str = DEFAULT_CHARACTER_SET,
         storage: StorageGuard | None = None,
     ) -> None:
-        """``default_character_set``: decodes header text with no (0008,0005) that is not UTF-8."""
+        """``default_character_set``: decodes header text with no (0008,0005) that is not UTF-8.
+
+        Whoever waits for queued triage jobs (the workers) listens for ``InstanceStored`` with
+        ``triage_queued`` on ``db.events``: it is dispatched once the instance is committed.
+        """
         self.data_dir = data_dir
         self.default_character_set = default_character_set
         self.db = db
         self.policy = policy
-        self.on_job_queued = on_job_queued or (lambda: None)
         self.storage = storage
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -215,9 +218,18 @@ class Ingestor:
                     instance = add_instance(session, meta, receipt, triage=triage)
                     instance.store_ms = round((time.perf_counter() - start) * 1000, 2)
                     instance_id, quarantine_id = instance.id, None
+                    stored = InstanceStored(
+                        meta.study_instance_uid, rx.calling_ae, meta.sop_instance_uid, meta.series_instance_uid,
+                        instance.id, triage,
+                    )  # fmt: skip
+                    outbox.record(session, stored)
                 else:
                     record = QuarantineRecord(plan.reason, plan.detail, plan.conflicting_station, sha)
                     instance_id, quarantine_id = None, add_quarantined(session, meta, receipt, record).id
+                    kept_apart = InstanceQuarantined(
+                        meta.study_instance_uid, rx.calling_ae, meta.sop_instance_uid, quarantine_id, plan.reason
+                    )
+                    outbox.record(session, kept_apart)
         except _PlacementChanged:
             # A quarantine name is new and unique; a study path is another's only if its row exists now.
             if plan.reason is not None or now.existing_instance_id is None:
@@ -250,8 +262,6 @@ class Ingestor:
                 },
             )
             return IngestOutcome(STATUS_SUCCESS, f"quarantined: {plan.detail}", quarantine_id=quarantine_id)
-        if triage:
-            self.on_job_queued()
         return IngestOutcome(STATUS_SUCCESS, "stored", instance_id, triage_queued=triage)
 
     def _same_as_stored(self, plan: Placement, rx: _Received) -> bool:

@@ -5,7 +5,8 @@ checked by its row count: portable SQL that lets several workers (threads or
 processes) share the queue without a lock table. A job left ``running`` by a
 crash is put back to ``queued`` at start-up. The result row, the instance's AI
 status, the job's state and the study summary change in one transaction, and
-``triage_results.instance_id`` is unique: exactly one result per instance.
+``triage_results.instance_id`` is unique: exactly one result per instance. The
+``TriageCompleted`` / ``TriageFailed`` event goes into the outbox in that transaction too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from xray_triage.events import TriageCompleted, TriageFailed
+from xray_triage.store import outbox
 from xray_triage.store.db import Database
 from xray_triage.store.records import refresh_study
 from xray_triage.store.schema import (
@@ -116,9 +119,17 @@ def complete(db: Database, job: ClaimedJob, analysis: Analysis) -> None:
                     heatmaps=analysis.heatmaps,
                 )
             )
-            _finish(session, job, AI_DONE, JOB_DONE, None)
+            study = _finish(session, job, AI_DONE, JOB_DONE, None)
+            if study is not None:
+                score = analysis.score
+                done = TriageCompleted(
+                    study.study_instance_uid, study.station_ae, job.sop_instance_uid, job.instance_id,
+                    score.priority, tuple(score.flagged),
+                )  # fmt: skip
+                outbox.record(session, done)
     except IntegrityError:
-        # A result already exists (the job ran twice after a crash): keep the first one.
+        # A result already exists (the job ran twice after a crash): keep the first one, whose
+        # transaction also recorded its TriageCompleted.
         log.warning("result already recorded, keeping the first", extra={"instance_id": job.instance_id})
         with db.session() as session:
             _finish(session, job, AI_DONE, JOB_DONE, None)
@@ -129,7 +140,12 @@ def fail(db: Database, job: ClaimedJob, reason: str, *, permanent: bool, max_att
     final = permanent or job.attempts >= max_attempts
     with db.session() as session:
         if final:
-            _finish(session, job, AI_FAILED, JOB_FAILED, reason)
+            study = _finish(session, job, AI_FAILED, JOB_FAILED, reason)
+            if study is not None:
+                failed = TriageFailed(
+                    study.study_instance_uid, study.station_ae, job.sop_instance_uid, job.instance_id, reason
+                )
+                outbox.record(session, failed)
         else:
             session.execute(
                 update(TriageJob).where(TriageJob.id == job.job_id).values(state=JOB_QUEUED, error=reason, worker=None)
@@ -137,7 +153,8 @@ def fail(db: Database, job: ClaimedJob, reason: str, *, permanent: bool, max_att
     return final
 
 
-def _finish(session, job: ClaimedJob, ai_status: str, job_state: str, error: str | None) -> None:  # type: ignore[no-untyped-def]
+def _finish(session, job: ClaimedJob, ai_status: str, job_state: str, error: str | None) -> Study | None:  # type: ignore[no-untyped-def]
+    """Mark the job and its instance finished and refresh the instance's study (returned)."""
     session.execute(
         update(TriageJob)
         .where(TriageJob.id == job.job_id)
@@ -147,3 +164,4 @@ def _finish(session, job: ClaimedJob, ai_status: str, job_state: str, error: str
     study = _study_of(session, job.instance_id)
     if study is not None:
         refresh_study(session, study)
+    return study

@@ -1,0 +1,248 @@
+"""Domain events: what happened to an image, a study, a consult or a mark, and who is told.
+
+Each event is a frozen dataclass with a stable ``type`` name (kept in the outbox table, so
+never renamed) and a JSON payload made of its fields: the UIDs, the station's AE title and
+row ids a consumer needs to find the rest in the database, never patient text. Every event
+names its study (``study_uid``) and the station that owns it (``station_ae``), which is what
+decides who may be told of it (a station user sees only its own station's studies).
+
+Events are recorded durably by ``xray_triage.store.outbox.record`` in the transaction of the
+change that raised them. After that transaction commits, the in-process handlers registered
+on an ``EventHandlers`` registry (``Database.events``) are called with them: a fast path for
+things like waking the live-update poller. Consumers that must not miss an event (exporters,
+forwarding, notifications) read the outbox instead (``outbox.claim`` / ``outbox.advance``).
+
+This module is pure Python (no database, no web): every layer of the core may raise events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal, TypeVar
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+class UnknownEvent(ValueError):
+    """An outbox row whose type or payload this version does not know (written by a newer one)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event. ``study_uid``: Study Instance UID (0020,000D); ``station_ae``: the
+    calling AE title of the station whose study it is."""
+
+    type: ClassVar[str] = ""
+
+    study_uid: str
+    station_ae: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.type:
+            raise TypeError(f"{cls.__name__} needs a stable type name")
+        if cls.type in EVENT_TYPES:
+            raise TypeError(
+                f"event type {cls.type!r} is used twice ({EVENT_TYPES[cls.type].__name__}, {cls.__name__})"
+            )
+        EVENT_TYPES[cls.type] = cls
+
+    def payload(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples become lists)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+        }
+
+
+def decode(event_type: str, payload: Mapping[str, Any]) -> Event:
+    """The typed event of an outbox row; ``UnknownEvent`` for a type or payload this version cannot read."""
+    cls = EVENT_TYPES.get(event_type)
+    if cls is None:
+        raise UnknownEvent(f"unknown event type {event_type!r}")
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{key: value for key, value in payload.items() if key in names})
+    except TypeError as exc:
+        raise UnknownEvent(f"{event_type}: {exc}") from None
+
+
+# --- images and triage -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceStored(Event):
+    """A received instance was filed into its study (not a duplicate, not quarantined)."""
+
+    type: ClassVar[str] = "instance.stored"
+
+    sop_instance_uid: str
+    series_uid: str
+    instance_id: int
+    triage_queued: bool
+
+
+@dataclass(frozen=True)
+class InstanceQuarantined(Event):
+    """A received instance was kept apart (see ``store/placement.py`` for the reasons); in no study.
+    ``study_uid`` is the one it carried, ``station_ae`` the station that sent it."""
+
+    type: ClassVar[str] = "instance.quarantined"
+
+    sop_instance_uid: str
+    quarantine_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TriageCompleted(Event):
+    """The model's result for one image is stored; ``priority`` is the image's (``xray_triage.priority``)."""
+
+    type: ClassVar[str] = "triage.completed"
+
+    sop_instance_uid: str
+    instance_id: int
+    priority: str
+    flagged: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flagged", tuple(self.flagged))  # a list from a JSON payload
+
+
+@dataclass(frozen=True)
+class TriageFailed(Event):
+    """Triage of one image failed for good; ``reason`` is what users see (names the image, no path)."""
+
+    type: ClassVar[str] = "triage.failed"
+
+    sop_instance_uid: str
+    instance_id: int
+    reason: str
+
+
+# --- consults ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsultRequested(Event):
+    type: ClassVar[str] = "consult.requested"
+
+    consult_id: int
+    urgency: str
+
+
+@dataclass(frozen=True)
+class ConsultClaimed(Event):
+    type: ClassVar[str] = "consult.claimed"
+
+    consult_id: int
+    specialist_id: int
+
+
+@dataclass(frozen=True)
+class ReplyPosted(Event):
+    """A message on a consult's thread; ``status`` is the consult's status after it."""
+
+    type: ClassVar[str] = "consult.reply_posted"
+
+    consult_id: int
+    message_id: int
+    author_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class ConsultAnswered(Event):
+    """A specialist recorded a conclusion (``consult_schema.CONCLUSIONS``)."""
+
+    type: ClassVar[str] = "consult.answered"
+
+    consult_id: int
+    conclusion: str
+
+
+@dataclass(frozen=True)
+class ConsultClosed(Event):
+    type: ClassVar[str] = "consult.closed"
+
+    consult_id: int
+
+
+# --- annotations -----------------------------------------------------------------------------
+
+AnnotationChange = Literal["create", "update", "delete"]
+
+
+@dataclass(frozen=True)
+class AnnotationChanged(Event):
+    """A mark on one of the study's images was created, edited or deleted."""
+
+    type: ClassVar[str] = "annotation.changed"
+
+    annotation_id: int
+    change: AnnotationChange
+
+
+# --- in-process handlers ---------------------------------------------------------------------
+
+E = TypeVar("E", bound=Event)
+Handler = Callable[[Event], None]
+
+
+class EventHandlers:
+    """The in-process handlers, called after the transaction that recorded events commits.
+
+    In the style of pynetdicom's ``evt_handlers``: ``(event class, handler)`` pairs, given at
+    construction or added with ``register`` (or the ``on`` decorator); the class ``Event``
+    itself means every event. Handlers run in the committing thread and must be quick (wake
+    something up); an exception is logged and never reaches the writer, whose change is
+    already committed. Durable work belongs to outbox consumers, not here.
+    """
+
+    def __init__(self, handlers: Iterable[tuple[type[Event], Handler]] = ()) -> None:
+        self._handlers: list[tuple[type[Event], Handler]] = []
+        self._lock = threading.Lock()
+        for event_class, handler in handlers:
+            self.register(event_class, handler)
+
+    def register(self, event_class: type[Event], handler: Handler) -> Callable[[], None]:
+        """Call ``handler`` for each committed event of ``event_class`` (or a subclass); returns the unregister function."""
+        entry = (event_class, handler)
+        with self._lock:
+            self._handlers.append(entry)
+
+        def unregister() -> None:
+            with self._lock:
+                if entry in self._handlers:
+                    self._handlers.remove(entry)
+
+        return unregister
+
+    def on(self, event_class: type[E]) -> Callable[[Callable[[E], None]], Callable[[E], None]]:
+        """Decorator form of ``register``."""
+
+        def decorate(handler: Callable[[E], None]) -> Callable[[E], None]:
+            self.register(event_class, handler)  # type: ignore[arg-type]
+            return handler
+
+        return decorate
+
+    def dispatch(self, events: Iterable[Event]) -> None:
+        """Call the handlers of each event, in order; a failing handler is logged and skipped."""
+        with self._lock:
+            handlers = list(self._handlers)
+        if not handlers:
+            return
+        for event in events:
+            for event_class, handler in handlers:
+                if isinstance(event, event_class):
+                    try:
+                        handler(event)
+                    except Exception:
+                        log.exception(
+                            "event handler failed", extra={"event": event.type, "study_uid": event.study_uid}
+                        )
