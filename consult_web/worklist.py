@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from consult_web.access import visibility_clause
+from consult_web.permissions import visibility_clause
 from consult_web.i18n import zone
 from xray_triage.store.consult_schema import CONSULT_STATUS_RANK, CONSULT_STATUSES, Consult
 from xray_triage.store.dicom_meta import display_name
