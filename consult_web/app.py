@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, learn_known_networks
 from consult_web.errors import LocalizedError, localized
 from consult_web.i18n import translate
+from consult_web.schemas import API_ERRORS
 from consult_web.templating import render, request_language
 from xray_triage import __version__
 from xray_triage.consults.errors import RuleError
@@ -58,7 +59,17 @@ def create_app(
 ) -> FastAPI:
     """Build the app around an open database; ``health`` holds live component state,
     ``storage`` the gateway's disk guard (one is made from ``settings`` if not given)."""
-    from consult_web.routes import admin, annotations, api, healthcheck, images, live, login, studies, worklist
+    from consult_web.routes import (
+        admin,
+        annotations,
+        api,
+        healthcheck,
+        images,
+        live,
+        login,
+        studies,
+        worklist,
+    )
 
     settings = settings or Settings()
     app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -82,7 +93,7 @@ def create_app(
         app.include_router(module.router)
     api_routes = APIRouter()
     for module in (api, images, annotations):
-        api_routes.include_router(module.api_router)
+        api_routes.include_router(module.api_router, responses=API_ERRORS)
     app.state.api_routes = api_routes.routes  # what /api/openapi.json describes
     app.state.api_schema = None  # built on first request
     app.include_router(api_routes)

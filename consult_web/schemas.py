@@ -186,3 +186,23 @@ class ImageWindows(ApiModel):
     value_range: tuple[float, float]
     dicom_voi: str
     presets: dict[str, WindowValues]
+
+
+class ApiError(BaseModel):
+    """Every error answer of the API (``consult_web.app``'s handlers): ``detail`` in English for
+    programs; ``message`` in the user's language where the error has one; ``reference`` (500
+    only) names the server's log line."""
+
+    detail: str
+    message: str | None = None
+    reference: str | None = None
+
+
+# The error answers documented on every API route (the 422 replaces FastAPI's default, whose
+# ``detail`` is a list: this app answers invalid requests with one readable string).
+API_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ApiError, "description": "Not logged in (no or an invalid session or token)"},
+    403: {"model": ApiError, "description": "Not allowed to the user (role, author, CSRF)"},
+    404: {"model": ApiError, "description": "No such study, image or mark, or one the user may not see"},
+    422: {"model": ApiError, "description": "Invalid request: which parameter and why"},
+}
