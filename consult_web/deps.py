@@ -13,7 +13,10 @@ A route names what it needs in its signature instead of reaching into ``request.
 - ``AppSettings``, ``Storage``, ``Card``: the settings, the disk guard and the model card.
 
 A route that needs the user to be known before a session opens (every route) lists
-``CurrentUser`` first: FastAPI resolves dependencies in parameter order.
+``CurrentUser`` first: FastAPI resolves dependencies in parameter order. The lookups of app
+state are ``async`` (FastAPI would run a plain ``def`` in its thread pool: a thread hop per
+dependency for nothing); the sessions are plain generators, run in the thread pool, because
+opening and committing one may wait on the database.
 """
 
 from __future__ import annotations
@@ -33,19 +36,19 @@ from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.users import AuthUser
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> StorageGuard:
+async def get_storage(request: Request) -> StorageGuard:
     return request.app.state.storage
 
 
-def get_card(request: Request) -> ModelCard | None:
+async def get_card(request: Request) -> ModelCard | None:
     return request.app.state.card
 
 
