@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,7 +85,10 @@ def create_app(
         backoff_s=settings.login_backoff_s,
         ipv6_prefix=settings.login_ipv6_prefix,
     )
-    learn_known_networks(db, app.state.limiter)  # each user's own networks survive a restart
+    try:
+        learn_known_networks(db, app.state.limiter)  # each user's own networks survive a restart
+    except OperationalError as exc:  # a full disk (SQLite cannot even read): start degraded, not dead
+        log.warning("cannot read past logins; known networks start empty", extra={"error": str(exc.orig)})
     app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
