@@ -1,7 +1,7 @@
 """Which studies a user may see: a station user its own station's, everyone else all.
 
-The rule itself is core's (``xray_triage/consults/visibility.py``); this module adds the
-web's lookups. Every route that touches a study goes through ``visible_study`` (or
+The rule itself is core's (``xray_triage/consults/visibility.py``, reached through
+``consult_web.permissions``); this module adds the web's lookups. Every route that touches a study goes through ``visible_study`` (or
 filters with ``visibility_clause``). A study the user may not see answers 404, the same
 as a study that does not exist, so guessing UIDs tells a station nothing.
 """
@@ -11,10 +11,7 @@ from __future__ import annotations
 from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
-# re-exported for the routes
-from xray_triage.consults.visibility import can_see as can_see
-from xray_triage.consults.visibility import can_see_station as can_see_station
-from xray_triage.consults.visibility import visibility_clause as visibility_clause
+from consult_web.permissions import can_see
 from xray_triage.store.schema import Instance, Series, Study
 from xray_triage.store.users import AuthUser
 

@@ -1,9 +1,12 @@
 """The HTTP side: the teleconsult web view, the JSON API and the health check.
 
-``create_app`` wires the routers (one module each under ``consult_web/routes``),
-the error pages and two small ASGI middlewares: a request-size limit and
-security headers. Everything but ``/login``, ``/healthz`` and ``/static`` needs a
-logged-in user (``auth.current_user``).
+``create_app`` wires the routers (one module per area under ``consult_web/routes``; an
+area's HTML pages are on its ``router``, its JSON API routes on its ``api_router`` under
+``/api``), the error pages and small ASGI middlewares: a request-size limit and security
+headers. Everything but ``/login``, ``/healthz`` and ``/static`` needs a logged-in user
+(``deps.CurrentUser``). The API's OpenAPI document is served at ``/api/openapi.json`` to
+logged-in users; it describes the API routes only (``app.state.api_routes``). There is no
+Swagger page: it needs inline scripts, which the CSP forbids.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -24,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, learn_known_networks
 from consult_web.errors import LocalizedError, localized
 from consult_web.i18n import translate
+from consult_web.schemas import API_ERRORS
 from consult_web.templating import render, request_language
 from xray_triage import __version__
 from xray_triage.consults.errors import RuleError
@@ -56,7 +60,17 @@ def create_app(
 ) -> FastAPI:
     """Build the app around an open database; ``health`` holds live component state,
     ``storage`` the gateway's disk guard (one is made from ``settings`` if not given)."""
-    from consult_web.routes import admin, annotations, api, images, live, login, studies, worklist
+    from consult_web.routes import (
+        admin,
+        annotations,
+        api,
+        healthcheck,
+        images,
+        live,
+        login,
+        studies,
+        worklist,
+    )
 
     settings = settings or Settings()
     app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -79,8 +93,14 @@ def create_app(
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 
-    for module in (login, worklist, studies, images, annotations, admin, live, api):
+    for module in (login, worklist, studies, images, admin, live, healthcheck):
         app.include_router(module.router)
+    api_routes = APIRouter()
+    for module in (api, images, annotations):
+        api_routes.include_router(module.api_router, responses=API_ERRORS)
+    app.state.api_routes = api_routes.routes  # what /api/openapi.json describes
+    app.state.api_schema = None  # built on first request
+    app.include_router(api_routes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _install_error_handlers(app)
     app.add_middleware(UnexpectedErrors)  # innermost: its 500 answer gets the security headers too

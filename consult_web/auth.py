@@ -20,11 +20,11 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from xray_triage.store.consult_schema import ROLE_ADMIN, AuditEvent
+from xray_triage.store.consult_schema import AuditEvent
 from xray_triage.store.db import Database
 from xray_triage.store.schema import utcnow
 from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
@@ -100,20 +100,6 @@ async def _check_csrf(request: Request, user: AuthUser) -> None:
         sent = (await request.form()).get(CSRF_FIELD)
     if not sent or not user.csrf_token or not secrets.compare_digest(str(sent), user.csrf_token):
         raise CsrfError()
-
-
-def require_roles(*roles: str):  # type: ignore[no-untyped-def]
-    """Dependency factory: the user must have one of ``roles`` (else 403)."""
-
-    async def dependency(user: AuthUser = Depends(current_user)) -> AuthUser:
-        if user.role not in roles:
-            raise HTTPException(status_code=403, detail="forbidden")
-        return user
-
-    return dependency
-
-
-require_admin = require_roles(ROLE_ADMIN)
 
 
 class LoginLimiter:

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from consult_web.i18n import LANGUAGES, format_age, format_datetime, translate
+from consult_web.permissions import is_admin
 from xray_triage import __version__
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -51,6 +52,7 @@ def base_context(request: Request) -> dict[str, Any]:
     return {
         "request": request,
         "user": user,
+        "is_admin": user is not None and is_admin(user),
         "lang": language,
         "languages": LANGUAGES,
         "t": lambda key, **values: translate(language, key, **values),

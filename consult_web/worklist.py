@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from consult_web.access import visibility_clause
 from consult_web.i18n import zone
+from consult_web.permissions import visibility_clause
 from xray_triage.store.consult_schema import CONSULT_STATUS_RANK, CONSULT_STATUSES, Consult
 from xray_triage.store.dicom_meta import display_name
 from xray_triage.store.queries import RowExtras, flagged_clause, row_extras, station_names

@@ -3,24 +3,28 @@ the storage's degraded state and the audit log."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from consult_web.audit import audit
-from consult_web.auth import require_admin
+from consult_web.deps import AdminUser, Db, Storage
 from consult_web.errors import LocalizedError
 from consult_web.templating import render
 from xray_triage.store.consult_schema import ROLES, AuditEvent
+from xray_triage.store.db import Database
+from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.records import list_quarantined
 from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
-from xray_triage.store.users import AuthUser, UserError, add_user, list_users, set_disabled
+from xray_triage.store.users import UserError, add_user, list_users, set_disabled
 
 router = APIRouter(prefix="/admin")
 
 
-def _admin_page(request: Request, error: str = "", status_code: int = 200) -> HTMLResponse:
-    with request.app.state.db.session() as session:
+def _admin_page(
+    request: Request, db: Database, storage: StorageGuard, error: str = "", status_code: int = 200
+) -> HTMLResponse:
+    with db.session() as session:
         users = list_users(session)
         stations = list_stations(session)
         events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(100)))
@@ -32,14 +36,14 @@ def _admin_page(request: Request, error: str = "", status_code: int = 200) -> HT
             "roles": ROLES,
             "error": error,
             "quarantined": quarantined,
-            "storage": request.app.state.storage.report(),
+            "storage": storage.report(),
         }
         return render(request, "admin.html", context, status_code=status_code)
 
 
 @router.get("")
-def admin_page(request: Request, _admin: AuthUser = Depends(require_admin)) -> HTMLResponse:
-    return _admin_page(request)
+def admin_page(request: Request, _admin: AdminUser, db: Db, storage: Storage) -> HTMLResponse:
+    return _admin_page(request, db, storage)
 
 
 @router.post("/users")
@@ -52,32 +56,35 @@ def admin_add_user(
     display_name: str = Form("", max_length=200),
     language: str = Form("vi"),
     timezone: str = Form("Asia/Ho_Chi_Minh", max_length=64),
-    admin: AuthUser = Depends(require_admin),
+    *,
+    admin: AdminUser,
+    db: Db,
+    storage: Storage,
 ) -> Response:
     try:
-        with request.app.state.db.session() as session:
+        with db.session() as session:
             add_user(
                 session, username, password, role, station_ae=station_ae or None,
                 display_name=display_name, language=language, timezone=timezone.strip(),
             )  # fmt: skip
             audit(session, admin, "user.add", request=request, target=username, role=role)
     except UserError as exc:
-        return _admin_page(request, str(exc), 400)
+        return _admin_page(request, db, storage, str(exc), 400)
     return RedirectResponse("/admin#users", status_code=303)
 
 
 @router.post("/users/{username}/disabled")
 def admin_disable_user(
-    request: Request, username: str, disabled: bool = Form(...), admin: AuthUser = Depends(require_admin)
+    request: Request, username: str, admin: AdminUser, db: Db, storage: Storage, disabled: bool = Form(...)
 ) -> Response:
     if username == admin.username and disabled:
         raise LocalizedError(400, "usererror.cannot_disable_self")
     try:
-        with request.app.state.db.session() as session:
+        with db.session() as session:
             set_disabled(session, username, disabled)
             audit(session, admin, "user.disable" if disabled else "user.enable", request=request, target=username)
     except UserError as exc:
-        return _admin_page(request, str(exc), 404)
+        return _admin_page(request, db, storage, str(exc), 404)
     return RedirectResponse("/admin#users", status_code=303)
 
 
@@ -87,20 +94,23 @@ def admin_add_station(
     ae_title: str = Form(..., max_length=16),
     name: str = Form("", max_length=200),
     allowed_ips: str = Form("", max_length=1000),
-    admin: AuthUser = Depends(require_admin),
+    *,
+    admin: AdminUser,
+    db: Db,
+    storage: Storage,
 ) -> Response:
     try:
-        with request.app.state.db.session() as session:
+        with db.session() as session:
             add_station(session, ae_title, name, allowed_ips or None)
             audit(session, admin, "station.add", request=request, target=ae_title)
     except StationError as exc:
-        return _admin_page(request, str(exc), 400)
+        return _admin_page(request, db, storage, str(exc), 400)
     return RedirectResponse("/admin#stations", status_code=303)
 
 
 @router.post("/stations/{ae_title}/remove")
-def admin_remove_station(request: Request, ae_title: str, admin: AuthUser = Depends(require_admin)) -> Response:
-    with request.app.state.db.session() as session:
+def admin_remove_station(request: Request, ae_title: str, admin: AdminUser, db: Db) -> Response:
+    with db.session() as session:
         if not remove_station(session, ae_title):
             raise LocalizedError(404, "usererror.no_station", ae_title=repr(ae_title))
         audit(session, admin, "station.remove", request=request, target=ae_title)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
-from consult_web.access import can_see, visible_instance, visible_study
+from consult_web import schemas
+from consult_web.access import visible_instance, visible_study
 from consult_web.audit import audit
-from consult_web.auth import current_user
+from consult_web.deps import CurrentUser, Db, ReadSession
+from consult_web.permissions import can_see
 from xray_triage.consults.annotations import (
     DEFAULT_COLOR,
     annotations_of,
@@ -38,7 +40,7 @@ from xray_triage.store.schema import Instance, Study, utcnow
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+api_router = APIRouter(prefix="/api", tags=["annotations"])
 
 MAX_LABEL = 500
 COLOR_PATTERN = r"^#[0-9a-fA-F]{6}$"
@@ -112,18 +114,19 @@ def _own_annotation(session: Session, user: AuthUser, annotation_id: int) -> tup
     return annotation, study, instance
 
 
-@router.get("/api/studies/{study_uid}/annotations")
-def list_annotations(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
-    with request.app.state.db.read_session() as session:
-        study = visible_study(session, user, study_uid)
-        return {"annotations": annotations_of(session, study, user)}
+@api_router.get("/studies/{study_uid}/annotations", response_model=schemas.AnnotationList)
+def list_annotations(study_uid: str, user: CurrentUser, session: ReadSession) -> dict[str, Any]:
+    """Every mark on the study's images, oldest first."""
+    study = visible_study(session, user, study_uid)
+    return {"annotations": annotations_of(session, study, user)}
 
 
-@router.post("/api/studies/{study_uid}/annotations", status_code=201)
+@api_router.post("/studies/{study_uid}/annotations", status_code=201, response_model=schemas.Annotation)
 def create_annotation(
-    request: Request, study_uid: str, body: AnnotationCreate, user: AuthUser = Depends(current_user)
+    request: Request, study_uid: str, body: AnnotationCreate, user: CurrentUser, db: Db
 ) -> dict[str, Any]:
-    with request.app.state.db.session() as session:
+    """Mark an image of the study (the user must be allowed to annotate it)."""
+    with db.session() as session:
         study, instance = visible_instance(session, user, study_uid, body.instance_uid)
         check_may_annotate(user, study)
         _on_image(parse_geometry(body.kind, body.geometry), instance)
@@ -150,11 +153,12 @@ def create_annotation(
         return serialize(annotation, instance.sop_instance_uid, user)
 
 
-@router.patch("/api/annotations/{annotation_id}")
+@api_router.patch("/annotations/{annotation_id}", response_model=schemas.Annotation)
 def update_annotation(
-    request: Request, annotation_id: int, body: AnnotationUpdate, user: AuthUser = Depends(current_user)
+    request: Request, annotation_id: int, body: AnnotationUpdate, user: CurrentUser, db: Db
 ) -> dict[str, Any]:
-    with request.app.state.db.session() as session:
+    """Change one's own mark: its label, geometry or color."""
+    with db.session() as session:
         annotation, study, instance = _own_annotation(session, user, annotation_id)
         if body.geometry is not None:
             try:
@@ -179,9 +183,10 @@ def update_annotation(
         return serialize(annotation, instance.sop_instance_uid, user)
 
 
-@router.delete("/api/annotations/{annotation_id}", status_code=204)
-def delete_annotation(request: Request, annotation_id: int, user: AuthUser = Depends(current_user)) -> Response:
-    with request.app.state.db.session() as session:
+@api_router.delete("/annotations/{annotation_id}", status_code=204, response_class=Response)
+def delete_annotation(request: Request, annotation_id: int, user: CurrentUser, db: Db) -> Response:
+    """Delete one's own mark."""
+    with db.session() as session:
         annotation, study, _instance = _own_annotation(session, user, annotation_id)
         audit(
             session, user, "annotation.delete", study_uid=study.study_instance_uid, request=request,

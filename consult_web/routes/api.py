@@ -1,60 +1,41 @@
-"""The JSON API (session cookie or ``Authorization: Bearer <token>``) and ``/healthz``."""
+"""The studies JSON API (session cookie or ``Authorization: Bearer <token>``) and its schema.
+
+Every route here is on ``api_router`` (prefix ``/api``), answers with a model of
+``consult_web.schemas`` and is described by ``GET /api/openapi.json`` (logged-in users
+only, like the rest of the API), from which API clients can be generated.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi import APIRouter, Query, Request
+from fastapi.openapi.utils import get_openapi
 
-from consult_web.access import visibility_clause, visible_study
+from consult_web import schemas
+from consult_web.access import visible_study
 from consult_web.audit import audit
-from consult_web.auth import current_user
+from consult_web.deps import AppSettings, CurrentUser, ReadSession, WriteSession
+from consult_web.permissions import visibility_clause
 from xray_triage import __version__
 from xray_triage.consults import rules as flow
 from xray_triage.store.queries import count_studies, get_study, list_studies
-from xray_triage.store.users import AuthUser
 
-router = APIRouter()
-
-
-@router.get("/healthz")
-def healthz(request: Request) -> JSONResponse:
-    """Unauthenticated on purpose: this is what monitoring and the Docker health check read.
-
-    ``storage`` is ``degraded`` (and the status 503) when the data directory's disk has
-    less than ``min_free_disk_mb`` free or start-up storage work has not succeeded yet;
-    ``disk_free_mb`` says how much is free.
-    """
-    state = request.app.state.health
-    card = request.app.state.card
-    try:
-        with request.app.state.db.session() as session:
-            session.execute(text("SELECT 1"))
-        database = "ok"
-    except Exception as exc:  # report, don't crash
-        database = f"error: {type(exc).__name__}"
-    storage = request.app.state.storage.report()
-    ok = database == "ok" and storage["storage"] == "ok" and all(v == "ok" for v in state.values())
-    body = {
-        "status": "ok" if ok else "degraded",
-        "version": __version__,
-        "database": database,
-        "model": card.model_version if card else None,
-        **storage,
-        **state,
-    }
-    # JSON either way (never the HTML error page): monitoring reads which part failed.
-    return JSONResponse(body, status_code=200 if ok else 503)
+api_router = APIRouter(prefix="/api", tags=["studies"])
+OPENAPI_DESCRIPTION = (
+    "The xray-triage JSON API. Authenticate with `Authorization: Bearer <token>` (tokens are made "
+    "with `xray-triage users token`) or a browser session. AI output is decision support, not a diagnosis."
+)
 
 
-@router.get("/api/studies")
+@api_router.get("/studies", response_model=schemas.StudyPage)
 def api_studies(
     request: Request,
+    user: CurrentUser,
+    settings: AppSettings,
+    session: ReadSession,
     limit: int | None = Query(None, ge=1, le=500),
     offset: int = Query(0, ge=0),
-    user: AuthUser = Depends(current_user),
 ) -> dict[str, Any]:
     """One page of the studies the user may see, most urgent first, then newest (as ``studies list``).
 
@@ -62,11 +43,10 @@ def api_studies(
     gives ``total`` (studies visible) and ``next_offset`` (null on the last page): fetch again
     with ``offset=next_offset`` until it is null. Studies arriving meanwhile shift later pages.
     """
-    limit = limit or request.app.state.settings.worklist_page_size
+    limit = limit or settings.worklist_page_size
     where = visibility_clause(user)
-    with request.app.state.db.read_session() as session:
-        studies = list_studies(session, limit=limit, offset=offset, where=where)
-        total = count_studies(session, where)
+    studies = list_studies(session, limit=limit, offset=offset, where=where)
+    total = count_studies(session, where)
     next_offset = offset + len(studies) if offset + len(studies) < total else None
     return {
         "studies": studies,
@@ -78,37 +58,36 @@ def api_studies(
     }
 
 
-@router.get("/api/studies/{study_uid}")
-def api_study(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
-    with request.app.state.db.session() as session:
-        visible_study(session, user, study_uid)
-        study = get_study(session, study_uid)
-        audit(session, user, "study.view", study_uid=study_uid, request=request, via="api")
+@api_router.get("/studies/{study_uid}", response_model=schemas.StudyDetail)
+def api_study(request: Request, study_uid: str, user: CurrentUser, session: WriteSession) -> dict[str, Any]:
+    """The study with every image and its AI result (the view is audited)."""
+    visible_study(session, user, study_uid)
+    study = get_study(session, study_uid)
+    audit(session, user, "study.view", study_uid=study_uid, request=request, via="api")
     assert study is not None
     study["disclaimer"] = request.app.state.disclaimer
     return study
 
 
-@router.get("/api/studies/{study_uid}/consults")
-def api_consults(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> dict[str, Any]:
-    with request.app.state.db.read_session() as session:
-        study = visible_study(session, user, study_uid)
-        consults = [
-            {
-                "id": c.id,
-                "status": c.status,
-                "urgency": c.urgency,
-                "question": c.question,
-                "conclusion": c.conclusion,
-                "requested_by": c.requested_by.username,
-                "claimed_by": c.claimed_by.username if c.claimed_by else None,
-                "created_at": c.created_at.isoformat(),
-                "updated_at": c.updated_at.isoformat(),
-                "messages": [
-                    {"author": m.author.username, "body": m.body, "created_at": m.created_at.isoformat()}
-                    for m in c.messages
-                ],
-            }
-            for c in flow.consults_of(session, study)
-        ]
-    return {"consults": consults}
+@api_router.get("/studies/{study_uid}/consults", response_model=schemas.ConsultList)
+def api_consults(study_uid: str, user: CurrentUser, session: ReadSession) -> schemas.ConsultList:
+    """The study's consults, oldest first, with their messages."""
+    study = visible_study(session, user, study_uid)
+    return schemas.ConsultList(consults=[schemas.Consult.from_row(c) for c in flow.consults_of(session, study)])
+
+
+@api_router.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request, _user: CurrentUser) -> dict[str, Any]:
+    """The OpenAPI 3 document of the JSON API routes (``app.state.api_routes``), built once."""
+    state = request.app.state
+    if getattr(state, "api_schema", None) is None:
+        schema = get_openapi(
+            title="xray-triage API",
+            version=__version__,
+            description=OPENAPI_DESCRIPTION,
+            routes=state.api_routes,
+        )
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        state.api_schema = schema
+    return state.api_schema

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
+from consult_web import schemas
 from consult_web.access import visible_instance
-from consult_web.auth import current_user
+from consult_web.deps import AppSettings, CurrentUser, Db
 from consult_web.errors import LocalizedError
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.pipeline.render import (
@@ -31,26 +32,31 @@ from xray_triage.pipeline.render import (
     render,
     windows_info,
 )
+from xray_triage.settings import Settings
+from xray_triage.store.db import Database
 from xray_triage.store.reasons import image_label, user_reason
 from xray_triage.store.users import AuthUser
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter()  # the pictures (for <img>; not JSON)
+api_router = APIRouter(prefix="/api", tags=["images"])
 
 # Rendered pictures never change for given parameters (stored files are immutable), but
 # they are patient data: the browser may keep them, shared caches may not.
 CACHE_CONTROL = "private, max-age=3600"
 
 
-def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: int) -> LoadedImage:
+def _load(
+    db: Database, settings: Settings, user: AuthUser, study_uid: str, sop_uid: str, size: int
+) -> LoadedImage:
     """The decoded image, good for pictures up to ``size`` px, if the user may see it.
 
-    404 when the user may not, 422 when it cannot be decoded.
+    404 when the user may not, 422 when it cannot be decoded. The read session ends before
+    the decode starts (a slow decode holds no database connection).
     """
-    with request.app.state.db.read_session() as session:
+    with db.read_session() as session:
         _study, instance = visible_instance(session, user, study_uid, sop_uid)
         file_path = instance.file_path
-    settings = request.app.state.settings
     label = image_label(sop_uid)
     try:
         return image_cache(settings.render_cache_images, settings.max_frame_pixels).get(
@@ -64,7 +70,6 @@ def _load(request: Request, user: AuthUser, study_uid: str, sop_uid: str, size: 
 
 @router.get("/studies/{study_uid}/images/{sop_uid}/render")
 def render_image(
-    request: Request,
     study_uid: str,
     sop_uid: str,
     wc: float | None = Query(None, description="window centre, Modality-LUT units"),
@@ -72,12 +77,15 @@ def render_image(
     preset: str | None = Query(None, description=" | ".join(PRESETS)),
     size: int = Query(DEFAULT_SIZE, description="longest side in pixels, clamped to [64, source size]"),
     format: Literal["jpeg", "png"] = Query("jpeg"),  # noqa: A002 - the public query parameter name
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
+    settings: AppSettings,
 ) -> Response:
     """The image as an 8-bit JPEG/PNG; ``size`` is clamped to [64, source size]."""
     started = time.perf_counter()
     size = max(size, MIN_SIZE)
-    image = _load(request, user, study_uid, sop_uid, size)
+    image = _load(db, settings, user, study_uid, sop_uid, size)
     try:
         picture = render(image, wc=wc, ww=ww, preset=preset, size=size, fmt=format)
     except RenderError as exc:
@@ -98,9 +106,7 @@ def render_image(
     return Response(picture.data, media_type=picture.media_type, headers=headers)
 
 
-@router.get("/api/studies/{study_uid}/images/{sop_uid}/windows")
-def image_windows(
-    request: Request, study_uid: str, sop_uid: str, user: AuthUser = Depends(current_user)
-) -> dict[str, Any]:
+@api_router.get("/studies/{study_uid}/images/{sop_uid}/windows", response_model=schemas.ImageWindows)
+def image_windows(study_uid: str, sop_uid: str, user: CurrentUser, db: Db, settings: AppSettings) -> dict[str, Any]:
     """The window presets (``dicom``, ``lung``, ``mediastinum``, ``bone``) in Modality-LUT units."""
-    return windows_info(_load(request, user, study_uid, sop_uid, DEFAULT_SIZE))  # the first view's decode
+    return windows_info(_load(db, settings, user, study_uid, sop_uid, DEFAULT_SIZE))  # the first view's decode

@@ -35,14 +35,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from consult_web.access import can_see_station
-from consult_web.auth import SESSION_COOKIE, current_user
+from consult_web.auth import SESSION_COOKIE
+from consult_web.deps import CurrentUser
 from consult_web.errors import LocalizedError
+from consult_web.permissions import can_see_station
 from xray_triage.events import (
     AnnotationChanged,
     ConsultAnswered,
@@ -300,7 +301,7 @@ async def _stream(request: Request, subscriber: Subscriber, interval: float) -> 
 
 
 @router.get("/events")
-async def events(request: Request, user: AuthUser = Depends(current_user)) -> StreamingResponse:
+async def events(request: Request, user: CurrentUser) -> StreamingResponse:
     hub: LiveHub = request.app.state.live
     session_key = hashlib.sha256(request.cookies.get(SESSION_COOKIE, "").encode()).hexdigest()
     refused = hub.limits.acquire(user.id, session_key)

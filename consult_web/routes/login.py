@@ -11,16 +11,16 @@ import secrets
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from consult_web.audit import audit
-from consult_web.auth import SESSION_COOKIE, client_ip, current_user
+from consult_web.auth import SESSION_COOKIE, client_ip
+from consult_web.deps import AppSettings, CurrentUser, Db
 from consult_web.i18n import LANGUAGES
 from consult_web.templating import LANG_COOKIE, render
 from xray_triage.store.consult_schema import User
 from xray_triage.store.users import (
-    AuthUser,
     UserError,
     check_timezone,
     create_session,
@@ -76,6 +76,9 @@ def login(
     password: str = Form(..., max_length=1024),
     login_csrf: str = Form(""),
     next: str = Form("/worklist"),  # noqa: A002
+    *,
+    db: Db,
+    settings: AppSettings,
 ) -> Response:
     next_url = _safe_next(next)
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
@@ -88,8 +91,6 @@ def login(
         response = _login_page(request, next_url, "login.locked", 429, username)
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
-    db = request.app.state.db
-    settings = request.app.state.settings
     user_id = verify_login(db, username, password)
     with db.session() as session:
         if user_id is None:
@@ -117,8 +118,8 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, user: AuthUser = Depends(current_user)) -> Response:
-    with request.app.state.db.session() as session:
+def logout(request: Request, user: CurrentUser, db: Db) -> Response:
+    with db.session() as session:
         end_session(session, request.cookies.get(SESSION_COOKIE, ""))
         audit(session, user, "logout", request=request)
     response = RedirectResponse("/login", status_code=303)
@@ -131,11 +132,13 @@ def set_language(
     request: Request,
     language: str = Form(...),
     next: str = Form("/worklist"),  # noqa: A002
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
 ) -> Response:
     """Per-user language (stored on the user, so it follows them to any browser)."""
     if language in LANGUAGES:
-        with request.app.state.db.session() as session:
+        with db.session() as session:
             row = session.get(User, user.id)
             if row is not None:
                 row.language = language
@@ -145,7 +148,7 @@ def set_language(
 
 
 @router.get("/settings")
-def settings_page(request: Request, user: AuthUser = Depends(current_user)) -> Response:
+def settings_page(request: Request, _user: CurrentUser) -> Response:
     return render(request, "settings.html", {"saved": request.query_params.get("saved") == "1", "error": ""})
 
 
@@ -153,14 +156,16 @@ def settings_page(request: Request, user: AuthUser = Depends(current_user)) -> R
 def save_settings(
     request: Request,
     timezone: str = Form(..., max_length=64),
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
 ) -> Response:
     """The user's own time zone: every date in the UI is shown in it."""
     try:
         zone_name = check_timezone(timezone.strip())
     except UserError as exc:
         return render(request, "settings.html", {"saved": False, "error": str(exc)}, status_code=400)
-    with request.app.state.db.session() as session:
+    with db.session() as session:
         row = session.get(User, user.id)
         if row is not None:
             row.timezone = zone_name

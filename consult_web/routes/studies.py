@@ -13,19 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from consult_web.access import can_see, visibility_clause, visible_study
+from consult_web.access import visible_study
 from consult_web.audit import audit
-from consult_web.auth import current_user
+from consult_web.deps import AppSettings, CurrentUser, Db, ReadSession
+from consult_web.permissions import can_request, can_see, is_specialist, visibility_clause
 from consult_web.templating import render
 from consult_web.viewer import viewer_context
 from xray_triage.consults import rules as flow
 from xray_triage.store.charset import decoded_text, header_encodings, python_codec
 from xray_triage.store.consult_schema import CONCLUSIONS, URGENCIES, Consult
+from xray_triage.store.db import Database
 from xray_triage.store.dicom_meta import display_name
 from xray_triage.store.queries import instance_reason
 from xray_triage.store.schema import Station, Study
@@ -118,15 +120,14 @@ def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str,
         "open_consult": next((c for c in consults if c.status != "closed"), None),
         "urgencies": URGENCIES,
         "conclusions": CONCLUSIONS,
-        "is_specialist": flow.is_specialist(user),
-        "can_request": flow.can_request(user),
+        "is_specialist": is_specialist(user),
+        "can_request": can_request(user),
     }
 
 
 @router.get("/studies/{study_uid}")
-def study_page(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> HTMLResponse:
-    settings = request.app.state.settings
-    with request.app.state.db.session() as session:
+def study_page(request: Request, study_uid: str, user: CurrentUser, db: Db, settings: AppSettings) -> HTMLResponse:
+    with db.session() as session:
         study = visible_study(session, user, study_uid)
         station = session.scalar(select(Station).where(Station.ae_title == study.station_ae))
         first = next((i for s in study.series for i in s.instances), None)
@@ -145,10 +146,9 @@ def study_page(request: Request, study_uid: str, user: AuthUser = Depends(curren
 
 
 @router.get("/studies/{study_uid}/consult-panel")
-def consult_panel(request: Request, study_uid: str, user: AuthUser = Depends(current_user)) -> HTMLResponse:
-    with request.app.state.db.read_session() as session:
-        study = visible_study(session, user, study_uid)
-        return render(request, "_consult_panel.html", consult_context(session, user, study))
+def consult_panel(request: Request, study_uid: str, user: CurrentUser, session: ReadSession) -> HTMLResponse:
+    study = visible_study(session, user, study_uid)
+    return render(request, "_consult_panel.html", consult_context(session, user, study))
 
 
 def _consult_for(session: Session, user: AuthUser, consult_id: int) -> tuple[Consult, Study]:
@@ -169,9 +169,11 @@ def request_consult(
     study_uid: str,
     question: str = Form(..., max_length=flow.MAX_QUESTION),
     urgency: str = Form("routine"),
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
 ) -> Response:
-    with request.app.state.db.session() as session:
+    with db.session() as session:
         study = visible_study(session, user, study_uid)
         consult = flow.request_consult(session, user, study, question, urgency)
         audit(session, user, "consult.request", study_uid=study_uid, request=request, consult_id=consult.id, urgency=urgency)
@@ -179,10 +181,15 @@ def request_consult(
 
 
 def _act(
-    request: Request, user: AuthUser, consult_id: int, action: str, change: Callable[[Session, Consult], Any]
+    request: Request,
+    db: Database,
+    user: AuthUser,
+    consult_id: int,
+    action: str,
+    change: Callable[[Session, Consult], Any],
 ) -> Response:
     """Apply one consult change and audit it in the same transaction; back to the study."""
-    with request.app.state.db.session() as session:
+    with db.session() as session:
         consult, study = _consult_for(session, user, consult_id)
         detail = change(session, consult) or {}
         audit(session, user, action, study_uid=study.study_instance_uid, request=request, consult_id=consult_id, **detail)
@@ -190,8 +197,8 @@ def _act(
 
 
 @router.post("/consults/{consult_id}/claim")
-def claim_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
-    return _act(request, user, consult_id, "consult.claim", lambda session, c: flow.claim(session, user, c))
+def claim_consult(request: Request, consult_id: int, user: CurrentUser, db: Db) -> Response:
+    return _act(request, db, user, consult_id, "consult.claim", lambda session, c: flow.claim(session, user, c))
 
 
 @router.post("/consults/{consult_id}/messages")
@@ -199,12 +206,14 @@ def reply_consult(
     request: Request,
     consult_id: int,
     body: str = Form(..., max_length=flow.MAX_MESSAGE),
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
 ) -> Response:
     def change(session: Session, consult: Consult) -> dict[str, Any]:
         return {"message_id": flow.reply(session, user, consult, body).id}
 
-    return _act(request, user, consult_id, "consult.reply", change)
+    return _act(request, db, user, consult_id, "consult.reply", change)
 
 
 @router.post("/consults/{consult_id}/conclusion")
@@ -212,15 +221,17 @@ def conclude_consult(
     request: Request,
     consult_id: int,
     conclusion: str = Form(...),
-    user: AuthUser = Depends(current_user),
+    *,
+    user: CurrentUser,
+    db: Db,
 ) -> Response:
     def change(session: Session, consult: Consult) -> dict[str, Any]:
         flow.conclude(session, user, consult, conclusion)
         return {"conclusion": conclusion}
 
-    return _act(request, user, consult_id, "consult.conclude", change)
+    return _act(request, db, user, consult_id, "consult.conclude", change)
 
 
 @router.post("/consults/{consult_id}/close")
-def close_consult(request: Request, consult_id: int, user: AuthUser = Depends(current_user)) -> Response:
-    return _act(request, user, consult_id, "consult.close", lambda session, c: flow.close(session, user, c))
+def close_consult(request: Request, consult_id: int, user: CurrentUser, db: Db) -> Response:
+    return _act(request, db, user, consult_id, "consult.close", lambda session, c: flow.close(session, user, c))

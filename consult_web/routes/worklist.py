@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
-from consult_web.auth import current_user
+from consult_web.deps import AppSettings, CurrentUser, ReadSession
 from consult_web.errors import LocalizedError
+from consult_web.permissions import sees_all_stations
 from consult_web.templating import render
 from consult_web.worklist import NO_CONSULT, WorklistFilters, WorklistPage, known_findings, query_worklist
-from xray_triage.store.consult_schema import CONSULT_STATUSES, ROLE_STATION
+from xray_triage.store.consult_schema import CONSULT_STATUSES
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
 from xray_triage.store.stations import list_stations
-from xray_triage.store.users import AuthUser
 
 router = APIRouter()
 AI_STATUSES = (AI_PENDING, AI_DONE, AI_FAILED, AI_NOT_APPLICABLE)
@@ -48,6 +49,9 @@ def parse_filters(
     )
 
 
+Filters = Annotated[WorklistFilters, Depends(parse_filters)]
+
+
 def page_url(filters: WorklistFilters, page: int, path: str = "/worklist") -> str:
     """A link to another page of the same list: the user's filters are kept."""
     return f"{path}?{urlencode({**filters.as_query(), 'page': page})}"
@@ -65,16 +69,16 @@ def _pager(filters: WorklistFilters, result: WorklistPage) -> dict[str, object]:
 @router.get("/worklist")
 def worklist_page(
     request: Request,
-    user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
-    filters: WorklistFilters = Depends(parse_filters),
+    user: CurrentUser,  # first: a bad filter is then told in the user's language
+    filters: Filters,
+    settings: AppSettings,
+    session: ReadSession,
     page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
-    page_size = request.app.state.settings.worklist_page_size
-    with request.app.state.db.read_session() as session:
-        result = query_worklist(session, user, filters, page=page, page_size=page_size)
-        stations = [] if user.role == ROLE_STATION else list_stations(session)
-        findings = known_findings(session)
-        station_options = [(s.ae_title, s.name) for s in stations]
+    result = query_worklist(session, user, filters, page=page, page_size=settings.worklist_page_size)
+    stations = list_stations(session) if sees_all_stations(user) else []
+    findings = known_findings(session)
+    station_options = [(s.ae_title, s.name) for s in stations]
     return render(
         request,
         "worklist.html",
@@ -93,11 +97,11 @@ def worklist_page(
 @router.get("/worklist/rows")
 def worklist_rows(
     request: Request,
-    user: AuthUser = Depends(current_user),  # first: a bad filter is then told in the user's language
-    filters: WorklistFilters = Depends(parse_filters),
+    user: CurrentUser,  # first: a bad filter is then told in the user's language
+    filters: Filters,
+    settings: AppSettings,
+    session: ReadSession,
     page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
-    page_size = request.app.state.settings.worklist_page_size
-    with request.app.state.db.read_session() as session:
-        result = query_worklist(session, user, filters, page=page, page_size=page_size)
+    result = query_worklist(session, user, filters, page=page, page_size=settings.worklist_page_size)
     return render(request, "_worklist_rows.html", {"rows": result.rows})
