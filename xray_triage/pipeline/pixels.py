@@ -419,9 +419,9 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     if "PixelPaddingValue" not in ds:
         return None
     try:
-        value = int(_first_number(ds.PixelPaddingValue))
+        value = int(_ds_items(ds.PixelPaddingValue)[0])
         limit = ds.get("PixelPaddingRangeLimit")
-        limit = int(_first_number(limit)) if limit is not None else value
+        limit = int(_ds_items(limit)[0]) if limit is not None else value
     except (TypeError, ValueError, IndexError):
         log.warning("ignoring unreadable Pixel Padding Value (0028,0120)")
         return None
@@ -434,12 +434,6 @@ def padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     if not mask.any() or mask.all():
         return None
     return mask
-
-
-def _first_number(value: object) -> object:
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return value[0]  # type: ignore[index]
-    return value
 
 
 # ---- decimal strings ---------------------------------------------------------------------
@@ -470,7 +464,7 @@ def parse_decimal_string(text: str) -> float:
 
 
 def _ds_items(value: object) -> list:
-    """The values of a DS element, whatever pydicom made of it (DSfloat, str, MultiValue)."""
+    """The values of an element, whatever pydicom made of it (a number, str, MultiValue)."""
     if value is None:
         return []
     if isinstance(value, (str, bytes, int, float)):

@@ -39,10 +39,12 @@ from pydicom.dataset import Dataset
 
 from xray_triage.pipeline.pixels import (
     DEFAULT_MAX_FRAME_PIXELS,
+    MONOCHROME,
     PixelError,
     colour_full_scale,
     decode_modality,
     modality_values_to_display,
+    photometric_of,
     read_dicom,
     stored_shape,
     unpadded,
@@ -177,7 +179,7 @@ def load_image(
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds:
             delattr(ds, keyword)  # keep only the header in memory
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    photometric = photometric_of(ds)
     try:
         return _loaded(values, ds, photometric, decoded.inverted, decoded.padding, presets_from)
     except Exception as exc:  # presets on a degenerate image: one clear error, never a crash
@@ -236,7 +238,7 @@ def _dicom_window(ds: Dataset, value_range: tuple[float, float]) -> tuple[Window
     """
     lo, hi = value_range
     minmax = Window(center=(lo + hi) / 2, width=max(hi - lo, 1e-3))
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric_of(ds) not in MONOCHROME:
         top = colour_full_scale(ds)
         return Window(center=top / 2, width=top), "colour"
     try:
