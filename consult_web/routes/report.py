@@ -49,6 +49,16 @@ def _picture(settings: Any, file_path: str, marks: list[dict[str, Any]]) -> str 
         return None
 
 
+def css_string(text: str) -> str:
+    """``text`` as a quoted CSS string (CSS Syntax 4.3.5): for the page footer, which CSS draws.
+
+    Backslash, quote, line breaks and ``<`` are escaped, so a patient name from a DICOM
+    header can neither end the string nor the ``<style>`` element.
+    """
+    escaped = "".join(f"\\{ord(c):x} " if c in '\\"<>\n\r\f' else c for c in text)
+    return f'"{escaped}"'
+
+
 def dicom_date(value: str, language: str) -> str:
     """A DICOM DA (``YYYYMMDD``, PS3.5 6.2) as ``dd/mm/yyyy`` (vi) or ``yyyy-mm-dd`` (en); else as stored."""
     if len(value) != 8 or not value.isdigit():
@@ -89,6 +99,10 @@ def study_report(
             "first_view": first.view_position if first else None,
             "marks": marks,
             "consults": consults,
+            "css_string": css_string,
+            "footer": " · ".join(
+                part for part in (display_name(study.patient_name), study.patient_id, translate(language, "report.title")) if part
+            ),
             "printed_at": utcnow(),
             "printed_by": user.display_name or user.username,
             "app_version": __version__,
