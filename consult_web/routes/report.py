@@ -21,6 +21,7 @@ from sqlalchemy import select
 from consult_web.access import visible_study
 from consult_web.audit import audit
 from consult_web.deps import AppSettings, CurrentUser, Db
+from consult_web.errors import LocalizedError
 from consult_web.i18n import format_datetime, translate
 from consult_web.report import annotated_picture, html_to_pdf
 from consult_web.routes.studies import image_findings
@@ -113,7 +114,11 @@ def study_report(
             {**context, "picture": _picture(settings, first.file_path, marks) if first else None}
         )
         audit(session, user, "study.view", study_uid=study_uid, request=request, report="pdf", lang=language)
-    pdf = html_to_pdf(html)
+    try:
+        pdf = html_to_pdf(html)
+    except (ImportError, OSError) as exc:  # WeasyPrint or the Pango libraries it loads are not installed
+        log.error("cannot make the consult report: %s", exc, extra={"study_uid": study_uid})
+        raise LocalizedError(503, "usererror.report_unavailable") from exc
     log.info(
         "consult report made",
         extra={"study_uid": study_uid, "lang": language, "bytes": len(pdf), "ms": round(1000 * (time.perf_counter() - started))},
