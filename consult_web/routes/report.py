@@ -31,6 +31,7 @@ from xray_triage.consults import rules as flow
 from xray_triage.consults.annotations import annotations_of
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.pipeline.render import image_cache
+from xray_triage.settings import Settings
 from xray_triage.store.dicom_meta import display_name
 from xray_triage.store.schema import Station, utcnow
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def _picture(settings: Any, file_path: str, marks: list[dict[str, Any]]) -> str | None:
+def _picture(settings: Settings, file_path: str, marks: list[dict[str, Any]]) -> str | None:
     """The first image with its marks as a data URI, or None when it cannot be decoded."""
     try:
         image = image_cache(settings.render_cache_images, settings.max_frame_pixels).get(
@@ -81,26 +82,32 @@ def study_report(
     started = time.perf_counter()
     language = lang or request_language(request)
     timezone = request_timezone(request)
+    # The image is decoded with no database session open (as for the viewer's pictures), then
+    # the page is filled and the view audited in one short transaction.
+    with db.read_session() as session:
+        study = visible_study(session, user, study_uid)
+        first = next((i for s in study.series for i in s.instances), None)
+        marks = [m for m in annotations_of(session, study, user) if first and m["instance_uid"] == first.sop_instance_uid]
+        file_path = first.file_path if first else None
+    picture = _picture(settings, file_path, marks) if file_path else None
     with db.session() as session:
         study = visible_study(session, user, study_uid)
         station = session.scalar(select(Station).where(Station.ae_title == study.station_ae))
         images = image_findings(study)
-        first = next((i for s in study.series for i in s.instances), None)
-        marks = [m for m in annotations_of(session, study, user) if first and m["instance_uid"] == first.sop_instance_uid]
-        consults = flow.consults_of(session, study)
         context = {
             "lang": language,
             "t": lambda key, **values: translate(language, key, **values),
             "fmt_dt": lambda value: format_datetime(value, timezone, language),
+            "css_string": css_string,
             "study": study,
             "patient_name": display_name(study.patient_name),
             "study_date": dicom_date(study.study_date, language),
             "station_name": station.name if station else "",
             "images": images,
-            "first_view": first.view_position if first else None,
+            "first_view": images[0]["view"] if images else None,
+            "picture": picture,
             "marks": marks,
-            "consults": consults,
-            "css_string": css_string,
+            "consults": flow.consults_of(session, study),
             "footer": " · ".join(
                 part for part in (display_name(study.patient_name), study.patient_id, translate(language, "report.title")) if part
             ),
@@ -110,9 +117,7 @@ def study_report(
             "model_used": next((i["model_version"] for i in images if i["model_version"]), None)
             or (request.app.state.card.model_version if request.app.state.card is not None else ""),
         }
-        html = environment.get_template("report.html").render(
-            {**context, "picture": _picture(settings, first.file_path, marks) if first else None}
-        )
+        html = environment.get_template("report.html").render(context)
         audit(session, user, "study.view", study_uid=study_uid, request=request, report="pdf", lang=language)
     try:
         pdf = html_to_pdf(html)
