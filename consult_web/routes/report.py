@@ -38,9 +38,11 @@ from xray_triage.store.schema import Station, utcnow
 log = logging.getLogger(__name__)
 router = APIRouter()
 
+MAX_REPORT_IMAGES = 4  # a chest study is one to three views; more would only be scout or repeat images
+
 
 def _picture(settings: Settings, file_path: str, marks: list[dict[str, Any]]) -> str | None:
-    """The first image with its marks as a data URI, or None when it cannot be decoded."""
+    """One image with its marks as a data URI, or None when it cannot be decoded."""
     try:
         image = image_cache(settings.render_cache_images, settings.max_frame_pixels).get(
             Path(settings.data_dir) / file_path, size=1400
@@ -86,10 +88,13 @@ def study_report(
     # the page is filled and the view audited in one short transaction.
     with db.read_session() as session:
         study = visible_study(session, user, study_uid)
-        first = next((i for s in study.series for i in s.instances), None)
-        marks = [m for m in annotations_of(session, study, user) if first and m["instance_uid"] == first.sop_instance_uid]
-        file_path = first.file_path if first else None
-    picture = _picture(settings, file_path, marks) if file_path else None
+        instances = [i for series in study.series for i in series.instances][:MAX_REPORT_IMAGES]
+        all_marks = annotations_of(session, study, user)
+        shown = [(i.sop_instance_uid, i.view_position, i.file_path) for i in instances]
+    figures = []
+    for sop_uid, view, file_path in shown:
+        marks = [m for m in all_marks if m["instance_uid"] == sop_uid]
+        figures.append({"view": view, "marks": marks, "picture": _picture(settings, file_path, marks)})
     with db.session() as session:
         study = visible_study(session, user, study_uid)
         station = session.scalar(select(Station).where(Station.ae_title == study.station_ae))
@@ -104,9 +109,7 @@ def study_report(
             "study_date": dicom_date(study.study_date, language),
             "station_name": station.name if station else "",
             "images": images,
-            "first_view": images[0]["view"] if images else None,
-            "picture": picture,
-            "marks": marks,
+            "figures": figures,
             "consults": flow.consults_of(session, study),
             "footer": " · ".join(
                 part for part in (display_name(study.patient_name), study.patient_id, translate(language, "report.title")) if part
