@@ -55,8 +55,8 @@ def draw_marks(picture: Image.Image, marks: Sequence[dict[str, Any]], source_sha
     out = picture.convert("RGB")
     rows, cols = source_shape
     sx, sy = out.width / max(cols, 1), out.height / max(rows, 1)
-    line = max(2, round(out.width / 400))
-    font = _font(max(14, round(out.width / 45)))
+    line = max(2, round(out.width / 250))  # ~0.4 mm on paper at the report's image sizes
+    font = _font(max(14, round(out.width / 35)))
     draw = ImageDraw.Draw(out)
 
     def label_at(x: float, y: float, text: str, colour: str) -> None:
