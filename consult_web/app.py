@@ -68,6 +68,7 @@ def create_app(
         images,
         live,
         login,
+        report,
         studies,
         worklist,
     )
@@ -93,7 +94,7 @@ def create_app(
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
 
-    for module in (login, worklist, studies, images, admin, live, healthcheck):
+    for module in (login, worklist, studies, report, images, admin, live, healthcheck):
         app.include_router(module.router)
     api_routes = APIRouter()
     for module in (api, images, annotations):

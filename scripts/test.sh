@@ -6,12 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and
-# chromium (the browser tests drive /usr/bin/chromium; no browser is ever downloaded).
-if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -x /usr/bin/chromium ]; then
-  echo "== installing dcmtk and chromium (Debian packages) =="
+# chromium (the browser tests drive /usr/bin/chromium; no browser is ever downloaded),
+# libpango (WeasyPrint renders the consult report PDF with it), poppler-utils (pdftotext and
+# pdftoppm read the report back in the tests) and DejaVu fonts (Vietnamese glyphs).
+if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -x /usr/bin/chromium ] \
+  || ! dpkg -s libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null 2>&1; then
+  echo "== installing dcmtk, chromium, pango and poppler-utils (Debian packages) =="
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk chromium fonts-dejavu-core >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk chromium fonts-dejavu-core \
+    libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
