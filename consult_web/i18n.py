@@ -109,6 +109,14 @@ def format_dicom_date(value: str | None, language: str) -> str:
     return day.strftime(date_pattern(language))
 
 
+def format_dicom_time(value: str | None) -> str:
+    """A DICOM Time (PS3.5 §6.2, TM: ``HHMMSS.FFFFFF``, parts optional) as ``14:49``; other text as it is."""
+    text = (value or "").strip()
+    if len(text) >= 4 and text[:4].isdigit() and int(text[:2]) < 24 and int(text[2:4]) < 60:
+        return f"{text[:2]}:{text[2:4]}"
+    return text
+
+
 def audit_action(action: str, language: str) -> str:
     """An audit action (``study.view``, ``user.add``) as a phrase; unknown actions as stored."""
     return catalog(language).get(f"audit.{action}") or catalog(FALLBACK).get(f"audit.{action}") or action

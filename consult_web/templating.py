@@ -21,6 +21,7 @@ from consult_web.i18n import (
     format_age_sex,
     format_datetime,
     format_dicom_date,
+    format_dicom_time,
     translate,
 )
 from consult_web.permissions import is_admin
@@ -69,6 +70,7 @@ def base_context(request: Request) -> dict[str, Any]:
         "fmt_age": lambda seconds: format_age(seconds, language),
         "fmt_age_sex": lambda age, sex: format_age_sex(age, sex, language),
         "fmt_da": lambda value: format_dicom_date(value, language),
+        "fmt_tm": format_dicom_time,
         "finding": lambda label: finding_name(label, language),
         "audit_action": lambda action: audit_action(action, language),
         "csrf_token": user.csrf_token if user is not None else "",

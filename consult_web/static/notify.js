@@ -49,6 +49,7 @@
 
   if (toggle) {
     showToggle();
+    window.addEventListener("storage", showToggle); // turned on or off in another tab
     toggle.addEventListener("click", function () {
       try { window.localStorage.setItem(KEY, soundOn() ? "off" : "on"); } catch (e) { return; }
       showToggle();

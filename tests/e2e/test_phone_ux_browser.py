@@ -92,7 +92,8 @@ def test_station_phone_sees_the_reply_arrive(browser: Any, launch_server: Any, t
     findings = study.locator("#findings").bounding_box()
     assert consult is not None and findings is not None and consult["y"] < findings["y"]  # the reply before the AI table
     assert "61 tuổi, Nữ" in study.locator(".study-head").inner_text()
-    assert "09/11/2025" in study.locator("#tags").inner_text()  # StudyDate 20251109, in the page's date format
+    tags = study.locator("#tags").inner_text()
+    assert "09/11/2025" in tags and "14:49" in tags  # StudyDate 20251109, StudyTime 144931: the page's formats
     study.click("#sound-toggle")  # sound is off by default; the doctor turns it on
     assert study.locator("#sound-toggle").get_attribute("aria-pressed") == "true"
     study.evaluate("() => { window.xrt.lastBeep = 0; }")

@@ -161,13 +161,14 @@ def test_dicom_age_and_sex_in_the_users_words(language: str, age: str | None, se
 
 
 def test_findings_dates_and_audit_actions_in_the_users_language() -> None:
-    from consult_web.i18n import audit_action, finding_name, format_dicom_date
+    from consult_web.i18n import audit_action, finding_name, format_dicom_date, format_dicom_time
 
     assert finding_name("Effusion", "vi") == "Tràn dịch màng phổi"
     assert finding_name("Pleural_Thickening", "en") == "Pleural thickening"
     assert finding_name("Some_New_Label", "vi") == "Some New Label"  # a label the catalogs do not know
     assert format_dicom_date("20251110", "vi") == "10/11/2025" and format_dicom_date("20251110", "en") == "2025-11-10"
     assert format_dicom_date("2025", "vi") == "2025"
+    assert format_dicom_time("144931.123") == "14:49" and format_dicom_time("1449") == "14:49" and format_dicom_time("99") == "99"
     assert audit_action("study.view", "vi") == "Xem ca chụp" and audit_action("made.up", "vi") == "made.up"
     # one date format per page: the DICOM dates and the stored times agree
     stamp = datetime(2025, 11, 10, 3, 0, tzinfo=UTC)
