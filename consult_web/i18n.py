@@ -47,7 +47,7 @@ def format_datetime(value: datetime | None, timezone: str | None, language: str)
     if value is None:
         return ""
     local = value.astimezone(zone(timezone))
-    return local.strftime("%d/%m/%Y %H:%M") if language == "vi" else local.strftime("%Y-%m-%d %H:%M")
+    return local.strftime(f"{date_pattern(language)} %H:%M")
 
 
 def format_age(seconds: float, language: str) -> str:
@@ -59,3 +59,64 @@ def format_age(seconds: float, language: str) -> str:
     if hours < 48:
         return translate(language, "time.hours_minutes", h=hours, m=minutes)
     return translate(language, "time.days", n=hours // 24)
+
+
+def finding_name(label: str, language: str) -> str:
+    """A model label (``Effusion``, ``Pleural_Thickening``) in the user's language.
+
+    Labels come from the model card, so an unknown one is shown as the card names it
+    (underscores as spaces) rather than hidden.
+    """
+    text = catalog(language).get(f"finding.{label}") or catalog(FALLBACK).get(f"finding.{label}")
+    return text or label.replace("_", " ")
+
+
+def format_patient_age(value: str | None, language: str) -> str:
+    """A DICOM Age String (PS3.5 §6.2, AS: ``nnnD|W|M|Y``) as ``67 tuổi`` / ``67 y``.
+
+    ``067Y`` → ``67 tuổi`` (vi) / ``67 y`` (en); days, weeks and months likewise. A value
+    that is not a valid AS (some modalities write ``67``) is shown as it is.
+    """
+    text = (value or "").strip()
+    if len(text) == 4 and text[:3].isdigit() and text[3] in "DWMY":
+        return translate(language, f"age.{text[3]}", n=int(text[:3]))
+    return text
+
+
+def format_sex(value: str | None, language: str) -> str:
+    """DICOM PatientSex (PS3.3 C.7.1.1: ``M``, ``F``, ``O``) as a word; other values as they are."""
+    text = (value or "").strip().upper()
+    return translate(language, f"sex.{text}") if text in ("M", "F", "O") else (value or "").strip()
+
+
+def format_age_sex(age: str | None, sex: str | None, language: str) -> str:
+    """``67 tuổi, Nam`` / ``67 y, Male``: the parts that are known, comma-separated."""
+    return ", ".join(part for part in (format_patient_age(age, language), format_sex(sex, language)) if part)
+
+
+def date_pattern(language: str) -> str:
+    """The one date format of a page in ``language`` (``format_datetime`` uses the same)."""
+    return "%d/%m/%Y" if language == "vi" else "%Y-%m-%d"
+
+
+def format_dicom_date(value: str | None, language: str) -> str:
+    """A DICOM Date (PS3.5 §6.2, DA: ``YYYYMMDD``) in the page's date format; other text as it is."""
+    text = (value or "").strip()
+    try:
+        day = datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return text
+    return day.strftime(date_pattern(language))
+
+
+def format_dicom_time(value: str | None) -> str:
+    """A DICOM Time (PS3.5 §6.2, TM: ``HHMMSS.FFFFFF``, parts optional) as ``14:49``; other text as it is."""
+    text = (value or "").strip()
+    if len(text) >= 4 and text[:4].isdigit() and int(text[:2]) < 24 and int(text[2:4]) < 60:
+        return f"{text[:2]}:{text[2:4]}"
+    return text
+
+
+def audit_action(action: str, language: str) -> str:
+    """An audit action (``study.view``, ``user.add``) as a phrase; unknown actions as stored."""
+    return catalog(language).get(f"audit.{action}") or catalog(FALLBACK).get(f"audit.{action}") or action

@@ -13,7 +13,17 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from consult_web.i18n import LANGUAGES, format_age, format_datetime, translate
+from consult_web.i18n import (
+    LANGUAGES,
+    audit_action,
+    finding_name,
+    format_age,
+    format_age_sex,
+    format_datetime,
+    format_dicom_date,
+    format_dicom_time,
+    translate,
+)
 from consult_web.permissions import is_admin
 from xray_triage import __version__
 
@@ -58,6 +68,11 @@ def base_context(request: Request) -> dict[str, Any]:
         "t": lambda key, **values: translate(language, key, **values),
         "fmt_dt": lambda value: format_datetime(value, timezone, language),
         "fmt_age": lambda seconds: format_age(seconds, language),
+        "fmt_age_sex": lambda age, sex: format_age_sex(age, sex, language),
+        "fmt_da": lambda value: format_dicom_date(value, language),
+        "fmt_tm": format_dicom_time,
+        "finding": lambda label: finding_name(label, language),
+        "audit_action": lambda action: audit_action(action, language),
         "csrf_token": user.csrf_token if user is not None else "",
         "model_name": card.name if card is not None else "",
         "model_version": card.model_version if card is not None else "",

@@ -57,9 +57,11 @@ def viewer_context(session: Session, user: AuthUser, study: Study, request: Requ
 
 
 def viewer_strings(language: str) -> dict[str, str]:
-    """The ``viewer.*`` strings of ``language`` (English where a key is missing) for the script."""
-    strings = {k: v for k, v in catalog(FALLBACK).items() if k.startswith(I18N_PREFIX)}
-    strings.update({k: v for k, v in catalog(language).items() if k.startswith(I18N_PREFIX)})
+    """The ``viewer.*`` strings (and ``finding.*`` names, for the heatmap list) of ``language``
+    (English where a key is missing) for the script."""
+    prefixes = (I18N_PREFIX, "finding.")
+    strings = {k: v for k, v in catalog(FALLBACK).items() if k.startswith(prefixes)}
+    strings.update({k: v for k, v in catalog(language).items() if k.startswith(prefixes)})
     return strings
 
 

@@ -77,6 +77,7 @@ class WorklistRow:
     consult_status: str | None
     consult_urgency: str | None
     images: int
+    consult_conclusion: str | None = None  # the newest consult's conclusion, once a specialist set one
 
 
 def _latest_consult(column):  # type: ignore[no-untyped-def]
@@ -145,7 +146,8 @@ def query_worklist(
     stmt = _filtered(
         user,
         filters,
-        select(*ROW_COLUMNS, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency")),
+        select(*ROW_COLUMNS, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency"),
+               _latest_consult(Consult.conclusion).label("conclusion")),
         status,
     ).order_by(Study.priority_rank.desc(), rank, Study.received_at.asc(), Study.id.asc())
     found = session.execute(stmt.limit(page_size).offset((page - 1) * page_size)).all()
@@ -173,6 +175,7 @@ def _row(found, extras: RowExtras, names: dict[str, str], now: datetime) -> Work
         consult_status=found.consult_status,
         consult_urgency=found.urgency,
         images=extras.instances,
+        consult_conclusion=found.conclusion,
     )
 
 

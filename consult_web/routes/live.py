@@ -57,6 +57,7 @@ from xray_triage.events import (
     TriageFailed,
 )
 from xray_triage.store import outbox
+from xray_triage.store.consult_schema import CONSULT_ANSWERED
 from xray_triage.store.db import Database
 from xray_triage.store.users import AuthUser
 
@@ -74,9 +75,14 @@ class Change:
     kind: str
     study_uid: str
     station_ae: str
+    answer: bool = False  # a specialist answered (a reply that made the consult "answered", or a conclusion)
 
-    def event(self) -> dict[str, str]:
-        return {"kind": self.kind, "study_uid": self.study_uid}
+    def event(self) -> dict[str, str | bool]:
+        """What the browser gets; ``answer`` only when true (``static/notify.js`` tells the station doctor)."""
+        data: dict[str, str | bool] = {"kind": self.kind, "study_uid": self.study_uid}
+        if self.answer:
+            data["answer"] = True
+        return data
 
 
 # What the browser is told of each event (``static/app.js``, ``study.js`` and ``viewer.js`` read
@@ -100,7 +106,10 @@ def live_change(event: Event) -> Change | None:
         kind: str | None = f"annotation.{event.change}"
     else:
         kind = LIVE_KINDS.get(type(event))
-    return Change(kind, event.study_uid, event.station_ae) if kind else None
+    if not kind:
+        return None
+    answer = isinstance(event, ConsultAnswered) or (isinstance(event, ReplyPosted) and event.status == CONSULT_ANSWERED)
+    return Change(kind, event.study_uid, event.station_ae, answer)
 
 
 class ChangeFeed:

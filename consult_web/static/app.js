@@ -5,6 +5,7 @@
   "use strict";
   var status = document.getElementById("live-status");
   function setState(state) {
+    document.body.dataset.live = state; // "live" once the stream is open (tests wait for it)
     if (!status) return;
     status.dataset.state = state;
     var text = status.dataset["label" + state.charAt(0).toUpperCase() + state.slice(1)];

@@ -337,7 +337,7 @@
     });
     const name = document.createElement("span");
     name.className = "heatmap-name";
-    name.textContent = map.label;
+    name.textContent = (V.i18n || {})["finding." + map.label] || map.label.replace(/_/g, " "); // the user's language
     const numbers = document.createElement("span");
     numbers.className = "muted small";
     numbers.textContent = " " + t("viewer.probability") + " " + pct(map.probability) + " · " +

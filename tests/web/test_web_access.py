@@ -26,7 +26,7 @@ from web_helpers import (
 )
 
 from consult_web.routes.live import ChangeFeed, visible_changes
-from xray_triage.store.consult_schema import AuditEvent
+from xray_triage.store.consult_schema import AuditEvent, Consult
 from xray_triage.store.users import create_api_token, set_disabled, user_for_session
 
 PUBLIC = {"/login", "/healthz", "/login/language/{language}", "/"}
@@ -295,6 +295,19 @@ def test_live_changes_respect_station_visibility(env: WebEnv, shared_dicom: Path
     client, csrf = client_for(env, "st1")
     client.post(f"/studies/{uid1}/consults", data={"question": "?", "urgency": "routine", "csrf_token": csrf})
     assert {"kind": "consult.request", "study_uid": uid1} in [c.event() for c in visible_changes(specialist, feed.poll())]
+    # A specialist's answer (a reply that answers, a conclusion) is marked for the station's notice; its own reply is not.
+    with env.db.session() as session:
+        consult_id = session.query(Consult.id).order_by(Consult.id.desc()).limit(1).scalar()
+    client.post(f"/consults/{consult_id}/messages", data={"body": "thêm: sốt 39", "csrf_token": csrf})
+    assert [c.event() for c in visible_changes(station, feed.poll())] == [{"kind": "consult.reply", "study_uid": uid1}]
+    spec_client, spec_csrf = client_for(env, "spec")
+    spec_client.post(f"/consults/{consult_id}/claim", data={"csrf_token": spec_csrf})
+    spec_client.post(f"/consults/{consult_id}/messages", data={"body": "Tràn dịch", "csrf_token": spec_csrf})
+    spec_client.post(f"/consults/{consult_id}/conclusion", data={"conclusion": "refer_hospital", "csrf_token": spec_csrf})
+    seen = [c.event() for c in visible_changes(station, feed.poll())]
+    assert {"kind": "consult.claim", "study_uid": uid1} in seen
+    assert {"kind": "consult.reply", "study_uid": uid1, "answer": True} in seen
+    assert {"kind": "consult.conclude", "study_uid": uid1, "answer": True} in seen
 
 
 def test_error_pages_are_clear_and_bodies_limited(env: WebEnv) -> None:

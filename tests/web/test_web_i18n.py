@@ -140,3 +140,59 @@ def test_errors_a_user_can_act_on_are_in_their_language(tmp_path: Path) -> None:
     answer = vi_client.get("/api/test-closed")  # JSON: English detail for programs, the user's message for scripts
     assert answer.status_code == 409
     assert answer.json() == {"detail": "This consult is closed.", "message": "Hội chẩn này đã đóng."}
+
+
+@pytest.mark.parametrize(
+    ("language", "age", "sex", "expected"),
+    [
+        ("vi", "067Y", "M", "67 tuổi, Nam"),
+        ("en", "067Y", "M", "67 y, Male"),
+        ("vi", "003M", "F", "3 tháng tuổi, Nữ"),
+        ("en", "010D", "O", "10 d old, Other"),
+        ("vi", "", "F", "Nữ"),
+        ("vi", "67", "", "67"),  # not a DICOM AS: shown as written
+        ("en", None, None, ""),
+    ],
+)
+def test_dicom_age_and_sex_in_the_users_words(language: str, age: str | None, sex: str | None, expected: str) -> None:
+    from consult_web.i18n import format_age_sex
+
+    assert format_age_sex(age, sex, language) == expected
+
+
+def test_findings_dates_and_audit_actions_in_the_users_language() -> None:
+    from consult_web.i18n import audit_action, finding_name, format_dicom_date, format_dicom_time
+
+    assert finding_name("Effusion", "vi") == "Tràn dịch màng phổi"
+    assert finding_name("Pleural_Thickening", "en") == "Pleural thickening"
+    assert finding_name("Some_New_Label", "vi") == "Some New Label"  # a label the catalogs do not know
+    assert format_dicom_date("20251110", "vi") == "10/11/2025" and format_dicom_date("20251110", "en") == "2025-11-10"
+    assert format_dicom_date("2025", "vi") == "2025"
+    assert format_dicom_time("144931.123") == "14:49" and format_dicom_time("1449") == "14:49" and format_dicom_time("99") == "99"
+    assert audit_action("study.view", "vi") == "Xem ca chụp" and audit_action("made.up", "vi") == "made.up"
+    # one date format per page: the DICOM dates and the stored times agree
+    stamp = datetime(2025, 11, 10, 3, 0, tzinfo=UTC)
+    assert format_datetime(stamp, "Asia/Ho_Chi_Minh", "vi").startswith(format_dicom_date("20251110", "vi"))
+
+
+def test_every_label_of_the_shipped_model_and_audit_action_is_translated() -> None:
+    vi = catalog("vi")
+    labels = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+              "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax", "Abnormal"]  # fmt: skip
+    assert all(f"finding.{label}" in vi for label in labels)
+    used = set()
+    for source in (PROJECT_ROOT / "consult_web").rglob("*.py"):
+        used |= set(re.findall(r"""audit\(\s*session,\s*\w+,\s*"([a-z_.]+)\"""", source.read_text(encoding="utf-8")))
+        used |= set(re.findall(r"""_act\([^)]*?"(consult\.[a-z_]+)\"""", source.read_text(encoding="utf-8")))
+    assert {"study.view", "login", "consult.reply", "consult.conclude"} <= used
+    assert not sorted(a for a in used if f"audit.{a}" not in vi)
+
+
+def test_role_names_and_footer_read_for_doctors() -> None:
+    for language in LANGUAGES:
+        strings = catalog(language)
+        footer = strings["footer.demo_model"].lower()
+        assert "readme" not in footer and "operator" not in footer and "plug" not in footer
+    # the role in the top bar is the one the error messages use
+    assert catalog("vi")["role.specialist"].lower() in catalog("vi")["usererror.only_specialist_claims"].lower()
+    assert catalog("vi")["role.station"].lower() in catalog("vi")["usererror.only_station_requests"].lower()
