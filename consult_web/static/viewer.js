@@ -603,7 +603,7 @@
   function showSpacing() {
     const box = $("viewer-spacing");
     if (!box) return;
-    box.textContent = spacingName();
+    box.textContent = state.img.spacing ? t("viewer.spacing_used").replace("{spacing}", spacingName()) : spacingName();
     box.classList.toggle("error", !state.img.spacing);
   }
 
@@ -627,7 +627,7 @@
     group.appendChild(g);
     const readout = $("measure-readout");
     if (readout) {
-      readout.textContent = measureText(a, b) + (state.img.spacing ? " · " + spacingName() : "");
+      readout.textContent = measureText(a, b);
       readout.classList.toggle("error", !state.img.spacing);
     }
   }
@@ -914,7 +914,9 @@
   function fitStage() {
     if (!window.matchMedia("(min-width: 1001px)").matches) { stage.style.height = ""; return; }
     const top = stage.getBoundingClientRect().top + window.scrollY;
-    const room = window.innerHeight - top - 12;
+    const help = document.querySelector("#viewer .viewer-help");
+    const below = help ? help.getBoundingClientRect().height + 6 : 0;
+    const room = window.innerHeight - top - below - 10;
     stage.style.height = Math.max(320, Math.floor(room)) + "px";
     renderShapes();
   }

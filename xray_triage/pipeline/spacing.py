@@ -52,10 +52,7 @@ def _pair(value: Any) -> tuple[float, float] | None:
     if value is None or value == "":
         return None
     try:
-        if isinstance(value, (str, bytes, int, float)):
-            items = [float(value)]
-        else:
-            items = [float(v) for v in value]
+        items = [float(value)] if isinstance(value, (str, bytes, int, float)) else [float(v) for v in value]
     except (TypeError, ValueError):
         return None
     if len(items) == 1:
