@@ -622,7 +622,8 @@
     const g = el("g", { class: "measure" + (state.img.spacing ? "" : " no-spacing") });
     g.appendChild(el("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y }));
     const label = el("text", { x: b.x, y: b.y, "font-size": fontSize(14), dx: fontSize(6) });
-    label.textContent = measureText(a, b);
+    // On the film: the number only ("px" when there is no spacing); the bar above says why.
+    label.textContent = state.img.spacing ? measureText(a, b) : Math.hypot(b.x - a.x, b.y - a.y).toFixed(0) + " px";
     g.appendChild(label);
     group.appendChild(g);
     const readout = $("measure-readout");
