@@ -97,6 +97,17 @@ def test_specialist_study_page_at_1440x900_and_phone(
 
     context = browser.new_context(viewport=WIDE)
     page = _login(context, base, SPECIALIST)
+    # 5: "n" / "p" walk the worklist in the order it was shown.
+    order = [row.get_attribute("data-study-uid") for row in page.locator("#worklist-rows tr[data-study-uid]").all()]
+    assert sorted(order) == sorted(uids), order
+    page.locator(f'tr[data-study-uid="{order[0]}"] a.patient').click()
+    page.wait_for_url(f"{base}/studies/{order[0]}", timeout=WAIT_MS)
+    page.wait_for_selector("#viewer-svg", timeout=WAIT_MS)
+    page.keyboard.press("n")
+    page.wait_for_url(f"{base}/studies/{order[1]}", timeout=WAIT_MS)
+    page.wait_for_selector("#viewer-svg", timeout=WAIT_MS)
+    page.keyboard.press("p")
+    page.wait_for_url(f"{base}/studies/{order[0]}", timeout=WAIT_MS)
     _open_study(page, base, uids[0])
 
     # 4: the whole film is inside the 1440x900 viewport, the findings beside it (not below).
