@@ -597,7 +597,7 @@
     const sp = state.img.spacing;
     if (!sp) return t("viewer.no_spacing");
     if (sp.magnification) return t("viewer.spacing.magnified").replace("{factor}", String(sp.magnification));
-    return t("viewer.spacing." + sp.source);
+    return sp.source === "PixelSpacing" ? t("viewer.spacing.PixelSpacing") : t("viewer.spacing.ImagerPixelSpacing");
   }
 
   function showSpacing() {

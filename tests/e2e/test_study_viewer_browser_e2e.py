@@ -132,6 +132,12 @@ def test_specialist_study_page_at_1440x900_and_phone(
     assert not page.locator("#viewer-shortcuts").is_visible()
     page.keyboard.press("2")
     page.wait_for_selector('button[data-preset="lung"][aria-pressed="true"]', timeout=WAIT_MS)
+    toggles = page.locator("input.heatmap-toggle")
+    if toggles.count():  # the tiny model flags a finding with a heatmap: "h" shows it
+        page.keyboard.press("h")
+        assert toggles.first.is_checked() and page.locator(".heatmap-layer").first.is_visible()
+        page.keyboard.press("h")
+        assert not toggles.first.is_checked()
 
     # 6: millimetres with the spacing named (PixelSpacing 0.2 mm rows, 0.25 mm columns).
     readout = _measure(page)
