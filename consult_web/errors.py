@@ -46,6 +46,7 @@ RULE_ERRORS: dict[str, Callable[..., LocalizedError]] = {
     "consult_claimed": lambda **v: LocalizedError(409, "usererror.consult_claimed", **v),
     "only_specialist_concludes": lambda **v: LocalizedError(403, "usererror.only_specialist_concludes", **v),
     "conclusion_invalid": lambda **v: LocalizedError(400, "usererror.conclusion_invalid", **v),
+    "unanswered_question": lambda **v: LocalizedError(409, "usererror.unanswered_question", **v),
     # annotations (xray_triage/consults/annotations.py)
     "annotation_forbidden": lambda **v: LocalizedError(403, "usererror.annotation_forbidden", **v),
     "annotation_not_author": lambda **v: LocalizedError(403, "usererror.annotation_not_author", **v),

@@ -22,6 +22,7 @@ from consult_web.i18n import FALLBACK, catalog
 from consult_web.templating import request_language
 from xray_triage.consults.annotations import DEFAULT_COLOR, annotations_of, can_annotate
 from xray_triage.pipeline.render import DEFAULT_SIZE, PRESETS
+from xray_triage.pipeline.spacing import pixel_spacing
 from xray_triage.store.schema import Instance, Study
 from xray_triage.store.users import AuthUser
 
@@ -70,9 +71,11 @@ def _q(uid: str) -> str:
 
 
 def _image_entry(study_uid: str, instance: Instance, index: int, data_dir: Path) -> dict[str, Any]:
+    header = _header(data_dir / instance.file_path)
     rows, columns = instance.rows, instance.columns
-    if not rows or not columns:
-        rows, columns = _header_size(data_dir / instance.file_path)
+    if (not rows or not columns) and header is not None:
+        rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    spacing = pixel_spacing(header) if header is not None else None
     base = f"/studies/{_q(study_uid)}/images/{_q(instance.sop_instance_uid)}"
     return {
         "sop_uid": instance.sop_instance_uid,
@@ -85,6 +88,8 @@ def _image_entry(study_uid: str, instance: Instance, index: int, data_dir: Path)
         "first_url": f"{base}/render?size={DEFAULT_SIZE}",
         "windows_url": f"/api{base}/windows",
         "heatmaps": _heatmaps(instance),
+        # mm per pixel for the measure tool (xray_triage.pipeline.spacing), None: no mm shown.
+        "spacing": spacing.as_dict() if spacing is not None else None,
     }
 
 
@@ -111,11 +116,10 @@ def _heatmaps(instance: Instance) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: -e["probability"])
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """Rows and columns from the file header when the database row lacks them (old rows)."""
+def _header(path: Path) -> Any:
+    """The file's header without pixels (size, pixel spacing), or None when it cannot be read."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return int(ds.Rows), int(ds.Columns)
+        return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # the render route reports an unreadable file clearly; the page still shows
-        log.warning("cannot read image size", extra={"file": str(path), "error": str(exc)})
-        return 0, 0
+        log.warning("cannot read image header", extra={"file": str(path), "error": str(exc)})
+        return None

@@ -99,17 +99,37 @@ def image_findings(study: Study) -> list[dict[str, Any]]:
     return images
 
 
-def prior_studies(session: Session, user: AuthUser, study: Study) -> list[Study]:
-    if not study.patient_id:
+def _study_moment(study: Study) -> tuple[str, str]:
+    """When the study was acquired, from DICOM StudyDate/StudyTime (DA ``YYYYMMDD``, TM ``HHMMSS.f``)."""
+    return (study.study_date or "", (study.study_time or "").replace(":", ""))
+
+
+def prior_studies(session: Session, user: AuthUser, study: Study, limit: int = 20) -> list[Study]:
+    """The same patient's EARLIER studies, newest first, by DICOM StudyDate (+ StudyTime).
+
+    A study without a StudyDate (on either side) cannot be placed in time and is left
+    out rather than shown as a prior it may not be. Same date: the time decides; no
+    time on both sides of one day: left out.
+    """
+    if not study.patient_id or not study.study_date:
         return []
-    return list(
-        session.scalars(
-            select(Study)
-            .where(Study.patient_id == study.patient_id, Study.id != study.id, visibility_clause(user))
-            .order_by(Study.received_at.desc())
-            .limit(20)
+    current_date, current_time = _study_moment(study)
+    candidates = session.scalars(
+        select(Study).where(
+            Study.patient_id == study.patient_id,
+            Study.id != study.id,
+            Study.study_date != "",
+            Study.study_date <= current_date,
+            visibility_clause(user),
         )
     )
+    earlier = []
+    for other in candidates:
+        date, time = _study_moment(other)
+        if date < current_date or (date == current_date and time and current_time and time < current_time):
+            earlier.append(other)
+    earlier.sort(key=_study_moment, reverse=True)
+    return earlier[:limit]
 
 
 def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str, Any]:
@@ -122,6 +142,7 @@ def consult_context(session: Session, user: AuthUser, study: Study) -> dict[str,
         "conclusions": CONCLUSIONS,
         "is_specialist": is_specialist(user),
         "can_request": can_request(user),
+        "unanswered": {c.id: flow.unanswered_question(c, user) for c in consults if c.status != "closed"},
     }
 
 
@@ -233,5 +254,20 @@ def conclude_consult(
 
 
 @router.post("/consults/{consult_id}/close")
-def close_consult(request: Request, consult_id: int, user: CurrentUser, db: Db) -> Response:
-    return _act(request, db, user, consult_id, "consult.close", lambda session, c: flow.close(session, user, c))
+def close_consult(
+    request: Request,
+    consult_id: int,
+    acknowledge_unanswered: str = Form(""),
+    *,
+    user: CurrentUser,
+    db: Db,
+) -> Response:
+    """Close; ``acknowledge_unanswered=1`` says the closer knows the other side's question is unanswered."""
+    acknowledged = acknowledge_unanswered == "1"
+
+    def change(session: Session, consult: Consult) -> dict[str, Any]:
+        unanswered = flow.unanswered_question(consult, user)
+        flow.close(session, user, consult, acknowledge_unanswered=acknowledged)
+        return {"unanswered_acknowledged": True} if unanswered else {}
+
+    return _act(request, db, user, consult_id, "consult.close", change)

@@ -26,6 +26,12 @@
     var form = event.target;
     if (!(form instanceof HTMLFormElement)) return;
     event.preventDefault();
+    if (form.dataset.confirm !== undefined) {
+      // Closing asks first; an unanswered question from the other side is named in the question.
+      if (!window.confirm(form.dataset.confirm)) return;
+      var ack = form.querySelector("input[name=acknowledge_unanswered]");
+      if (ack && form.dataset.unanswered === "1") ack.value = "1";
+    }
     var buttons = form.querySelectorAll("button");
     buttons.forEach(function (b) { b.disabled = true; });
     fetch(form.action, {

@@ -30,6 +30,8 @@
     freehand: "viewer.tool.freehand", text: "viewer.tool.text",
   };
   const DRAW_TOOLS = ["rect", "ellipse", "arrow", "freehand", "text"];
+  const PRESET_KEYS = { "1": "dicom", "2": "lung", "3": "mediastinum", "4": "bone" };
+  const TOOL_KEYS = { v: "pan", w: "wl", m: "measure", b: "rect", e: "ellipse", a: "arrow", f: "freehand", t: "text" };
   const MAX_ZOOM = 40;
   const MIN_ZOOM = 0.5;
   const HIRES_STEP = 2048;
@@ -581,6 +583,90 @@
       .catch(() => status(t("viewer.load_error"), true));
   }
 
+  // ---- distance measurement (mm from the file's pixel spacing) -----------------------------
+
+  /* Millimetres of a segment in source pixels, or null when the image has no pixel spacing:
+   * spacing.row_mm is the vertical size of a pixel, column_mm the horizontal one. */
+  function distanceMm(a, b) {
+    const sp = state.img.spacing;
+    if (!sp) return null;
+    return Math.hypot((b.x - a.x) * sp.column_mm, (b.y - a.y) * sp.row_mm);
+  }
+
+  function spacingName() {
+    const sp = state.img.spacing;
+    if (!sp) return t("viewer.no_spacing");
+    if (sp.magnification) return t("viewer.spacing.magnified").replace("{factor}", String(sp.magnification));
+    return sp.source === "PixelSpacing" ? t("viewer.spacing.PixelSpacing") : t("viewer.spacing.ImagerPixelSpacing");
+  }
+
+  function showSpacing() {
+    const box = $("viewer-spacing");
+    if (!box) return;
+    box.textContent = state.img.spacing ? t("viewer.spacing_used").replace("{spacing}", spacingName()) : spacingName();
+    box.classList.toggle("error", !state.img.spacing);
+  }
+
+  function measureText(a, b) {
+    const mm = distanceMm(a, b);
+    if (mm === null) {
+      return t("viewer.measure_px").replace("{px}", Math.hypot(b.x - a.x, b.y - a.y).toFixed(0));
+    }
+    return t("viewer.measure_mm").replace("{mm}", mm.toFixed(1));
+  }
+
+  function drawMeasure(a, b) {
+    const group = $("measure-group");
+    if (!group) return;
+    group.replaceChildren();
+    const g = el("g", { class: "measure" + (state.img.spacing ? "" : " no-spacing") });
+    g.appendChild(el("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y }));
+    const label = el("text", { x: b.x, y: b.y, "font-size": fontSize(14), dx: fontSize(6) });
+    // On the film: the number only ("px" when there is no spacing); the bar above says why.
+    label.textContent = state.img.spacing ? measureText(a, b) : Math.hypot(b.x - a.x, b.y - a.y).toFixed(0) + " px";
+    g.appendChild(label);
+    group.appendChild(g);
+    const readout = $("measure-readout");
+    if (readout) {
+      readout.textContent = measureText(a, b);
+      readout.classList.toggle("error", !state.img.spacing);
+    }
+  }
+
+  function clearMeasure() {
+    const group = $("measure-group");
+    if (group) group.replaceChildren();
+    const readout = $("measure-readout");
+    if (readout) readout.textContent = "";
+  }
+
+  // ---- keyboard shortcuts ----------------------------------------------------------------
+
+  function toggleShortcuts(show) {
+    const box = $("viewer-shortcuts");
+    if (!box) return;
+    box.hidden = show === undefined ? !box.hidden : !show;
+  }
+
+  function toggleHeatmaps() {
+    const boxes = Array.from(document.querySelectorAll("#heatmap-toggles input.heatmap-toggle"));
+    if (!boxes.length) { status(t("viewer.heatmap_none")); return; }
+    const on = !boxes.some((b) => b.checked);
+    boxes.forEach((b) => {
+      if (b.checked !== on) { b.checked = on; b.dispatchEvent(new Event("change")); }
+    });
+  }
+
+  /* Next/previous study in the worklist order the user last saw (static/worklist.js keeps it). */
+  function goStudy(step) {
+    let order = [];
+    try { order = JSON.parse(sessionStorage.getItem("xrt.worklist") || "[]"); } catch (e) { order = []; }
+    const at = order.indexOf(V.study_uid);
+    const next = at < 0 ? null : order[at + step];
+    if (!next) { status(t("viewer.end_of_list")); return; }
+    window.location.href = "/studies/" + encodeURIComponent(next);
+  }
+
   // ---- pointer interaction --------------------------------------------------------------
 
   function setTool(tool) {
@@ -593,6 +679,10 @@
       b.setAttribute("aria-pressed", on ? "true" : "false");
     });
     stage.className = "viewer-stage tool-" + tool;
+    if (tool === "measure") {
+      showSpacing();
+      if (!state.img.spacing) status(t("viewer.no_spacing"), true);
+    }
   }
 
   function onPointerDown(evt) {
@@ -610,6 +700,10 @@
       evt.preventDefault();
       openText(evt, clampToImage(p));
       return;
+    } else if (state.tool === "measure") {
+      const start = clampToImage(p);
+      state.drag = { type: "measure", start: start, end: start };
+      clearMeasure();
     } else if (DRAW_TOOLS.includes(state.tool)) {
       const start = clampToImage(p);
       state.drag = { type: "draw", kind: state.tool, start: start, end: start, points: [[start.x, start.y]] };
@@ -639,6 +733,9 @@
       previewWindow(drag.next);
       const box = $("viewer-window");
       if (box) box.textContent = t("viewer.window_value").replace("{wc}", fmt(drag.next.wc)).replace("{ww}", fmt(drag.next.ww));
+    } else if (drag.type === "measure") {
+      drag.end = clampToImage(toImage(evt));
+      drawMeasure(drag.start, drag.end);
     } else if (drag.type === "draw") {
       const p = clampToImage(toImage(evt));
       drag.end = p;
@@ -763,6 +860,8 @@
     resetView();
     setPreset("dicom");
     loadWindows();
+    clearMeasure();
+    showSpacing();
   }
 
   function wire() {
@@ -798,6 +897,11 @@
     const picker = $("viewer-image-select");
     if (picker) picker.addEventListener("change", () => showImage(Number(picker.value)));
     document.addEventListener("keydown", onKey);
+    const help = $("shortcuts-open");
+    if (help) help.addEventListener("click", () => toggleShortcuts());
+    const helpClose = $("shortcuts-close");
+    if (helpClose) helpClose.addEventListener("click", () => toggleShortcuts(false));
+    window.addEventListener("resize", fitStage);
     window.addEventListener("resize", () => { renderShapes(); scheduleHires(); });
     window.addEventListener("xrt:changed", (evt) => {
       const d = evt.detail || {};
@@ -806,10 +910,37 @@
     imageEl.addEventListener("error", () => showRenderError(imageEl.getAttribute("href")));
   }
 
+  /* The stage fills the window's height below its top edge (at page top), so the whole
+   * film is visible without scrolling on a wide screen; narrow screens keep the CSS height. */
+  function fitStage() {
+    if (!window.matchMedia("(min-width: 1001px)").matches) { stage.style.height = ""; return; }
+    const top = stage.getBoundingClientRect().top + window.scrollY;
+    const help = document.querySelector("#viewer .viewer-help");
+    const below = help ? help.getBoundingClientRect().height + 6 : 0;
+    const room = window.innerHeight - top - below - 10;
+    stage.style.height = Math.max(320, Math.floor(room)) + "px";
+    renderShapes();
+  }
+
   function onKey(evt) {
-    const typing = evt.target instanceof HTMLElement && evt.target.matches("input, textarea, select");
-    if (typing) return;
+    const typing = evt.target instanceof HTMLElement && evt.target.matches("input, textarea, select, button[type=submit]");
+    if (typing || evt.ctrlKey || evt.metaKey || evt.altKey) return;
+    const key = evt.key;
+    let handled = true;
+    if (key === "?") toggleShortcuts();
+    else if (key === "n" || key === "j") goStudy(1);
+    else if (key === "p" || key === "k") goStudy(-1);
+    else if (PRESET_KEYS[key]) setPreset(PRESET_KEYS[key]);
+    else if (key === "+" || key === "=") zoomAt(center(), 1.25);
+    else if (key === "-" || key === "_") zoomAt(center(), 1 / 1.25);
+    else if (key === "0" || key === "r") resetView();
+    else if (key === "h") toggleHeatmaps();
+    else if (TOOL_KEYS[key]) setTool(TOOL_KEYS[key]);
+    else handled = false;
+    if (handled) { evt.preventDefault(); return; }
     if (evt.key === "Escape") {
+      toggleShortcuts(false);
+      clearMeasure();
       state.drag = null;
       draftGroup.replaceChildren();
       cancelText();
@@ -822,6 +953,8 @@
   }
 
   wire();
+  fitStage();
+  showSpacing();
   buildHeatmaps();
   resetView();
   renderList();

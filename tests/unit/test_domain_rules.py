@@ -113,3 +113,46 @@ def test_a_domain_refusal_is_answered_as_its_localized_http_error(tmp_path: Path
     }
     page = client.get("/test-too-long")  # a page: the message in the user's language
     assert page.status_code == 400 and "Câu hỏi dài hơn 4000 ký tự." in page.text
+
+
+def _thread(opener: str, *authors: str) -> Consult:
+    from xray_triage.store.consult_schema import ConsultMessage, User
+
+    consult = Consult(status=CONSULT_REQUESTED, requested_by=User(role=opener))
+    consult.messages = [ConsultMessage(author=User(role=role), body="...") for role in authors]
+    return consult
+
+
+@pytest.mark.parametrize(
+    ("opener", "authors", "closer", "unanswered"),
+    [
+        ("station", (), "specialist", True),  # the station's question, never answered
+        ("station", (), "station", False),  # one's own question: a confirmation only
+        ("station", ("specialist",), "specialist", False),  # answered
+        ("station", ("specialist", "station"), "specialist", True),  # a follow-up question
+        ("station", ("specialist", "station"), "admin", True),  # admins answer as specialists
+        ("specialist", (), "station", True),  # a specialist asked the station
+        ("specialist", ("station",), "station", False),
+        ("specialist", ("station",), "specialist", False),
+    ],
+)  # fmt: skip
+def test_unanswered_question_is_the_other_sides_last_word(
+    opener: str, authors: tuple[str, ...], closer: str, unanswered: bool
+) -> None:
+    consult = _thread(opener, *authors)
+    assert rules.unanswered_question(consult, _user(closer)) is unanswered
+
+
+def test_close_refuses_an_unanswered_question_unless_acknowledged(tmp_path: Path) -> None:
+    db = open_database(Settings(data_dir=tmp_path / "data"))
+    try:
+        with db.session() as session:
+            consult = _thread("station")
+            consult.study_id = 10**6  # no such study: no event to record
+            with pytest.raises(ConsultRuleError) as refused:
+                rules.close(session, _user("specialist"), consult)
+            assert refused.value.code == "unanswered_question" and consult.status == CONSULT_REQUESTED
+            rules.close(session, _user("specialist"), consult, acknowledge_unanswered=True)
+            assert consult.status == CONSULT_CLOSED
+    finally:
+        db.dispose()

@@ -147,7 +147,11 @@ def test_roles(env: WebEnv) -> None:
     assert admin.get("/admin").status_code == 200
     uid = env.study1  # type: ignore[attr-defined]
     form = {"question": "Tràn dịch màng phổi?", "urgency": "urgent"}
-    assert specialist.post(f"/studies/{uid}/consults", data={**form, "csrf_token": spec_csrf}).status_code == 403
+    # A specialist may open a consult on any study it sees (issue 16 item 7); it closes its own freely.
+    other = env.study2  # type: ignore[attr-defined]
+    assert specialist.post(f"/studies/{other}/consults", data={**form, "csrf_token": spec_csrf}).status_code == 200
+    own = specialist.get(f"/api/studies/{other}/consults").json()["consults"][0]["id"]
+    assert specialist.post(f"/consults/{own}/close", data={"csrf_token": spec_csrf}).status_code == 200
     assert station.post(f"/studies/{uid}/consults", data={**form, "csrf_token": station_csrf}).status_code == 200
     cid = re.search(r'data-consult-id="(\d+)"[^>]*data-status="requested"', station.get(f"/studies/{uid}").text)
     assert cid
@@ -155,7 +159,10 @@ def test_roles(env: WebEnv) -> None:
     assert station.post(f"/consults/{consult}/claim", data={"csrf_token": station_csrf}).status_code == 403
     conclusion = {"conclusion": "normal", "csrf_token": station_csrf}
     assert station.post(f"/consults/{consult}/conclusion", data=conclusion).status_code == 403
-    assert specialist.post(f"/consults/{consult}/close", data={"csrf_token": spec_csrf}).status_code == 200
+    # The station's question is unanswered: closing it needs the specialist to say so (item 9).
+    assert specialist.post(f"/consults/{consult}/close", data={"csrf_token": spec_csrf}).status_code == 409
+    acknowledged = {"csrf_token": spec_csrf, "acknowledge_unanswered": "1"}
+    assert specialist.post(f"/consults/{consult}/close", data=acknowledged).status_code == 200
 
 
 def test_consult_lifecycle_and_escaping(env: WebEnv) -> None:

@@ -188,7 +188,7 @@ def test_a_key_the_models_do_not_know_is_an_error_not_a_silent_drop() -> None:
     ("role", "station", "expected"),
     [
         ("station", "STATION1", {"admin": False, "all_stations": False, "specialist": False, "request": True, "own": True, "other": False}),
-        ("specialist", None, {"admin": False, "all_stations": True, "specialist": True, "request": False, "own": True, "other": True}),
+        ("specialist", None, {"admin": False, "all_stations": True, "specialist": True, "request": True, "own": True, "other": True}),
         ("admin", None, {"admin": True, "all_stations": True, "specialist": True, "request": True, "own": True, "other": True}),
     ],
 )  # fmt: skip

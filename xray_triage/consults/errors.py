@@ -45,6 +45,7 @@ class ConsultRuleError(RuleError):
             "consult_claimed",
             "only_specialist_concludes",
             "conclusion_invalid",  # choices
+            "unanswered_question",
         }
     )
 

@@ -4,10 +4,15 @@
 
 * A station user (or an admin) requests a consult on a study of its own station,
   with a clinical question and an urgency; one open consult per study at a time.
+  A specialist may open one on any study too (to ask the station something); it
+  starts claimed by that specialist (in review).
 * A specialist claims it; a specialist's reply or conclusion marks it answered
   (claiming it on the way if nobody had). A station's follow-up question on an
   answered consult puts it back in review.
-* The requesting station, a specialist or an admin closes it.
+* The requesting station, a specialist or an admin closes it. Questions come from the
+  side that opened the consult (station or specialist); when the last entry of the
+  thread is such a question and the closer is on the other side, closing needs an
+  explicit ``acknowledge_unanswered`` (else ``unanswered_question``).
 
 A refusal raises ``ConsultRuleError`` with a stable code (``"consult_closed"``...) and
 the message's values; the web app answers it as a localized HTTP error.
@@ -75,8 +80,27 @@ def is_specialist(user: AuthUser) -> bool:
 
 
 def can_request(user: AuthUser) -> bool:
-    """Station doctors (and admins) request consults."""
-    return user.role in (ROLE_STATION, ROLE_ADMIN)
+    """Station doctors and admins request consults; specialists open one on any study they see."""
+    return user.role in (ROLE_STATION, ROLE_ADMIN, ROLE_SPECIALIST)
+
+
+def side_of(role: str) -> str:
+    """``"station"`` or ``"specialist"`` (admins answer as specialists)."""
+    return "station" if role == ROLE_STATION else "specialist"
+
+
+def unanswered_question(consult: Consult, user: AuthUser) -> bool:
+    """Whether closing ``consult`` as ``user`` would leave the other side's question unanswered.
+
+    The opener's side asks; the other side answers. True when ``user`` is not on the
+    opener's side and the thread's last entry (the opening question or a message) is
+    by the opener's side.
+    """
+    asking = side_of(consult.requested_by.role)
+    if side_of(user.role) == asking:
+        return False
+    last_author = consult.messages[-1].author.role if consult.messages else consult.requested_by.role
+    return side_of(last_author) == asking
 
 
 def open_consult(session: Session, study: Study) -> Consult | None:
@@ -101,7 +125,8 @@ def request_consult(session: Session, user: AuthUser, study: Study, question: st
         requested_by_id=user.id,
         question=_clean_text(question, MAX_QUESTION, "question"),
         urgency=urgency,
-        status=CONSULT_REQUESTED,
+        status=CONSULT_IN_REVIEW if user.role == ROLE_SPECIALIST else CONSULT_REQUESTED,
+        claimed_by_id=user.id if user.role == ROLE_SPECIALIST else None,
     )
     session.add(consult)
     session.flush()
@@ -153,10 +178,16 @@ def conclude(session: Session, user: AuthUser, consult: Consult, conclusion: str
     _record(session, consult, ConsultAnswered, conclusion=conclusion)
 
 
-def close(session: Session, user: AuthUser, consult: Consult) -> None:
-    """Anyone who can see the study (its station, specialists, admins) may close it."""
+def close(session: Session, user: AuthUser, consult: Consult, acknowledge_unanswered: bool = False) -> None:
+    """Anyone who can see the study (its station, specialists, admins) may close it.
+
+    Raises ``unanswered_question`` when the other side's question has no answer yet
+    (``unanswered_question``) unless ``acknowledge_unanswered`` says the closer knows.
+    """
     if consult.status == CONSULT_CLOSED:
         return
+    if unanswered_question(consult, user) and not acknowledge_unanswered:
+        raise ConsultRuleError("unanswered_question")
     consult.status = CONSULT_CLOSED
     consult.updated_at = utcnow()
     _record(session, consult, ConsultClosed)
