@@ -103,10 +103,10 @@ def cmd_studies(args: argparse.Namespace) -> int:
                 study = get_study(session, args.study_uid, urgent)
                 if study is None:
                     raise CliError(f"no study with Study Instance UID {args.study_uid}")
-                _print_json(study) if args.json else _print_study(study)
+                _print_json(study) if args.json else _print_study(study, settings.default_timezone)
             else:
                 studies = list_studies(session, limit=args.limit, urgent_labels=urgent)
-                _print_json(studies) if args.json else _print_study_table(studies)
+                _print_json(studies) if args.json else _print_study_table(studies, settings.default_timezone)
     finally:
         db.dispose()
     return 0
@@ -173,10 +173,21 @@ def _rule_text(study: dict[str, Any]) -> str:
     return "no AI result"
 
 
-def _print_study_table(studies: list[dict[str, Any]]) -> None:
+def _local_time(iso: str | None, tz_name: str) -> str:
+    """An ISO timestamp (UTC, from the store) as local wall-clock time in ``tz_name``: "YYYY-MM-DD HH:MM"."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).astimezone(ZoneInfo(tz_name)).strftime("%Y-%m-%d %H:%M")
+
+
+def _print_study_table(studies: list[dict[str, Any]], tz_name: str) -> None:
     if not studies:
         print("no studies yet")
         return
+    print(f"times in {tz_name} (the default_timezone setting)")
     print(
         f"{'WHY (worklist order)':<34} {'PRIORITY':<9} {'AI':<15} {'RECEIVED':<20} {'STATION':<16} "
         f"{'PATIENT':<28} {'FLAGGED (p>=threshold)':<44} STUDY UID"
@@ -184,16 +195,16 @@ def _print_study_table(studies: list[dict[str, Any]]) -> None:
     for s in studies:
         print(
             f"{WHY_TEXT.get(s['why'], s['why']):<34} {s['priority'] or '-':<9} {s['ai_status']:<15} "
-            f"{s['received_at'][:19]:<20} {s['station']['ae_title']:<16} {s['patient_name'][:28]:<28} "
+            f"{_local_time(s['received_at'], tz_name):<20} {s['station']['ae_title']:<16} {s['patient_name'][:28]:<28} "
             f"{_findings_text(s['findings'])[:44]:<44} {s['study_uid']}"
         )
 
 
-def _print_study(study: dict[str, Any]) -> None:
+def _print_study(study: dict[str, Any], tz_name: str) -> None:
     print(f"Study      {study['study_uid']}")
     print(f"Patient    {study['patient_name']} ({study['patient_id']}), {study['patient_sex']} {study['patient_age']}")
     print(f"Station    {study['station']['ae_title']} {study['station']['name']}")
-    print(f"Received   {study['received_at']}")
+    print(f"Received   {_local_time(study['received_at'], tz_name)} ({tz_name})")
     print(f"AI status  {study['ai_status']}    priority: {study['priority'] or '-'}")
     consult = study["consult_status"] or "none"
     if study["consult_urgency"] and study["consult_status"]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from web_helpers import WebEnv, add_station_row, add_user_row, client_for, make_web_env
@@ -54,8 +56,12 @@ def test_api_and_cli_use_the_same_order_and_why(env: WebEnv, capsys: pytest.Capt
     assert [(names[s["study_uid"]], s["why"]) for s in json.loads(capsys.readouterr().out)] == EXPECTED
     assert main(["studies", "list", *data]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("emergency consult request (open)") and env.uids["emergency_on_normal"] in lines[1]  # type: ignore[attr-defined]
-    assert lines[2].startswith("urgent consult request (open)")
+    assert lines[0] == "times in Asia/Ho_Chi_Minh (the default_timezone setting)"
+    first = lines[2]
+    assert first.startswith("emergency consult request (open)") and env.uids["emergency_on_normal"] in first  # type: ignore[attr-defined]
+    assert lines[3].startswith("urgent consult request (open)")
+    received = datetime.fromisoformat(studies[0]["received_at"]).astimezone(ZoneInfo("Asia/Ho_Chi_Minh"))
+    assert received.strftime("%Y-%m-%d %H:%M") in first  # the server's zone, not UTC
 
 
 def test_findings_are_the_flagged_ones_with_threshold_and_urgent_mark(
@@ -74,6 +80,7 @@ def test_findings_are_the_flagged_ones_with_threshold_and_urgent_mark(
     assert main(["studies", "show", uid, "--data-dir", str(env.data_dir)]) == 0
     out = capsys.readouterr().out
     assert "Why        AI: urgent finding" in out
+    assert re.search(r"^Received   \d{4}-\d\d-\d\d \d\d:\d\d \(Asia/Ho_Chi_Minh\)$", out, re.M)
     assert "Rule       urgent: flagged urgent finding(s) Effusion" in out
     assert "  - Effusion: 0.530 >= threshold 0.110  (urgent finding)" in out
     assert "  - Abnormal: 0.800 >= threshold 0.700\n" in out
