@@ -92,7 +92,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
     from xray_triage.store.queries import get_study, list_studies
 
-    settings = _settings(args)
+    settings = _settings(args, model_dir=getattr(args, "model", None))
     db = open_database(settings)
     if args.studies_cmd == "redecode-text":
         return _redecode_text(db, settings, dry_run=args.dry_run)
@@ -359,12 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     studies = sub.add_parser("studies", help="read studies and their AI results")
     sd_sub = studies.add_subparsers(dest="studies_cmd", required=True, metavar="ACTION")
-    sd_ls = sd_sub.add_parser("list", parents=[common], help="studies, most urgent first")
+    card_help = "model directory or card whose urgent labels mark findings (default: model_dir, as serve)"
+    sd_ls = sd_sub.add_parser("list", parents=[common], help="studies in the worklist order, with why")
     sd_ls.add_argument("--json", action="store_true")
     sd_ls.add_argument("--limit", type=int, default=200)
-    sd_show = sd_sub.add_parser("show", parents=[common], help="one study with every image's result")
+    sd_ls.add_argument("--model", type=Path, help=card_help)
+    sd_show = sd_sub.add_parser("show", parents=[common], help="one study: why, flagged findings, every image")
     sd_show.add_argument("study_uid", metavar="STUDY_UID")
     sd_show.add_argument("--json", action="store_true")
+    sd_show.add_argument("--model", type=Path, help=card_help)
     sd_re = sd_sub.add_parser(
         "redecode-text",
         parents=[common],
