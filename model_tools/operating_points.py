@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from model_tools.card_toml import write_card
+from model_tools.train import CARD_COMMENTS
 from xray_triage.evaluation.evaluate import LabelledImage, normalise_label, predict_set, read_labelled_set
 from xray_triage.evaluation.metrics import auroc, sens_spec, specificity_threshold
 from xray_triage.inference.card import ModelCard, load_card
@@ -161,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = np.mean([score(p, variant_rules).priority == b for p, b in zip(variant_p, base_priorities, strict=True)])
             tables["variant"]["accuracy"]["priority_agreement"] = float(agree)
             print(f"{name}: priority agreement with fp32 on DEV {agree:.3f}")
-        comments["thresholds"] = (
-            "Per-label operating points, chosen on the patient-disjoint validation split of TRAIN (never on DEV):\n"
-            f"the urgent labels at specificity >= {args.target_specificity} (alarm fatigue), the others by maximising "
-            "Youden's J;\nsee [threshold_selection] (model_tools/operating_points.py)."
-        )
+        comments["thresholds"] = CARD_COMMENTS["thresholds"]
         write_card(path, tables, header=header, comments=comments, digits=DIGITS)
         print(f"wrote {path}")
     return 0
