@@ -52,6 +52,11 @@ async def get_card(request: Request) -> ModelCard | None:
     return request.app.state.card
 
 
+def urgent_labels(card: ModelCard | None) -> tuple[str, ...]:
+    """The card's labels that make a study urgent (none known without a card)."""
+    return tuple(card.triage.urgent_labels) if card is not None else ()
+
+
 Db = Annotated[Database, Depends(get_db)]
 
 

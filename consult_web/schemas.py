@@ -24,10 +24,13 @@ class ApiModel(BaseModel):
 
 
 class Finding(ApiModel):
-    """A flagged label and its highest probability over the study's images."""
+    """A flagged label: its highest probability over the study's images, the threshold it
+    crossed there, and whether it is one of the model card's urgent labels."""
 
     label: str
     probability: float
+    threshold: float
+    urgent: bool
 
 
 class StationRef(ApiModel):
@@ -56,6 +59,9 @@ class StudySummary(ApiModel):
     priority: str | None
     findings: list[Finding]
     instances: int
+    consult_status: str | None
+    consult_urgency: str | None
+    why: str  # tier in the worklist order: xray_triage.store.worklist_order.TIERS
 
 
 class StudyPage(ApiModel):

@@ -1,28 +1,30 @@
 """The specialists' worklist: which studies, in which order, with what on each row.
 
-Order: AI priority (urgent, abnormal, normal, not yet known), then consult status
-(requested, in review, answered, no consult, closed), then arrival time, the
-longest-waiting first. Filters: station, consult status, AI status, arrival
-date (in the user's time zone) and flagged finding, all in SQL, so the list is
-paged (``worklist_page_size`` rows) and a page loads only what its rows show.
+Order: ``xray_triage.store.worklist_order`` (the one definition, shared with
+``/api/studies`` and ``studies list``): open emergency consults, open urgent
+requests, AI-urgent, then the rest by AI priority; each row says why (``why``).
+Filters: station, consult status, AI status, arrival date (in the user's time
+zone) and flagged finding, all in SQL, so the list is paged (``worklist_page_size`` rows) and a page loads only what its rows show.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from consult_web.i18n import zone
 from consult_web.permissions import visibility_clause
-from xray_triage.store.consult_schema import CONSULT_STATUS_RANK, CONSULT_STATUSES, Consult
+from xray_triage.store.consult_schema import CONSULT_STATUSES, Consult
 from xray_triage.store.dicom_meta import display_name
 from xray_triage.store.queries import RowExtras, flagged_clause, row_extras, station_names
 from xray_triage.store.schema import Study, TriageResult, utcnow
 from xray_triage.store.users import AuthUser
+from xray_triage.store.worklist_order import consult_columns, latest_consult, order_by, why
 
 NO_CONSULT = "none"
 ROW_COLUMNS = (  # what a row shows of the study itself: no series, images or results are loaded
@@ -77,12 +79,8 @@ class WorklistRow:
     consult_status: str | None
     consult_urgency: str | None
     images: int
+    why: str  # the row's tier in the worklist order (worklist_order.TIERS)
     consult_conclusion: str | None = None  # the newest consult's conclusion, once a specialist set one
-
-
-def _latest_consult(column):  # type: ignore[no-untyped-def]
-    """A column of the study's newest consult, as a correlated subquery (NULL: no consult)."""
-    return select(column).where(Consult.study_id == Study.id).order_by(Consult.id.desc()).limit(1).scalar_subquery()
 
 
 def _day_start(day: date, tz_name: str) -> datetime:
@@ -132,26 +130,31 @@ def _filtered(user: AuthUser, filters: WorklistFilters, stmt, status):  # type: 
 
 
 def query_worklist(
-    session: Session, user: AuthUser, filters: WorklistFilters, *, page: int = 1, page_size: int = 50
+    session: Session,
+    user: AuthUser,
+    filters: WorklistFilters,
+    *,
+    page: int = 1,
+    page_size: int = 50,
+    urgent_labels: Collection[str] = (),
 ) -> WorklistPage:
-    """Page ``page`` (from 1; past the last page gives the last) of ``page_size`` rows in worklist order."""
-    status = _latest_consult(Consult.status)
+    """Page ``page`` (from 1; past the last page gives the last) of ``page_size`` rows in worklist order.
+
+    ``urgent_labels`` (the model card's) mark the findings that made a study urgent.
+    """
+    status, urgency = consult_columns()
     total = session.scalar(_filtered(user, filters, select(func.count(Study.id)), status)) or 0
     pages = max(1, -(-total // page_size))
     page = min(max(page, 1), pages)
-    rank = case(
-        *[(status == name, CONSULT_STATUS_RANK[name]) for name in CONSULT_STATUSES],
-        else_=CONSULT_STATUS_RANK[None],
-    )
     stmt = _filtered(
         user,
         filters,
-        select(*ROW_COLUMNS, status.label("consult_status"), _latest_consult(Consult.urgency).label("urgency"),
-               _latest_consult(Consult.conclusion).label("conclusion")),
+        select(*ROW_COLUMNS, status.label("consult_status"), urgency.label("urgency"),
+               latest_consult(Consult.conclusion).label("conclusion")),
         status,
-    ).order_by(Study.priority_rank.desc(), rank, Study.received_at.asc(), Study.id.asc())
+    ).order_by(*order_by(status, urgency))
     found = session.execute(stmt.limit(page_size).offset((page - 1) * page_size)).all()
-    extras = row_extras(session, [r.id for r in found])
+    extras = row_extras(session, [r.id for r in found], urgent_labels)
     names = station_names(session)
     now = utcnow()
     rows = [_row(r, extras.get(r.id, RowExtras([], 0)), names, now) for r in found]
@@ -176,6 +179,7 @@ def _row(found, extras: RowExtras, names: dict[str, str], now: datetime) -> Work
         consult_urgency=found.urgency,
         images=extras.instances,
         consult_conclusion=found.conclusion,
+        why=why(found.priority, found.consult_status, found.urgency),
     )
 
 

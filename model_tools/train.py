@@ -624,7 +624,8 @@ CARD_DIGITS = 6  # floats in the card: 6 decimals
 
 CARD_COMMENTS = {
     "thresholds": "Per-label operating points, chosen on the patient-disjoint validation split of TRAIN\n"
-    "(never on DEV) by maximising Youden's J; see [threshold_selection].",
+    "(never on DEV); the rule of each label (Youden's J, or a target specificity for the urgent labels\n"
+    "set by model_tools/operating_points.py) is in [threshold_selection].",
     "triage": "abnormal_threshold = thresholds.Abnormal. Urgent labels: see [triage_notes].",
     "evaluation": "Computed by models/train.py from the exported model.onnx run through\n"
     "xray_triage.inference.runner.ModelRunner (onnxruntime, CPU), metrics from xray_triage/evaluation/metrics.py.",

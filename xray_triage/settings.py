@@ -42,6 +42,9 @@ def shipped_model_dir() -> Path:
 DEFAULT_MODEL_DIR = shipped_model_dir()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XRAY_TRIAGE_", extra="forbid", validate_default=True)
 
@@ -171,8 +174,16 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(3, ge=1)
 
     # Logging
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field("text", pattern="^(text|json)$")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_ok(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("ae_title")
     @classmethod
@@ -234,6 +245,8 @@ class SettingsError(ValueError):
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from a TOML file (optional), the environment and CLI overrides."""
+    import tomllib
+
     from pydantic import ValidationError
 
     config_file = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
@@ -245,6 +258,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         return settings_cls(**overrides)
+    except tomllib.TOMLDecodeError as exc:  # one line naming the file and the place, not a traceback
+        raise SettingsError(f"{config_file}: not valid TOML: {exc}") from exc
     except ValidationError as exc:
         where = str(config_file) if config_file else "environment"
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

@@ -92,20 +92,21 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
     from xray_triage.store.queries import get_study, list_studies
 
-    settings = _settings(args)
+    settings = _settings(args, model_dir=getattr(args, "model", None))
     db = open_database(settings)
     if args.studies_cmd == "redecode-text":
         return _redecode_text(db, settings, dry_run=args.dry_run)
     try:
         with db.session() as session:
+            urgent = _urgent_labels(settings)
             if args.studies_cmd == "show":
-                study = get_study(session, args.study_uid)
+                study = get_study(session, args.study_uid, urgent)
                 if study is None:
                     raise CliError(f"no study with Study Instance UID {args.study_uid}")
-                _print_json(study) if args.json else _print_study(study)
+                _print_json(study) if args.json else _print_study(study, settings.default_timezone)
             else:
-                studies = list_studies(session, limit=args.limit)
-                _print_json(studies) if args.json else _print_study_table(studies)
+                studies = list_studies(session, limit=args.limit, urgent_labels=urgent)
+                _print_json(studies) if args.json else _print_study_table(studies, settings.default_timezone)
     finally:
         db.dispose()
     return 0
@@ -126,30 +127,95 @@ def _redecode_text(db: Any, settings: Settings, *, dry_run: bool) -> int:
     return 0
 
 
+def _urgent_labels(settings: Settings) -> tuple[str, ...]:
+    """The configured model card's urgent labels (a TOML read; none when the card cannot be read)."""
+    from xray_triage.inference.card import ModelCardError, load_card
+
+    try:
+        return tuple(load_card(settings.model_dir, verify_sha256=False, variant=settings.model_variant).triage.urgent_labels)
+    except (ModelCardError, OSError) as exc:
+        log.warning("model card unreadable (%s): urgent findings are not marked", exc)
+        return ()
+
+
+WHY_TEXT = {  # xray_triage.store.worklist_order.TIERS
+    "emergency_consult": "emergency consult request (open)",
+    "urgent_consult": "urgent consult request (open)",
+    "ai_urgent": "AI: urgent finding",
+    "ai_abnormal": "AI: abnormal",
+    "ai_normal": "AI: normal",
+    "ai_none": "no AI result yet",
+}
+
+
+def _finding_text(f: dict[str, Any]) -> str:
+    mark = " URGENT" if f["urgent"] else ""
+    return f"{f['label']} {f['probability']:.2f}>={f['threshold']:.2f}{mark}"
+
+
 def _findings_text(findings: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{f['label']} {f['probability']:.2f}" for f in findings[:3]) or "-"
+    """The flagged findings (the ones over their threshold), not the highest probabilities."""
+    return ", ".join(_finding_text(f) for f in findings) or "-"
 
 
-def _print_study_table(studies: list[dict[str, Any]]) -> None:
+def _rule_text(study: dict[str, Any]) -> str:
+    """Which triage rule gave the study its AI priority (``triage/scoring.py``)."""
+    findings, priority = study["findings"], study["priority"]
+    urgent = [f["label"] for f in findings if f["urgent"]]
+    if priority == "urgent":
+        return f"urgent: flagged urgent finding(s) {', '.join(urgent) or ', '.join(f['label'] for f in findings)}"
+    if priority == "abnormal":
+        if findings:
+            return f"abnormal: flagged finding(s) {', '.join(f['label'] for f in findings)}"
+        return "abnormal: abnormal_score at or above the card's abnormal_threshold"
+    if priority == "normal":
+        return "normal: no finding at or above its threshold"
+    return "no AI result"
+
+
+def _local_time(iso: str | None, tz_name: str) -> str:
+    """An ISO timestamp (UTC, from the store) as local wall-clock time in ``tz_name``: "YYYY-MM-DD HH:MM"."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).astimezone(ZoneInfo(tz_name)).strftime("%Y-%m-%d %H:%M")
+
+
+def _print_study_table(studies: list[dict[str, Any]], tz_name: str) -> None:
     if not studies:
         print("no studies yet")
         return
-    print(f"{'PRIORITY':<9} {'AI':<15} {'RECEIVED':<20} {'STATION':<16} {'PATIENT':<28} {'FINDINGS':<32} STUDY UID")
+    print(f"times in {tz_name} (the default_timezone setting)")
+    print(
+        f"{'WHY (worklist order)':<34} {'PRIORITY':<9} {'AI':<15} {'RECEIVED':<20} {'STATION':<16} "
+        f"{'PATIENT':<28} {'FLAGGED (p>=threshold)':<44} STUDY UID"
+    )
     for s in studies:
         print(
-            f"{s['priority'] or '-':<9} {s['ai_status']:<15} {s['received_at'][:19]:<20} "
-            f"{s['station']['ae_title']:<16} {s['patient_name'][:28]:<28} {_findings_text(s['findings'])[:32]:<32} "
-            f"{s['study_uid']}"
+            f"{WHY_TEXT.get(s['why'], s['why']):<34} {s['priority'] or '-':<9} {s['ai_status']:<15} "
+            f"{_local_time(s['received_at'], tz_name):<20} {s['station']['ae_title']:<16} {s['patient_name'][:28]:<28} "
+            f"{_findings_text(s['findings'])[:44]:<44} {s['study_uid']}"
         )
 
 
-def _print_study(study: dict[str, Any]) -> None:
+def _print_study(study: dict[str, Any], tz_name: str) -> None:
     print(f"Study      {study['study_uid']}")
     print(f"Patient    {study['patient_name']} ({study['patient_id']}), {study['patient_sex']} {study['patient_age']}")
     print(f"Station    {study['station']['ae_title']} {study['station']['name']}")
-    print(f"Received   {study['received_at']}")
+    print(f"Received   {_local_time(study['received_at'], tz_name)} ({tz_name})")
     print(f"AI status  {study['ai_status']}    priority: {study['priority'] or '-'}")
-    print(f"Findings   {_findings_text(study['findings'])}")
+    consult = study["consult_status"] or "none"
+    if study["consult_urgency"] and study["consult_status"]:
+        consult += f" ({study['consult_urgency']})"
+    print(f"Consult    {consult}")
+    print(f"Why        {WHY_TEXT.get(study['why'], study['why'])}")
+    print(f"Rule       {_rule_text(study)}")
+    print("Flagged    " + ("none" if not study["findings"] else ""))
+    for f in study["findings"]:
+        mark = "  (urgent finding)" if f["urgent"] else ""
+        print(f"  - {f['label']}: {f['probability']:.3f} >= threshold {f['threshold']:.3f}{mark}")
     for image in study["images"]:
         print(f"- {image['sop_instance_uid']}  {image['modality']} {image['view_position']}  ai={image['ai_status']}")
         if image["ai_error"]:
@@ -293,12 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     studies = sub.add_parser("studies", help="read studies and their AI results")
     sd_sub = studies.add_subparsers(dest="studies_cmd", required=True, metavar="ACTION")
-    sd_ls = sd_sub.add_parser("list", parents=[common], help="studies, most urgent first")
+    card_help = "model directory or card whose urgent labels mark findings (default: model_dir, as serve)"
+    sd_ls = sd_sub.add_parser("list", parents=[common], help="studies in the worklist order, with why")
     sd_ls.add_argument("--json", action="store_true")
     sd_ls.add_argument("--limit", type=int, default=200)
-    sd_show = sd_sub.add_parser("show", parents=[common], help="one study with every image's result")
+    sd_ls.add_argument("--model", type=Path, help=card_help)
+    sd_show = sd_sub.add_parser("show", parents=[common], help="one study: why, flagged findings, every image")
     sd_show.add_argument("study_uid", metavar="STUDY_UID")
     sd_show.add_argument("--json", action="store_true")
+    sd_show.add_argument("--model", type=Path, help=card_help)
     sd_re = sd_sub.add_parser(
         "redecode-text",
         parents=[common],

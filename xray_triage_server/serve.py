@@ -15,8 +15,10 @@ the database for the next start.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from xray_triage.store.files import clean_incoming, quarantined_files, remove_fi
 from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
+from xray_triage_server.cli_error import CliError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,39 @@ def gateway_config(settings: Settings) -> GatewayConfig:
     )
 
 
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound before anything else starts.
+
+    Binding first means a port in use stops start-up with one clear line (``CliError``)
+    before the DICOM gateway listens: a gateway that accepts images while the web app
+    is down would acknowledge studies nobody can read. uvicorn serves on this socket.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CliError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CliError(f"cannot listen for HTTP on {host}:{port}: {reason} (set http_port or --http-port)") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_server(settings: Settings) -> int:
+
+    http_socket = bind_http(settings.http_host, settings.http_port)  # first: a busy port starts nothing
+    try:
+        return _run(settings, http_socket)
+    finally:
+        http_socket.close()
+
+
+def _run(settings: Settings, http_socket: socket.socket) -> int:
     import uvicorn
 
     card = load_card(settings.model_dir, variant=settings.model_variant)  # sha256 checked: a bad model stops start-up
@@ -201,7 +236,14 @@ def run_server(settings: Settings) -> int:
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
     try:
-        gateway.start()
+        try:
+            gateway.start()
+        except OSError as exc:
+            reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise CliError(
+                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}: {reason} "
+                "(set dicom_port or --dicom-port)"
+            ) from exc
         health["dicom_gateway"] = "ok"
         app = create_app(db, card, health, settings, storage=storage)
         config = uvicorn.Config(
@@ -215,8 +257,9 @@ def run_server(settings: Settings) -> int:
         server = uvicorn.Server(config)
         app.state.stopping = lambda: server.should_exit  # live-update streams end when shutdown starts
         _install_quiet_signal_handlers(stop_requested)
-        log.info("HTTP app listening", extra={"host": settings.http_host, "port": settings.http_port})
-        server.run()
+        port = http_socket.getsockname()[1]
+        log.info("HTTP app listening", extra={"host": settings.http_host, "port": port})
+        server.run(sockets=[http_socket])
         if not server.started:
             log.error("HTTP app could not start (is the port free?)", extra={"port": settings.http_port})
             return 1

@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from consult_web import schemas
 from consult_web.access import visible_study
 from consult_web.audit import audit
-from consult_web.deps import AppSettings, CurrentUser, ReadSession, WriteSession
+from consult_web.deps import AppSettings, Card, CurrentUser, ReadSession, WriteSession, urgent_labels
 from consult_web.permissions import visibility_clause
 from xray_triage import __version__
 from xray_triage.consults import rules as flow
@@ -34,10 +34,14 @@ def api_studies(
     user: CurrentUser,
     settings: AppSettings,
     session: ReadSession,
+    card: Card,
     limit: int | None = Query(None, ge=1, le=500),
     offset: int = Query(0, ge=0),
 ) -> dict[str, Any]:
-    """One page of the studies the user may see, most urgent first, then newest (as ``studies list``).
+    """One page of the studies the user may see, in the worklist order (as ``studies list``).
+
+    Each study's ``why`` names its tier (README "Worklist order"); ``findings`` are the
+    flagged ones, each with the threshold it crossed and whether it is an urgent label.
 
     ``limit`` (default ``worklist_page_size``, at most 500) studies from ``offset``. The answer
     gives ``total`` (studies visible) and ``next_offset`` (null on the last page): fetch again
@@ -45,7 +49,7 @@ def api_studies(
     """
     limit = limit or settings.worklist_page_size
     where = visibility_clause(user)
-    studies = list_studies(session, limit=limit, offset=offset, where=where)
+    studies = list_studies(session, limit=limit, offset=offset, where=where, urgent_labels=urgent_labels(card))
     total = count_studies(session, where)
     next_offset = offset + len(studies) if offset + len(studies) < total else None
     return {
@@ -59,10 +63,12 @@ def api_studies(
 
 
 @api_router.get("/studies/{study_uid}", response_model=schemas.StudyDetail)
-def api_study(request: Request, study_uid: str, user: CurrentUser, session: WriteSession) -> dict[str, Any]:
+def api_study(
+    request: Request, study_uid: str, user: CurrentUser, session: WriteSession, card: Card
+) -> dict[str, Any]:
     """The study with every image and its AI result (the view is audited)."""
     visible_study(session, user, study_uid)
-    study = get_study(session, study_uid)
+    study = get_study(session, study_uid, urgent_labels(card))
     audit(session, user, "study.view", study_uid=study_uid, request=request, via="api")
     assert study is not None
     study["disclaimer"] = request.app.state.disclaimer

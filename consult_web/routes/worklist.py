@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
-from consult_web.deps import AppSettings, CurrentUser, ReadSession
+from consult_web.deps import AppSettings, Card, CurrentUser, ReadSession, urgent_labels
 from consult_web.errors import LocalizedError
 from consult_web.permissions import sees_all_stations
 from consult_web.templating import render
@@ -73,9 +73,12 @@ def worklist_page(
     filters: Filters,
     settings: AppSettings,
     session: ReadSession,
+    card: Card,
     page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
-    result = query_worklist(session, user, filters, page=page, page_size=settings.worklist_page_size)
+    result = query_worklist(
+        session, user, filters, page=page, page_size=settings.worklist_page_size, urgent_labels=urgent_labels(card)
+    )
     stations = list_stations(session) if sees_all_stations(user) else []
     findings = known_findings(session)
     station_options = [(s.ae_title, s.name) for s in stations]
@@ -101,7 +104,10 @@ def worklist_rows(
     filters: Filters,
     settings: AppSettings,
     session: ReadSession,
+    card: Card,
     page: int = Query(1, ge=1, le=1_000_000),
 ) -> HTMLResponse:
-    result = query_worklist(session, user, filters, page=page, page_size=settings.worklist_page_size)
+    result = query_worklist(
+        session, user, filters, page=page, page_size=settings.worklist_page_size, urgent_labels=urgent_labels(card)
+    )
     return render(request, "_worklist_rows.html", {"rows": result.rows})

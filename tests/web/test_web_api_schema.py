@@ -31,6 +31,7 @@ from web_helpers import (
 )
 
 from consult_web import permissions, schemas
+from consult_web.deps import urgent_labels
 from xray_triage.consults.annotations import annotations_of
 from xray_triage.pipeline.render import DEFAULT_SIZE, image_cache, windows_info
 from xray_triage.store.queries import get_study, list_studies
@@ -145,8 +146,9 @@ def test_api_answers_are_their_sources_json_byte_for_byte(env: WebEnv) -> None:
     spec = _auth(env, "spec")
     uid, sop = env.study1, env.sop1  # type: ignore[attr-defined]
     with env.db.read_session() as session:
-        studies = list_studies(session, limit=50)
-        detail = get_study(session, uid)
+        urgent = urgent_labels(env.app.state.card)
+        studies = list_studies(session, limit=50, urgent_labels=urgent)
+        detail = get_study(session, uid, urgent)
         study = session.query(Study).filter(Study.study_instance_uid == uid).one()
         marks = annotations_of(session, study, spec)
         file_path = session.query(Instance).filter(Instance.sop_instance_uid == sop).one().file_path
@@ -178,7 +180,7 @@ def test_consults_answer_keeps_its_shape(env: WebEnv) -> None:
 
 
 def test_a_key_the_models_do_not_know_is_an_error_not_a_silent_drop() -> None:
-    good = {"label": "Effusion", "probability": 0.7}
+    good = {"label": "Effusion", "probability": 0.7, "threshold": 0.5, "urgent": True}
     assert schemas.Finding.model_validate(good).model_dump() == good
     with pytest.raises(ValidationError):
         schemas.Finding.model_validate({**good, "new_key": 1})

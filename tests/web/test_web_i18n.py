@@ -14,6 +14,7 @@ from e2e_helpers import PROJECT_ROOT
 from xray_triage.pipeline.pixels import PixelError
 from xray_triage.store.consult_schema import CONCLUSIONS, CONSULT_STATUSES, ROLES, URGENCIES
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING, QUARANTINE_REASONS
+from xray_triage.store.worklist_order import TIERS
 
 TEMPLATES = PROJECT_ROOT / "consult_web" / "templates"
 DYNAMIC = {
@@ -25,6 +26,7 @@ DYNAMIC = {
     "role.": ROLES,
     "lang.": LANGUAGES,
     "quarantine.": QUARANTINE_REASONS,
+    "why.": TIERS,
 }
 
 

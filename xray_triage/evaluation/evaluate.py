@@ -263,6 +263,15 @@ def _round(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 4)
 
 
+def operating_point_rule(card: ModelCard, label: str) -> str:
+    """How the card says ``label``'s threshold was chosen (``[threshold_selection]``), "" if it does not."""
+    selection = card.extra.get("threshold_selection", {})
+    entry = selection.get(label, {})
+    if isinstance(entry, dict) and entry.get("rule"):
+        return str(entry["rule"])
+    return "youden_j" if isinstance(entry, dict) and "youden_j" in entry else str(selection.get("method", ""))
+
+
 def summarise(
     card: ModelCard, images: list[LabelledImage], preds: Predictions, *, n_boot: int, seed: int
 ) -> dict[str, Any]:
@@ -302,7 +311,11 @@ def summarise(
             "threshold": card.thresholds[label],
             "sensitivity": _round(sens),
             "specificity": _round(spec),
+            "urgent": label in card.triage.urgent_labels,
+            "operating_point": operating_point_rule(card, label),
         }
+    priorities = [score(p, card).priority for p in preds.probabilities]
+    result["urgent_share"] = _round(sum(p == "urgent" for p in priorities) / len(priorities)) if priorities else None
     if preds.own_label_checks:
         result["heatmap_peak_in_box"] = summarise_box_checks(preds.own_label_checks)
     if preds.abnormal_checks:
@@ -362,13 +375,18 @@ def format_table(result: dict[str, Any]) -> str:
         views = ", ".join(f"{v} {fmt(d['auroc'])} (n={d['n']})" for v, d in result["per_view"].items())
         lines.append(f"AUROC per view: {views}")
     lines.append("")
-    lines.append(f"{'label':<20} {'n+':>4} {'AUROC':>6} {'95% CI':>13} {'thresh':>7} {'sens':>6} {'spec':>6}")
+    lines.append(
+        f"{'label':<20} {'n+':>4} {'AUROC':>6} {'95% CI':>13} {'thresh':>7} {'sens':>6} {'spec':>6}  operating point"
+    )
     for label, d in result["per_label"].items():
         ci = f"{fmt(d['ci95'][0])}-{fmt(d['ci95'][1])}"
+        rule = (d["operating_point"] or "-") + ("; URGENT label" if d["urgent"] else "")
         lines.append(
             f"{label:<20} {d['n_positive']:>4} {fmt(d['auroc']):>6} {ci:>13} {d['threshold']:>7.3f} "
-            f"{fmt(d['sensitivity']):>6} {fmt(d['specificity']):>6}"
+            f"{fmt(d['sensitivity']):>6} {fmt(d['specificity']):>6}  {rule}"
         )
+    if result.get("urgent_share") is not None:
+        lines.append(f"Urgent under the card's triage rules: {result['urgent_share']:.1%} of the images")
     if "heatmap_peak_in_box" in result or "abnormal_heatmap_peak_in_box" in result:
         lines.append("")
     if "heatmap_peak_in_box" in result:

@@ -134,6 +134,30 @@ def sens_spec(y_true: np.ndarray, y_score: np.ndarray, threshold: float) -> tupl
     return sens, spec
 
 
+def specificity_threshold(y_true: np.ndarray, y_score: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity (rule ``score >= threshold``) is at least ``target``.
+
+    The operating point for alarm-prone labels: it bounds the share of negatives flagged
+    (``1 - target``) and, among thresholds that do, keeps the most sensitivity. Candidates
+    are midpoints between consecutive distinct scores, as in :func:`youden_threshold`
+    (so the rule does not hinge on one case's exact value). Raises ``ValueError`` without
+    negatives or for a ``target`` outside (0, 1].
+    """
+    y = _binary(y_true)
+    s = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.all():
+        raise ValueError("specificity_threshold needs negatives")
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target specificity must be in (0, 1], not {target}")
+    distinct = np.unique(s)
+    candidates = np.concatenate([[distinct[0]], (distinct[:-1] + distinct[1:]) / 2.0, [distinct[-1] + 1e-6]])
+    negatives = s[~y]
+    for threshold in candidates:  # ascending: the first that reaches the target keeps the most sensitivity
+        if float((negatives < threshold).mean()) >= target:
+            return float(threshold)
+    return float(candidates[-1])
+
+
 def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> tuple[float, float]:
     """Threshold maximising Youden's J = sensitivity + specificity - 1.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,26 +13,46 @@ from sqlalchemy.orm import Session, selectinload
 from xray_triage.store.dicom_meta import display_name
 from xray_triage.store.reasons import image_label, user_reason
 from xray_triage.store.schema import Instance, Series, Station, Study, TriageResult
+from xray_triage.store.worklist_order import consult_columns, order_by, why
 
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def merge_findings(results: Iterable[tuple[list[str], dict[str, float]]]) -> list[dict[str, Any]]:
-    """Flagged findings over (flagged labels, probabilities) of a study's results, highest first."""
-    best: dict[str, float] = {}
-    for flagged, probabilities in results:
+def merge_findings(
+    results: Iterable[tuple[list[str], dict[str, float], dict[str, float]]],
+    urgent_labels: Collection[str] = (),
+) -> list[dict[str, Any]]:
+    """The study's flagged findings: why the AI called it what it did, highest probability first.
+
+    ``results`` are (flagged labels, probabilities, thresholds) of the study's images; only
+    labels at or above their threshold are listed (not the highest probabilities), each with
+    its highest probability, the threshold it crossed and whether it is one of the model
+    card's ``urgent_labels`` (the rule that makes a study urgent: ``triage/scoring.py``).
+    """
+    best: dict[str, tuple[float, float]] = {}
+    for flagged, probabilities, thresholds in results:
         for label in flagged:
             p = float(probabilities.get(label, 0.0))
-            best[label] = max(best.get(label, 0.0), p)
-    return [{"label": k, "probability": v} for k, v in sorted(best.items(), key=lambda kv: -kv[1])]
+            if label not in best or p > best[label][0]:
+                best[label] = (p, float(thresholds.get(label, 0.0)))
+    return [
+        {"label": k, "probability": p, "threshold": t, "urgent": k in urgent_labels}
+        for k, (p, t) in sorted(best.items(), key=lambda kv: -kv[1][0])
+    ]
 
 
-def top_findings(study: Study) -> list[dict[str, Any]]:
+def top_findings(study: Study, urgent_labels: Collection[str] = ()) -> list[dict[str, Any]]:
     """Flagged findings over the study's images (loaded with it), highest probability first."""
     return merge_findings(
-        (i.result.flagged, i.result.probabilities) for s in study.series for i in s.instances if i.result is not None
+        (
+            (i.result.flagged, i.result.probabilities, i.result.thresholds)
+            for s in study.series
+            for i in s.instances
+            if i.result is not None
+        ),
+        urgent_labels,
     )
 
 
@@ -44,7 +64,9 @@ class RowExtras:
     instances: int
 
 
-def row_extras(session: Session, study_ids: Sequence[int]) -> dict[int, RowExtras]:
+def row_extras(
+    session: Session, study_ids: Sequence[int], urgent_labels: Collection[str] = ()
+) -> dict[int, RowExtras]:
     """Findings and image counts of these studies, in two small queries.
 
     A list page loads only this, not the studies' series, instances and whole results
@@ -61,15 +83,15 @@ def row_extras(session: Session, study_ids: Sequence[int]) -> dict[int, RowExtra
             .group_by(Series.study_id)
         ).all()
     )
-    results: dict[int, list[tuple[list[str], dict[str, float]]]] = {}
-    for study_id, flagged, probabilities in session.execute(
-        select(Series.study_id, TriageResult.flagged, TriageResult.probabilities)
+    results: dict[int, list[tuple[list[str], dict[str, float], dict[str, float]]]] = {}
+    for study_id, flagged, probabilities, thresholds in session.execute(
+        select(Series.study_id, TriageResult.flagged, TriageResult.probabilities, TriageResult.thresholds)
         .join(Instance, Instance.series_id == Series.id)
         .join(TriageResult, TriageResult.instance_id == Instance.id)
         .where(Series.study_id.in_(study_ids))
     ):
-        results.setdefault(study_id, []).append((flagged, probabilities))
-    return {sid: RowExtras(merge_findings(results.get(sid, [])), n) for sid, n in counts.items()}
+        results.setdefault(study_id, []).append((flagged, probabilities, thresholds))
+    return {sid: RowExtras(merge_findings(results.get(sid, []), urgent_labels), n) for sid, n in counts.items()}
 
 
 def flagged_clause(label: str) -> ColumnElement[bool]:
@@ -88,10 +110,20 @@ def flagged_clause(label: str) -> ColumnElement[bool]:
     )
 
 
-def study_summary(study: Study, station_names: dict[str, str], extras: RowExtras | None = None) -> dict[str, Any]:
-    """The study's list entry; ``extras`` (from ``row_extras``) saves loading its images and results."""
+def study_summary(
+    study: Study,
+    station_names: dict[str, str],
+    extras: RowExtras | None = None,
+    consult: tuple[str | None, str | None] = (None, None),
+    urgent_labels: Collection[str] = (),
+) -> dict[str, Any]:
+    """The study's list entry; ``extras`` (from ``row_extras``) saves loading its images and results.
+
+    ``consult`` is the (status, urgency) of the study's newest consult; ``why`` is the study's
+    tier in the worklist order (``worklist_order.TIERS``).
+    """
     if extras is None:
-        extras = RowExtras(top_findings(study), sum(len(s.instances) for s in study.series))
+        extras = RowExtras(top_findings(study, urgent_labels), sum(len(s.instances) for s in study.series))
     return {
         "study_uid": study.study_instance_uid,
         "patient_id": study.patient_id,
@@ -111,6 +143,9 @@ def study_summary(study: Study, station_names: dict[str, str], extras: RowExtras
         "priority": study.priority,
         "findings": extras.findings,
         "instances": extras.instances,
+        "consult_status": consult[0],
+        "consult_urgency": consult[1],
+        "why": why(study.priority, consult[0], consult[1]),
     }
 
 
@@ -167,21 +202,27 @@ def station_names(session: Session) -> dict[str, str]:
 
 
 def list_studies(
-    session: Session, *, limit: int = 200, offset: int = 0, where: ColumnElement[bool] | None = None
+    session: Session,
+    *,
+    limit: int = 200,
+    offset: int = 0,
+    where: ColumnElement[bool] | None = None,
+    urgent_labels: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """Most urgent first, then newest; ``where`` narrows the studies (e.g. to one station's).
+    """Studies in the worklist order (``worklist_order``); ``where`` narrows them (e.g. to one station's).
 
     Loads the page's studies and only their row extras (findings, image counts).
     """
-    query = select(Study) if where is None else select(Study).where(where)
-    studies = session.scalars(
-        query.order_by(Study.priority_rank.desc(), Study.received_at.desc(), Study.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
+    status, urgency = consult_columns()
+    query = select(Study, status.label("consult_status"), urgency.label("consult_urgency"))
+    if where is not None:
+        query = query.where(where)
+    found = session.execute(query.order_by(*order_by(status, urgency)).limit(limit).offset(offset)).all()
     names = station_names(session)
-    extras = row_extras(session, [s.id for s in studies])
-    return [study_summary(s, names, extras.get(s.id, RowExtras([], 0))) for s in studies]
+    extras = row_extras(session, [s.id for s, _, _ in found], urgent_labels)
+    return [
+        study_summary(s, names, extras.get(s.id, RowExtras([], 0)), (st, urg), urgent_labels) for s, st, urg in found
+    ]
 
 
 def count_studies(session: Session, where: ColumnElement[bool] | None = None) -> int:
@@ -189,10 +230,12 @@ def count_studies(session: Session, where: ColumnElement[bool] | None = None) ->
     return session.scalar(query if where is None else query.where(where)) or 0
 
 
-def get_study(session: Session, study_uid: str) -> dict[str, Any] | None:
+def get_study(session: Session, study_uid: str, urgent_labels: Collection[str] = ()) -> dict[str, Any] | None:
     study = session.scalar(_load_studies().where(Study.study_instance_uid == study_uid))
     if study is None:
         return None
-    detail = study_summary(study, station_names(session))
+    status, urgency = consult_columns()
+    consult = session.execute(select(status, urgency).where(Study.id == study.id)).one()
+    detail = study_summary(study, station_names(session), consult=(consult[0], consult[1]), urgent_labels=urgent_labels)
     detail["images"] = [_instance_detail(i, s) for s in study.series for i in s.instances]
     return detail
