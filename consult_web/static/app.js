@@ -35,12 +35,16 @@ window.xrt = {
   // keeping what the user was typing in text fields (matched by id).
   refresh: function (element) {
     if (!element || !element.dataset.src) return Promise.resolve();
+    // Refreshes can overlap (a change arrives while the last one is in flight): only the newest
+    // one's answer is shown, so a slow older answer never puts stale rows back.
+    var seq = (element.xrtRefreshSeq = (element.xrtRefreshSeq || 0) + 1);
     return fetch(element.dataset.src, { credentials: "same-origin", headers: { "Accept": "text/html" } })
       .then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.text();
       })
       .then(function (html) {
+        if (seq !== element.xrtRefreshSeq) return;  // a newer refresh was started: its answer wins
         var kept = {};
         var focused = document.activeElement && document.activeElement.id;
         element.querySelectorAll("textarea[id], input[type=text][id]").forEach(function (field) {
