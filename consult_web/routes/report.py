@@ -22,7 +22,7 @@ from consult_web.access import visible_study
 from consult_web.audit import audit
 from consult_web.deps import AppSettings, CurrentUser, Db
 from consult_web.errors import LocalizedError
-from consult_web.i18n import format_datetime, translate
+from consult_web.i18n import finding_name, format_age_sex, format_datetime, translate
 from consult_web.report import annotated_picture, html_to_pdf
 from consult_web.routes.studies import image_findings
 from consult_web.templating import environment, request_language, request_timezone
@@ -103,6 +103,8 @@ def study_report(
             "lang": language,
             "t": lambda key, **values: translate(language, key, **values),
             "fmt_dt": lambda value: format_datetime(value, timezone, language),
+            "fmt_age_sex": lambda age, sex: format_age_sex(age, sex, language),
+            "finding": lambda label: finding_name(label, language),
             "css_string": css_string,
             "study": study,
             "patient_name": display_name(study.patient_name),
