@@ -855,3 +855,13 @@ def assert_triaged(image: dict[str, Any], labels: Sequence[str], model: str | No
         assert key in timings, f"timing {key!r} missing: {timings}"
     for key in ("decode", "preprocess", "inference"):
         assert isinstance(timings[key], float | int) and timings[key] >= 0, timings
+
+
+def browser_login(page: Any, base: str, username: str, password: str, timeout_ms: float = 30_000) -> Any:
+    """Log ``page`` (a playwright page) in through the real login form; returns it on the worklist."""
+    page.goto(f"{base}/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("#login-submit")
+    page.wait_for_url(f"{base}/worklist", timeout=timeout_ms)
+    return page

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_web_browser_e2e import ARTIFACTS, SPECIALIST, STATION_USER, WAIT_MS, _add_user, _login, browser  # noqa: F401
+from test_web_browser_e2e import ARTIFACTS, SPECIALIST, STATION_USER, WAIT_MS, _add_user, _login
 
 from e2e_helpers import copy_with_new_uids, read_uids, store_ok
 

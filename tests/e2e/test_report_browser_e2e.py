@@ -12,56 +12,25 @@ Chromium is Debian's ``/usr/bin/chromium`` driven by Python playwright; no brows
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_web_browser_e2e import PASSWORD, _add_user
 
-from e2e_helpers import PROJECT_ROOT, STATION1, copy_with_new_uids, read_uids, run_cli, store_ok
+from e2e_helpers import PROJECT_ROOT, STATION1, browser_login, copy_with_new_uids, read_uids, store_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots" / "report"
-PASSWORD = "mat-khau-that-dai-2026"
 STATION2 = "STATION2"
 WAIT_MS = 30_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                "--disable-background-networking", "--disable-component-update",
-            ],
-        )  # fmt: skip
-        yield instance
-        instance.close()
-
-
-def _add_user(data_dir: Path, name: str, role: str, *extra: str) -> None:
-    args = ("users", "add", name, "--role", role, "--password-stdin", "--data-dir", str(data_dir), *extra)
-    proc = run_cli(*args, stdin_text=f"{PASSWORD}\n")
-    assert proc.returncode == 0 and "added" in proc.stdout, proc.stdout + proc.stderr
 
 
 def _login(browser: Any, base: str, username: str, width: int, height: int) -> Any:
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
-    page.goto(f"{base}/login")
-    page.fill("#username", username)
-    page.fill("#password", PASSWORD)
-    page.click("#login-submit")
-    page.wait_for_url(f"{base}/worklist", timeout=WAIT_MS)
-    return page
+    return browser_login(page, base, username, PASSWORD, WAIT_MS)
 
 
 def _link_in_view(page: Any, width: int) -> str:

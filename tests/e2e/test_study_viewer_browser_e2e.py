@@ -11,17 +11,23 @@ Debian's ``/usr/bin/chromium`` driven by playwright; a real ``xray-triage serve`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from e2e_helpers import PROJECT_ROOT, copy_with_new_uids, create_users, dcmodify, read_uids, store_ok
+from e2e_helpers import (
+    PROJECT_ROOT,
+    browser_login,
+    copy_with_new_uids,
+    create_users,
+    dcmodify,
+    read_uids,
+    store_ok,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots" / "ux-viewer"
 SPECIALIST, STATION_USER, PASSWORD = "chuyengia", "tram1", "mat-khau-that-dai-2026"
 WAIT_MS = 30_000
@@ -29,30 +35,9 @@ WIDE = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"],
-        )  # fmt: skip
-        yield instance
-        instance.close()
-
-
 def _login(context: Any, base: str, username: str) -> Any:
     page = context.new_page()
-    page.goto(f"{base}/login")
-    page.fill("#username", username)
-    page.fill("#password", PASSWORD)
-    page.click("#login-submit")
-    page.wait_for_url(f"{base}/worklist", timeout=WAIT_MS)
-    return page
+    return browser_login(page, base, username, PASSWORD, WAIT_MS)
 
 
 def _open_study(page: Any, base: str, uid: str) -> None:

@@ -19,28 +19,14 @@ from web_helpers import PASSWORD, add_station_row, add_user_row, make_web_env, s
 from worklist_cases import EXPECTED, store_cases
 
 from consult_web.i18n import translate
-from e2e_helpers import PROJECT_ROOT
+from e2e_helpers import PROJECT_ROOT, browser_login
 from xray_triage.settings import DEFAULT_MODEL_DIR
 
 pytestmark = [pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots" / "safety"
 WAIT_MS = 30_000
 VIEWPORTS = [(1440, 900), (390, 844)]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
-        )
-        yield instance
-        instance.close()
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +49,7 @@ def test_worklist_order_and_why_in_chromium(browser: Any, site: tuple[str, dict[
     SHOTS.mkdir(parents=True, exist_ok=True)
     for width, height in VIEWPORTS:
         context = browser.new_context(viewport={"width": width, "height": height})
-        page = context.new_page()
-        page.goto(f"{base}/login")
-        page.fill("#username", f"spec_{language}")
-        page.fill("#password", PASSWORD)
-        page.click("#login-submit")
-        page.wait_for_url(f"{base}/worklist", timeout=WAIT_MS)
+        page = browser_login(context.new_page(), base, f"spec_{language}", PASSWORD, WAIT_MS)
         page.wait_for_selector("tr[data-why]", timeout=WAIT_MS)
         rows = page.locator("tr[data-why]")
         found = [(names[r.get_attribute("data-study-uid")], r.get_attribute("data-why")) for r in rows.all()]
