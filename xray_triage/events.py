@@ -187,6 +187,23 @@ class AnnotationChanged(Event):
     change: AnnotationChange
 
 
+# --- results we made -------------------------------------------------------------------------
+
+ResultCategory = Literal["ai-results", "consult-results"]
+
+
+@dataclass(frozen=True)
+class ResultObjectStored(Event):
+    """A DICOM object this server made (an AI SR or GSPS, a specialist's GSPS or consult SR) was
+    filed into the study of its source image; exporters send it by ``category``."""
+
+    type: ClassVar[str] = "result.stored"
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    category: str  # ResultCategory
+
+
 # --- in-process handlers ---------------------------------------------------------------------
 
 E = TypeVar("E", bound=Event)
@@ -246,3 +263,4 @@ class EventHandlers:
                         log.exception(
                             "event handler failed", extra={"event": event.type, "study_uid": event.study_uid}
                         )
+

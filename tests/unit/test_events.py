@@ -306,3 +306,33 @@ def test_the_live_feed_reads_events_not_the_audit_log(env: WebEnv, shared_dicom:
     with env.db.session() as session:  # a change made through the rules, by any writer (no audit row)
         rules.request_consult(session, station, _study(session, uid), "?", "routine")
     assert feed.poll() == [Change("consult.request", uid, "STATION1")]
+
+
+def test_outbox_consumer_handles_each_event_once_in_order_and_a_failure_repeats_the_batch(
+    env: WebEnv, shared_dicom: Path
+) -> None:
+    from xray_triage.outbox_consumer import OutboxConsumer
+
+    seen: list[int] = []
+    failing = {"on": True}
+
+    def handle(session, stored) -> None:  # type: ignore[no-untyped-def]
+        seen.append(stored.id)
+        if failing["on"] and len(seen) == 2:
+            raise RuntimeError("peer down")
+
+    consumer = OutboxConsumer(env.db, "test-consumer", handle, batch=10)
+    assert consumer.run_once() == 0  # an empty outbox: nothing, and no cursor row written
+    for _ in range(2):
+        store_dicom(env, shared_dicom / DEV_07, "STATION1")
+    with pytest.raises(RuntimeError):
+        consumer.run_once()
+    with env.db.read_session() as session:
+        assert outbox.cursor(session, "test-consumer") == 0  # the failed batch did not move the cursor
+    failing["on"] = False
+    assert consumer.drain() == 2
+    first, second = seen[:2]
+    assert seen == [first, second, first, second] and first < second
+    assert consumer.run_once() == 0
+    with env.db.read_session() as session:
+        assert outbox.cursor(session, "test-consumer") == second
