@@ -271,7 +271,9 @@ async def _plain_413(send: Send) -> None:
 
 
 class SecurityHeaders:
-    """CSP without inline scripts, no framing, no MIME sniffing, no referrer leaks."""
+    """CSP without inline scripts, no framing, no MIME sniffing, no referrer leaks; and HTML
+    (pages and the fragments live updates re-fetch) is never cached: it names patients, and a
+    shared station phone or a cached fragment must not show them again."""
 
     HEADERS = [
         (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
@@ -290,7 +292,11 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.HEADERS
+                headers = list(message.get("headers", [])) + self.HEADERS
+                names = {name.lower(): value for name, value in headers}
+                if names.get(b"content-type", b"").startswith(b"text/html") and b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

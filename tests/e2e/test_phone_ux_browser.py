@@ -115,6 +115,10 @@ def test_station_phone_sees_the_reply_arrive(browser: Any, launch_server: Any, t
     specialist.click("#reply-submit")
     specialist.wait_for_selector('.consult-thread[data-status="answered"]', timeout=WAIT_MS)
     specialist.select_option("#conclusion-select", "refer_hospital")
+    # A live refresh of the consult panel (its own reply's event can land just now) keeps the
+    # chosen conclusion: it once put the select back to "normal" before "Send" was pressed.
+    specialist.evaluate("() => window.xrt.refresh(document.getElementById('consult-panel'))")
+    assert specialist.locator("#conclusion-select").input_value() == "refer_hospital"
     specialist.click("#conclusion-submit")
     specialist.wait_for_selector("[id^=consult-conclusion-]", timeout=WAIT_MS)
     _shot(specialist, "study-desktop-en")

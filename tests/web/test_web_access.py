@@ -337,6 +337,10 @@ def test_security_headers(env: WebEnv) -> None:
     headers = client.get("/worklist").headers
     assert "script-src 'self'" in headers["content-security-policy"]
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    # Pages and the fragments live updates re-fetch name patients: never cached.
+    assert headers["cache-control"] == "no-store"
+    assert client.get("/worklist/rows").headers["cache-control"] == "no-store"
+    assert client.get("/static/app.js").headers.get("cache-control") != "no-store"  # static files may be
 
 
 def test_login_helper_roundtrip(env: WebEnv) -> None:
