@@ -173,6 +173,25 @@ class Settings(BaseSettings):
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
 
+    # DICOM TLS (PS3.15 B.1) and operators' metrics
+    dicom_tls_port: int | None = Field(
+        None, ge=0, le=65535, description="port of the DICOM TLS listener (often 2762); unset = no TLS listener"
+    )
+    dicom_plain_enabled: bool = Field(
+        True, description="false = no plain (unencrypted) listener on dicom_port: TLS only"
+    )
+    dicom_tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain) of the TLS listener")
+    dicom_tls_key_file: Path | None = Field(None, description="PEM private key of dicom_tls_cert_file")
+    dicom_tls_ca_file: Path | None = Field(
+        None, description="PEM CA certificate(s) that sign the stations' client certificates; unset = none asked for"
+    )
+    dicom_tls_require_client_cert: bool = Field(
+        True,
+        description="with dicom_tls_ca_file: a peer without a client certificate of that CA fails the TLS handshake "
+        "(false: a certificate is asked for but optional)",
+    )
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics (admin login or token)")
+
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field("text", pattern="^(text|json)$")
@@ -205,6 +224,14 @@ class Settings(BaseSettings):
     def _slots_ok(self) -> Settings:
         if self.reserved_station_associations >= self.max_associations:
             raise ValueError("reserved_station_associations must be smaller than max_associations")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_ok(self) -> Settings:
+        if self.dicom_tls_port is not None and (self.dicom_tls_cert_file is None or self.dicom_tls_key_file is None):
+            raise ValueError("dicom_tls_port needs dicom_tls_cert_file and dicom_tls_key_file")
+        if not self.dicom_plain_enabled and self.dicom_tls_port is None:
+            raise ValueError("dicom_plain_enabled = false needs dicom_tls_port (the gateway would not listen at all)")
         return self
 
     @property

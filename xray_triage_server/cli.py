@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_stations(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
+    from xray_triage.store.station_certs import pin_certificate, unpin_all
     from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
 
     db = open_database(_settings(args))
@@ -61,8 +62,12 @@ def cmd_stations(args: argparse.Namespace) -> int:
         with db.session() as session:
             if args.stations_cmd == "add":
                 station = add_station(session, args.ae_title, args.name or "", args.allow_ip)
-                print(f"added station {station.ae_title} ({station.name or 'no name'})")
+                for fingerprint in args.tls_cert_fingerprint or []:
+                    pin_certificate(session, station.ae_title, fingerprint)
+                pinned = f", {len(args.tls_cert_fingerprint)} pinned TLS certificate(s)" if args.tls_cert_fingerprint else ""
+                print(f"added station {station.ae_title} ({station.name or 'no name'}){pinned}")
             elif args.stations_cmd == "remove":
+                unpin_all(session, args.ae_title)
                 if not remove_station(session, args.ae_title):
                     raise CliError(f"no station with AE title {args.ae_title!r} (see 'xray-triage stations list')")
                 print(f"removed station {args.ae_title}")
@@ -351,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     st_add.add_argument("ae_title", metavar="AE_TITLE")
     st_add.add_argument("--name", default="", help='human name, e.g. "Trạm Y tế Thạnh An"')
     st_add.add_argument("--allow-ip", help="only accept from these addresses/networks, comma-separated")
+    st_add.add_argument(
+        "--tls-cert-fingerprint",
+        action="append",
+        metavar="SHA256",
+        help="pin a TLS client certificate by its SHA-256 (openssl x509 -noout -fingerprint -sha256); repeatable. "
+        "The station must then use the DICOM TLS port with that certificate (without: its certificate's CN "
+        "must be its AE title)",
+    )
     st_rm = st_sub.add_parser("remove", parents=[common], help="unregister a station")
     st_rm.add_argument("ae_title", metavar="AE_TITLE")
     st_ls = st_sub.add_parser("list", parents=[common], help="list registered stations")

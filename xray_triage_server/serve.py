@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
+from dicom_gateway.tls import TlsConfig, TlsConfigError
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
@@ -155,6 +156,21 @@ def gateway_config(settings: Settings) -> GatewayConfig:
         max_associations_per_address=settings.max_associations_per_address,
         reserved_station_associations=settings.reserved_station_associations,
         max_dataset_bytes=settings.max_dataset_bytes,
+        tls=tls_config(settings),
+        plain_enabled=settings.dicom_plain_enabled,
+    )
+
+
+def tls_config(settings: Settings) -> TlsConfig | None:
+    """The DICOM TLS listener's settings (None when ``dicom_tls_port`` is unset)."""
+    if settings.dicom_tls_port is None or settings.dicom_tls_cert_file is None or settings.dicom_tls_key_file is None:
+        return None
+    return TlsConfig(
+        port=settings.dicom_tls_port,
+        cert_file=settings.dicom_tls_cert_file,
+        key_file=settings.dicom_tls_key_file,
+        ca_file=settings.dicom_tls_ca_file,
+        require_client_cert=settings.dicom_tls_require_client_cert,
     )
 
 
@@ -234,15 +250,24 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         default_character_set=settings.default_character_set,
         storage=storage,
     )
-    gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    try:
+        gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    except TlsConfigError as exc:
+        stop_requested.set()
+        recovery.join()
+        workers.stop()
+        runner.close()
+        db.dispose()
+        raise CliError(str(exc)) from exc
     try:
         try:
             gateway.start()
         except OSError as exc:
             reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise CliError(
-                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}: {reason} "
-                "(set dicom_port or --dicom-port)"
+                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}"
+                f"{f' / TLS {settings.dicom_tls_port}' if settings.dicom_tls_port is not None else ''}: {reason} "
+                "(set dicom_port or --dicom-port, dicom_tls_port)"
             ) from exc
         health["dicom_gateway"] = "ok"
         app = create_app(db, card, health, settings, storage=storage)
