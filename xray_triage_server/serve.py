@@ -32,6 +32,7 @@ from dicom_gateway.tls import TlsConfig, TlsConfigError
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
+from xray_triage.metrics import Metrics
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
@@ -238,6 +239,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         max_frame_pixels=settings.max_frame_pixels,
     )
     db.events.register(InstanceStored, lambda event: workers.notify() if event.triage_queued else None)
+    metrics = Metrics(db).attach()  # before the gateway and workers commit anything
     storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     health: dict[str, Any] = {"dicom_gateway": "starting"}
     stop_requested = threading.Event()
@@ -270,7 +272,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
                 "(set dicom_port or --dicom-port, dicom_tls_port)"
             ) from exc
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health, settings, storage=storage)
+        app = create_app(db, card, health, settings, storage=storage, metrics=metrics)
         config = uvicorn.Config(
             app,
             host=settings.http_host,

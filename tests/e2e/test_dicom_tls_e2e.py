@@ -1,0 +1,164 @@
+"""End to end: DICOM TLS on the gateway (issue 15, item 4) with dcmtk's TLS-enabled tools.
+
+One real ``xray-triage serve`` with a TLS port beside its plain one, client
+certificates required; certificates are made in the test (tests/tls_certs.py).
+A peer is refused at the handshake without a certificate or with one of another
+CA, and at association time when its certificate does not belong to the calling
+AE title it uses (CN = AE title, or a pinned SHA-256). A client that never
+finishes its handshake, or speaks plain DICOM to the TLS port, is closed and
+holds no slot. Waits are upper bounds, never expectations of speed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tls_certs import CertAuthority, Issued
+
+from e2e_helpers import (
+    SHARED_DICOM,
+    STATION1,
+    Server,
+    check_cli,
+    copy_with_new_uids,
+    echoscu,
+    free_port,
+    read_uids,
+    store_ok,
+    storescu,
+)
+
+pytestmark = pytest.mark.slow
+
+PINNED = "PINNED_DR1"  # a station pinned by fingerprint, whose certificate's CN is not its AE title
+OTHER = "STATION2"  # registered, no pinned certificate
+REQUEST_TIMEOUT_S = 2
+CLOSE_DEADLINE_S = 30.0  # upper bound for the server to close a stalled connection
+SMALL_FILE = SHARED_DICOM / "dev_06_dx_pa_j2k_lossless.dcm"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = CertAuthority("stations-ca", directory)
+    rogue = CertAuthority("rogue-ca", directory)
+    return {
+        "ca": ca,
+        "server": ca.issue("localhost", server=True),
+        "station1": ca.issue(STATION1),
+        "pinned": ca.issue("device-serial-4711"),
+        "rogue_station1": rogue.issue(STATION1),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(module_launcher: object, pki: dict[str, object]) -> Iterator[Server]:
+    ca: CertAuthority = pki["ca"]  # type: ignore[assignment]
+    srv: Issued = pki["server"]  # type: ignore[assignment]
+    pinned: Issued = pki["pinned"]  # type: ignore[assignment]
+    env = {
+        "XRAY_TRIAGE_DICOM_TLS_PORT": str(free_port()),
+        "XRAY_TRIAGE_DICOM_TLS_CERT_FILE": str(srv.cert),
+        "XRAY_TRIAGE_DICOM_TLS_KEY_FILE": str(srv.key),
+        "XRAY_TRIAGE_DICOM_TLS_CA_FILE": str(ca.cert),
+        "XRAY_TRIAGE_DICOM_TLS_REQUIRE_CLIENT_CERT": "true",
+        "XRAY_TRIAGE_ASSOCIATION_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        "XRAY_TRIAGE_SHUTDOWN_GRACE_S": "1",
+    }
+    server = module_launcher.launch("tls", env=env, stations=[(OTHER, "Other station", None)], start=False)  # type: ignore[attr-defined]
+    check_cli(
+        "stations", "add", PINNED, "--name", "Pinned", "--tls-cert-fingerprint", pinned.sha256.upper(),
+        "--data-dir", server.data_dir,
+    )
+    server.start()
+    yield server
+
+
+def tls_port(server: Server) -> int:
+    return int(server.env_extra["XRAY_TRIAGE_DICOM_TLS_PORT"])
+
+
+def client(pki: dict[str, object], name: str) -> list[str]:
+    """dcmtk options: authenticate with ``name``'s certificate, trust the stations' CA for the server."""
+    issued: Issued = pki[name]  # type: ignore[assignment]
+    ca: CertAuthority = pki["ca"]  # type: ignore[assignment]
+    return [*issued.tls_flags, "+cf", str(ca.cert)]
+
+
+def test_station_sends_over_tls_and_images_are_triaged(server: Server, pki: dict[str, object], tmp_path: Path) -> None:
+    echo = echoscu(tls_port(server), tls=client(pki, "station1"))
+    assert echo.returncode == 0, echo.describe() + "\n" + server.log_tail()
+    (path,) = copy_with_new_uids([SMALL_FILE], tmp_path)
+    uids = read_uids(path)
+    store_ok([path], tls_port(server), tls=client(pki, "station1"))
+    study = server.wait_final([uids.study])[uids.study]
+    assert study["station"]["ae_title"] == STATION1 and study["ai_status"] == "done", study
+    server.echo_ok()  # the plain port still works beside the TLS one
+
+
+def test_no_certificate_or_another_ca_fails_the_handshake(server: Server, pki: dict[str, object], tmp_path: Path) -> None:
+    ca: CertAuthority = pki["ca"]  # type: ignore[assignment]
+    (path,) = copy_with_new_uids([SMALL_FILE], tmp_path)
+    anonymous = storescu([path], tls_port(server), tls=["+tla", "+cf", str(ca.cert)])
+    rogue = echoscu(tls_port(server), tls=client(pki, "rogue_station1"))
+    for run in (anonymous, rogue):
+        assert run.returncode != 0 and "Success" not in run.store_responses, run.describe()
+    assert "TLS handshake failed" in server.log(), server.log_tail()
+    sop = read_uids(path).sop
+    assert server.db().execute("SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()[0] == 0
+
+
+def test_certificate_must_belong_to_the_calling_ae_title(server: Server, pki: dict[str, object]) -> None:
+    # STATION1's certificate (CN=STATION1) used with another registered AE title: rejected.
+    borrowed = echoscu(tls_port(server), aet=OTHER, tls=client(pki, "station1"))
+    assert borrowed.returncode != 0 and "Rejected" in borrowed.output, borrowed.describe()
+    assert f"is not the calling AE title {OTHER!r}" in server.log(), server.log_tail()
+    # A pinned station: its pinned certificate works although its CN is not the AE title...
+    pinned = echoscu(tls_port(server), aet=PINNED, tls=client(pki, "pinned"))
+    assert pinned.returncode == 0, pinned.describe() + "\n" + server.log_tail()
+    # ... another valid certificate of the same CA does not ...
+    wrong = echoscu(tls_port(server), aet=PINNED, tls=client(pki, "station1"))
+    assert wrong.returncode != 0 and "Rejected" in wrong.output, wrong.describe()
+    # ... and the plain port refuses its AE title.
+    plain = echoscu(server.dicom_port, aet=PINNED)
+    assert plain.returncode != 0 and "Rejected" in plain.output, plain.describe()
+    assert "may not connect on the plain (non-TLS) port" in server.log(), server.log_tail()
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes (True) or CLOSE_DEADLINE_S passes (False)."""
+    deadline = time.monotonic() + CLOSE_DEADLINE_S
+    sock.settimeout(0.5)
+    while time.monotonic() < deadline:
+        try:
+            if not sock.recv(4096):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_stalled_or_plain_clients_are_closed_and_hold_no_slot(server: Server, pki: dict[str, object], tmp_path: Path) -> None:
+    port = tls_port(server)
+    # Half a TLS record header, then silence: a handshake that never completes.
+    stalled = socket.create_connection(("127.0.0.1", port))
+    stalled.sendall(b"\x16\x03\x01")
+    # Plain DICOM (an A-ASSOCIATE-RQ PDU header and some bytes) sent to the TLS port.
+    plain = socket.create_connection(("127.0.0.1", port))
+    plain.sendall(b"\x01\x00\x00\x00\x00\x44" + b"\x00" * 68)
+    try:
+        # While the stalled one is open, a station still gets through.
+        (path,) = copy_with_new_uids([SMALL_FILE], tmp_path)
+        store_ok([path], port, tls=client(pki, "station1"))
+        assert _closed_by_server(plain), "the TLS port kept a plain-DICOM connection open"
+        assert _closed_by_server(stalled), "the TLS port kept a stalled handshake open"
+    finally:
+        stalled.close()
+        plain.close()
+    assert "TLS handshake not completed in time" in server.log(), server.log_tail()
