@@ -1,4 +1,5 @@
-"""End to end: DICOM TLS on the gateway (issue 15, item 4) with dcmtk's TLS-enabled tools.
+"""End to end: DICOM TLS on the gateway (issue 15, item 4) with dcmtk's TLS-enabled tools,
+and the operators' metrics (item 5) after that real traffic.
 
 One real ``xray-triage serve`` with a TLS port beside its plain one, client
 certificates required; certificates are made in the test (tests/tls_certs.py).
@@ -6,17 +7,21 @@ A peer is refused at the handshake without a certificate or with one of another
 CA, and at association time when its certificate does not belong to the calling
 AE title it uses (CN = AE title, or a pinned SHA-256). A client that never
 finishes its handshake, or speaks plain DICOM to the TLS port, is closed and
-holds no slot. Waits are upper bounds, never expectations of speed.
+holds no slot. ``/metrics`` is read with prometheus_client's parser after an
+image sent over TLS, its triage and a consult answered through the web app.
+Waits are upper bounds, never expectations of speed.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tls_certs import CertAuthority, Issued
 
 from e2e_helpers import (
@@ -25,11 +30,14 @@ from e2e_helpers import (
     Server,
     check_cli,
     copy_with_new_uids,
+    create_users,
     echoscu,
     free_port,
+    http,
     read_uids,
     store_ok,
     storescu,
+    web_login,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,6 +47,12 @@ OTHER = "STATION2"  # registered, no pinned certificate
 REQUEST_TIMEOUT_S = 2
 CLOSE_DEADLINE_S = 30.0  # upper bound for the server to close a stalled connection
 SMALL_FILE = SHARED_DICOM / "dev_06_dx_pa_j2k_lossless.dcm"
+USERS = [
+    ("metrics-admin", "admin", None, "metrics-admin-password"),
+    ("doctor1", "station", STATION1, "doctor1-long-password"),
+    ("expert1", "specialist", None, "expert1-long-password"),
+]
+TOKENS: dict[str, str] = {}  # user name -> API token, filled by the server fixture
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +88,7 @@ def server(module_launcher: object, pki: dict[str, object]) -> Iterator[Server]:
         "stations", "add", PINNED, "--name", "Pinned", "--tls-cert-fingerprint", pinned.sha256.upper(),
         "--data-dir", server.data_dir,
     )
+    TOKENS.update(create_users(server.data_dir, USERS))
     server.start()
     yield server
 
@@ -162,3 +177,53 @@ def test_stalled_or_plain_clients_are_closed_and_hold_no_slot(server: Server, pk
         stalled.close()
         plain.close()
     assert "TLS handshake not completed in time" in server.log(), server.log_tail()
+
+
+def _scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    token = TOKENS["metrics-admin"]
+    response = http.get(server.url("/metrics"), headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text[:500]
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def _csrf(client: object, path: str) -> str:
+    page = client.get(path)  # type: ignore[attr-defined]
+    match = re.search(r'<meta name="csrf-token" content="([^"]*)">', page.text)
+    assert page.status_code == 200 and match, page.text[:500]
+    return match.group(1)
+
+
+def test_metrics_after_tls_traffic_triage_and_a_consult(server: Server, pki: dict[str, object], tmp_path: Path) -> None:
+    received = ("xray_triage_images_received_total", (("station", STATION1),))
+    latency_count = ("xray_triage_triage_latency_seconds_count", ())
+    turnaround = ("xray_triage_consult_turnaround_seconds_count", (("urgency", "emergency"),))
+    before = _scrape(server)
+    (path,) = copy_with_new_uids([SMALL_FILE], tmp_path)
+    uids = read_uids(path)
+    store_ok([path], tls_port(server), tls=client(pki, "station1"))
+    server.wait_final([uids.study])
+
+    passwords = {name: password for name, _, _, password in USERS}
+    doctor = web_login(server.url(""), "doctor1", passwords["doctor1"])
+    asked = doctor.post(
+        f"/studies/{uids.study}/consults",
+        data={"question": "Khó thở, sốt", "urgency": "emergency", "csrf_token": _csrf(doctor, f"/studies/{uids.study}")},
+    )
+    assert asked.status_code == 303, asked.text[:500]
+    (consult_id,) = [r[0] for r in server.db().execute("SELECT c.id FROM consults c JOIN studies s ON s.id = c.study_id WHERE s.study_instance_uid = ?", (uids.study,))]
+    expert = web_login(server.url(""), "expert1", passwords["expert1"])
+    csrf = _csrf(expert, f"/studies/{uids.study}")
+    for action, data in (("claim", {}), ("conclusion", {"conclusion": "urgent_transfer"})):
+        answer = expert.post(f"/consults/{consult_id}/{action}", data={**data, "csrf_token": csrf})
+        assert answer.status_code == 303, (action, answer.status_code, answer.text[:500])
+
+    after = _scrape(server)
+    assert after[received] - before.get(received, 0) == 1, (before.get(received), after.get(received))
+    assert after[latency_count] - before.get(latency_count, 0) == 1
+    assert after[turnaround] - before.get(turnaround, 0) == 1
+    assert after[("xray_triage_triage_queue_depth", (("state", "queued"),))] == 0
+    assert after[("xray_triage_database_up", ())] == 1
