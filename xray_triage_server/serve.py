@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
-from dicom_gateway.tls import TlsConfig, TlsConfigError
+from dicom_gateway.tls import TlsConfig, TlsConfigError, server_context
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
@@ -210,6 +210,12 @@ def run_server(settings: Settings) -> int:
 def _run(settings: Settings, http_socket: socket.socket) -> int:
     import uvicorn
 
+    tls = tls_config(settings)
+    if tls is not None:
+        try:
+            server_context(tls)  # a bad certificate, key or CA file stops start-up with one line, before anything
+        except TlsConfigError as exc:
+            raise CliError(str(exc)) from exc
     card = load_card(settings.model_dir, variant=settings.model_variant)  # sha256 checked: a bad model stops start-up
     runner = ModelRunner(
         card,
@@ -252,15 +258,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         default_character_set=settings.default_character_set,
         storage=storage,
     )
-    try:
-        gateway = DicomGateway(gateway_config(settings), db, ingestor)
-    except TlsConfigError as exc:
-        stop_requested.set()
-        recovery.join()
-        workers.stop()
-        runner.close()
-        db.dispose()
-        raise CliError(str(exc)) from exc
+    gateway = DicomGateway(gateway_config(settings), db, ingestor)
     try:
         try:
             gateway.start()
