@@ -23,6 +23,12 @@ socketserver thread but with no Association yet:
 Every connection handed over gets a socket timeout (``read_timeout_s``, the
 gateway's network timeout; pynetdicom sets none on accepted sockets), so a
 stalled read ends instead of blocking an Association thread for ever.
+
+On the DICOM TLS port (``GatedAssociationServer(tls_context=...)``) the TLS
+handshake runs first, non-blocking, in the same waiting room and under the same
+deadline (:meth:`PendingGate.tls_handshake`); the encrypted A-ASSOCIATE-RQ cannot
+be peeked at, so the connection is handed over once its first encrypted bytes
+arrive and the gateway's reaper bounds the rest.
 """
 
 from __future__ import annotations

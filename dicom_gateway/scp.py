@@ -8,6 +8,11 @@ recognised"; a request addressed to another called AE title is rejected with
 C-STORE is handed to :class:`xray_triage.store.ingest.Ingestor`, which answers
 Success only once the file is fsync'ed and its row committed.
 
+DICOM TLS (issue 15): an optional second listener on ``GatewayConfig.tls.port``
+(:mod:`dicom_gateway.tls`); both listeners share the gate, the slot table and
+the reaper. On EVT_REQUESTED the peer's client certificate must belong to the
+calling AE title (:func:`xray_triage.store.station_certs.check_certificate`).
+
 Defences against a hostile or broken network (issue 11):
 
 * connections wait in :mod:`dicom_gateway.connections` until they have sent a
