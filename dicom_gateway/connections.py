@@ -187,6 +187,7 @@ class PendingGate:
         with self._lock:
             entry.sock = tls  # an eviction from now on shuts the TLS socket down
         outcome = "timeout"
+        why = ""
         while not entry.evicted:
             remaining = entry.deadline - self.clock()
             if remaining <= 0:
@@ -202,7 +203,7 @@ class PendingGate:
                 select.select([], [tls], [], wait_s)
             except ssl.SSLError as exc:
                 outcome = "tls"
-                self._log("tls_failed", "TLS handshake failed: connection closed", {"peer": entry.address, "why": exc.reason or str(exc)})
+                why = exc.reason or str(exc)
                 break
             except OSError:
                 outcome = "closed"
@@ -211,9 +212,9 @@ class PendingGate:
             tls.setblocking(True)
             return tls
         _close(tls)
-        return self._handshake_failed(entry, "evicted" if entry.evicted else outcome)
+        return self._handshake_failed(entry, "evicted" if entry.evicted else outcome, why)
 
-    def _handshake_failed(self, entry: _Pending, outcome: str) -> None:
+    def _handshake_failed(self, entry: _Pending, outcome: str, why: str = "") -> None:
         with self._lock:
             if entry in self._pending:
                 self._pending.remove(entry)
@@ -226,6 +227,9 @@ class PendingGate:
                 "connection dropped: TLS handshake not completed in time",
                 {"peer": entry.address, "timeout_s": self.limits.request_timeout_s},
             )
+        elif outcome == "tls":
+            # No or untrusted client certificate, or not TLS at all (plain DICOM on the TLS port).
+            self._log("tls_failed", "TLS handshake failed: connection closed", {"peer": entry.address, "why": why})
         return None
 
     def _log(self, kind: str, message: str, extra: dict[str, object], level: int = logging.WARNING) -> None:
