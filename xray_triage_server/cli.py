@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_stations(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
-    from xray_triage.store.station_certs import pin_certificate, unpin_all
+    from xray_triage.store.station_certs import pin_certificate, pinned_fingerprints, unpin_all
     from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
 
     db = open_database(_settings(args))
@@ -73,7 +73,13 @@ def cmd_stations(args: argparse.Namespace) -> int:
                 print(f"removed station {args.ae_title}")
             else:
                 rows = [
-                    {"ae_title": s.ae_title, "name": s.name, "allowed_ips": s.allowed_ips or "", "created_at": s.created_at}
+                    {
+                        "ae_title": s.ae_title,
+                        "name": s.name,
+                        "allowed_ips": s.allowed_ips or "",
+                        "created_at": s.created_at,
+                        "tls_cert_sha256": sorted(pinned_fingerprints(session, s.ae_title)),
+                    }
                     for s in list_stations(session)
                 ]
                 if args.json:
@@ -82,7 +88,8 @@ def cmd_stations(args: argparse.Namespace) -> int:
                     print("no stations registered; add one with: xray-triage stations add AE_TITLE --name NAME")
                 else:
                     for r in rows:
-                        print(f"{r['ae_title']:<16}  {r['name']:<40}  {r['allowed_ips'] or 'any address'}")
+                        pins = f"  {len(r['tls_cert_sha256'])} pinned TLS certificate(s)" if r["tls_cert_sha256"] else ""
+                        print(f"{r['ae_title']:<16}  {r['name']:<40}  {r['allowed_ips'] or 'any address'}{pins}")
     except StationError as exc:
         raise CliError(str(exc)) from exc
     finally:
