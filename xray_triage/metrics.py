@@ -11,9 +11,9 @@ Two kinds, and why:
   processes in PromQL (``sum without(instance)(rate(...))``);
 * **gauges read from the database at scrape time** by :class:`DatabaseCollector`,
   one cheap aggregate query each: triage queue depth and age of its oldest job,
-  and backlogs of any other durable queue registered with
-  :meth:`DatabaseCollector.add_backlog` (e.g. result destinations). They are the
-  same whichever process is scraped.
+  each PACS destination's backlog (deliveries pending) and its age, and any other
+  durable queue registered with :meth:`DatabaseCollector.add_backlog`. They are
+  the same whichever process is scraped.
 
 Labels carry station AE titles, priorities, urgencies and queue names only,
 never patient data or UIDs.
@@ -41,6 +41,7 @@ from xray_triage.events import (
 )
 from xray_triage.store.consult_schema import Consult
 from xray_triage.store.db import Database
+from xray_triage.store.delivery_schema import DELIVERY_PENDING, Delivery, Destination
 from xray_triage.store.schema import JOB_QUEUED, JOB_RUNNING, Instance, TriageJob
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,24 @@ class Backlog:
     label: str  # label name, e.g. "destination"
     help: str
     query: Callable[[Session], dict[str, tuple[int, datetime | None]]]
+
+
+def destination_backlog(session: Session) -> dict[str, tuple[int, datetime | None]]:
+    """Per destination (by name, every configured one): objects not yet sent, and the oldest's queueing time."""
+    rows = session.execute(
+        select(Destination.name, func.count(Delivery.id), func.min(Delivery.created_at))
+        .outerjoin(Delivery, (Delivery.destination_id == Destination.id) & (Delivery.state == DELIVERY_PENDING))
+        .group_by(Destination.name)
+    ).all()
+    return {name: (count, oldest) for name, count, oldest in rows}
+
+
+DESTINATION_BACKLOG = Backlog(
+    name="destination",
+    label="destination",
+    help="objects queued for a PACS destination and not yet acknowledged (deliveries pending), by destination name",
+    query=destination_backlog,
+)
 
 
 class DatabaseCollector(Collector):
@@ -183,6 +202,7 @@ class Metrics:
             registry=self.registry,
         )
         self.database = DatabaseCollector(db, clock)
+        self.database.add_backlog(DESTINATION_BACKLOG)
         self.registry.register(self.database)
 
     def attach(self) -> Metrics:

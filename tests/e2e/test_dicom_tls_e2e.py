@@ -7,7 +7,8 @@ A peer is refused at the handshake without a certificate or with one of another
 CA, and at association time when its certificate does not belong to the calling
 AE title it uses (CN = AE title, or a pinned SHA-256). A client that never
 finishes its handshake, or speaks plain DICOM to the TLS port, is closed and
-holds no slot. ``/metrics`` is read with prometheus_client's parser after an
+holds no slot. A second server delivers images to this one's TLS port through a
+``--tls`` destination with a client certificate (branch ``delivery``). ``/metrics`` is read with prometheus_client's parser after an
 image sent over TLS, its triage and a consult answered through the web app.
 Waits are upper bounds, never expectations of speed.
 """
@@ -31,6 +32,7 @@ from e2e_helpers import (
     check_cli,
     copy_with_new_uids,
     create_users,
+    dataset_bytes,
     echoscu,
     free_port,
     http,
@@ -42,6 +44,7 @@ from e2e_helpers import (
 
 pytestmark = pytest.mark.slow
 
+SENDER = "SITE_A"  # the AE title of the second, sending server (a registered station here)
 PINNED = "PINNED_DR1"  # a station pinned by fingerprint, whose certificate's CN is not its AE title
 OTHER = "STATION2"  # registered, no pinned certificate
 REQUEST_TIMEOUT_S = 2
@@ -66,6 +69,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "station1": ca.issue(STATION1),
         "pinned": ca.issue("device-serial-4711"),
         "rogue_station1": rogue.issue(STATION1),
+        "sender": ca.issue(SENDER),
     }
 
 
@@ -83,7 +87,7 @@ def server(module_launcher: object, pki: dict[str, object]) -> Iterator[Server]:
         "XRAY_TRIAGE_ASSOCIATION_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
         "XRAY_TRIAGE_SHUTDOWN_GRACE_S": "1",
     }
-    server = module_launcher.launch("tls", env=env, stations=[(OTHER, "Other station", None)], start=False)  # type: ignore[attr-defined]
+    server = module_launcher.launch("tls", env=env, stations=[(OTHER, "Other station", None), (SENDER, "Site A server", None)], start=False)  # type: ignore[attr-defined]
     check_cli(
         "stations", "add", PINNED, "--name", "Pinned", "--tls-cert-fingerprint", pinned.sha256.upper(),
         "--data-dir", server.data_dir,
@@ -179,8 +183,8 @@ def test_stalled_or_plain_clients_are_closed_and_hold_no_slot(server: Server, pk
     assert "TLS handshake not completed in time" in server.log(), server.log_tail()
 
 
-def _scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    token = TOKENS["metrics-admin"]
+def _scrape(server: Server, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    token = token or TOKENS["metrics-admin"]
     response = http.get(server.url("/metrics"), headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text[:500]
     return {
@@ -227,3 +231,53 @@ def test_metrics_after_tls_traffic_triage_and_a_consult(server: Server, pki: dic
     assert after[turnaround] - before.get(turnaround, 0) == 1
     assert after[("xray_triage_triage_queue_depth", (("state", "queued"),))] == 0
     assert after[("xray_triage_database_up", ())] == 1
+
+
+def test_server_delivers_images_to_another_servers_tls_port(
+    server: Server, module_launcher: object, pki: dict[str, object], tmp_path: Path
+) -> None:
+    ca: CertAuthority = pki["ca"]  # type: ignore[assignment]
+    own: Issued = pki["sender"]  # type: ignore[assignment]
+    sender = module_launcher.launch(  # type: ignore[attr-defined]
+        "sender",
+        env={
+            "XRAY_TRIAGE_AE_TITLE": SENDER,
+            "XRAY_TRIAGE_REQUIRE_CALLED_AE_TITLE": "false",  # the test's storescu/echoscu call it XRAY_TRIAGE
+            "XRAY_TRIAGE_DELIVERY_TLS_CA_FILE": str(ca.cert),
+            "XRAY_TRIAGE_DELIVERY_TLS_CERT_FILE": str(own.cert),
+            "XRAY_TRIAGE_DELIVERY_TLS_KEY_FILE": str(own.key),
+            "XRAY_TRIAGE_DELIVERY_RETRY_INITIAL_S": "0.5",
+            "XRAY_TRIAGE_DELIVERY_RETRY_MAX_S": "2",
+            "XRAY_TRIAGE_DELIVERY_POLL_S": "0.3",
+            "XRAY_TRIAGE_DELIVERY_TIMEOUT_S": "10",
+            "XRAY_TRIAGE_TRIAGE_WORKERS": "0",
+        },
+        start=False,
+    )
+    check_cli(
+        "destinations", "add", "central", "--ae-title", "XRAY_TRIAGE", "--host", "127.0.0.1",
+        "--port", str(tls_port(server)), "--send", "images", "--tls", "--data-dir", sender.data_dir,
+    )  # fmt: skip
+    sender_tokens = create_users(sender.data_dir, USERS[:1])
+    sender.start()
+    (path,) = copy_with_new_uids([SMALL_FILE], tmp_path)
+    uids = read_uids(path)
+    store_ok([path], sender.dicom_port)
+    deadline = time.monotonic() + 120
+    rows: list[object] = []
+    while time.monotonic() < deadline and not rows:
+        rows = server.db().execute(
+            "SELECT calling_ae, file_path FROM instances WHERE sop_instance_uid = ?", (uids.sop,)
+        ).fetchall()
+        time.sleep(0.2)
+    assert rows, f"not delivered over TLS\n{sender.log_tail()}\n{server.log_tail()}"
+    assert rows[0][0] == SENDER, rows
+    assert dataset_bytes(server.data_dir / rows[0][1]) == dataset_bytes(path), "the data set changed on the way"
+    sent = sender.db().execute("SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,)).fetchall()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and [r[0] for r in sent] != ["sent"]:
+        time.sleep(0.2)
+        sent = sender.db().execute("SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,)).fetchall()
+    assert [r[0] for r in sent] == ["sent"], sent
+    after = _scrape(sender, sender_tokens["metrics-admin"])
+    assert after[("xray_triage_destination_backlog", (("destination", "central"),))] == 0, after

@@ -23,6 +23,7 @@ from xray_triage.metrics import Metrics
 from xray_triage.settings import Settings
 from xray_triage.store.consult_schema import Consult
 from xray_triage.store.db import open_database
+from xray_triage.store.delivery_schema import Delivery
 from xray_triage.store.schema import Instance, TriageJob, utcnow
 from xray_triage.store.users import create_api_token
 
@@ -139,3 +140,32 @@ def test_metrics_need_an_admin(env: tuple[WebEnv, FakeClock]) -> None:
     assert specialist.status_code == 403, specialist.text[:300]
     logged_in, _ = client_for(web, "admin1")  # a browser login of an admin works too
     assert logged_in.get("/metrics").status_code == 200
+
+
+def test_destination_backlog_is_read_from_the_delivery_queue(env: tuple[WebEnv, FakeClock], shared_dicom: Path) -> None:
+    """Deliveries queued the way the delivery consumer queues them (outbox -> enqueue), none sent."""
+    from xray_triage.store import outbox
+    from xray_triage.store.deliveries import enqueue, mark_sent
+    from xray_triage.store.destinations import DestinationSpec, add_destination
+
+    web, clock = env
+    with web.db.session() as session:
+        token = create_api_token(session, "admin1")
+        add_destination(session, DestinationSpec("pacs", "PACS", "10.0.0.5", 104, ("images",)))
+        add_destination(session, DestinationSpec("idle", "IDLE", "10.0.0.6", 104, ("consult-results",)))
+    for _ in range(3):
+        store_dicom(web, shared_dicom / GOOD, STATION)
+    with web.db.session() as session:
+        events, _ = outbox.read_after(session, 0)
+        queued = sum(enqueue(session, stored) for stored in events)
+    assert queued == 3
+    with web.db.session() as session:
+        first = session.execute(select(Delivery.id, Delivery.created_at).order_by(Delivery.id)).first()
+        mark_sent(session, first.id, 0, utcnow())
+        oldest_pending = session.scalar(select(Delivery.created_at).where(Delivery.state == "pending").order_by(Delivery.created_at))
+    clock.now = oldest_pending + timedelta(seconds=600)
+    scraped = scrape(TestClient(web.app, base_url="http://testserver"), token)
+    assert value(scraped, "xray_triage_destination_backlog", destination="pacs") == 2
+    assert value(scraped, "xray_triage_destination_backlog", destination="idle") == 0
+    assert value(scraped, "xray_triage_destination_backlog_oldest_age_seconds", destination="pacs") == pytest.approx(600)
+    assert value(scraped, "xray_triage_destination_backlog_oldest_age_seconds", destination="idle") == 0
