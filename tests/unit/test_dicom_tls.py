@@ -117,3 +117,40 @@ def test_tls_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XRAY_TRIAGE_DICOM_TLS_KEY_FILE", "/etc/xray-triage/server.key")
     settings = load_settings()
     assert (settings.dicom_tls_port, settings.dicom_plain_enabled, settings.dicom_tls_require_client_cert) == (2762, False, True)
+
+
+def test_tls_only_gateway_with_a_pynetdicom_scu(db: Database, tmp_path: Path) -> None:
+    """``dicom_plain_enabled = false``: only the TLS listener is bound; pynetdicom's SCU (``tls_args``)
+    with STATION1's certificate is accepted, the pinned station's AE title with it is rejected."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_gateway.scp import DicomGateway, GatewayConfig
+    from xray_triage.store.ingest import Ingestor, TriagePolicy
+
+    ca = CertAuthority("ca", tmp_path / "pki")
+    server = ca.issue("localhost", server=True)
+    station = ca.issue("STATION1")
+    config = GatewayConfig(
+        ae_title="XRAY_TRIAGE", host="127.0.0.1", port=0, accept_unknown_stations=False, max_associations=4,
+        acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=5, max_pdu=0, max_associations_per_station=2,
+        reserved_station_associations=1, association_request_timeout_s=2,
+        tls=TlsConfig(0, server.cert, server.key, ca.cert, require_client_cert=True), plain_enabled=False,
+    )  # fmt: skip
+    gateway = DicomGateway(config, db, Ingestor(tmp_path / "data", db, TriagePolicy(["CR", "DX"], ["CHEST"])))
+    gateway.start()
+    try:
+        assert set(gateway._server.by_kind) == {"tls"}  # type: ignore[union-attr]
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca.cert))
+        client.load_cert_chain(str(station.cert), str(station.key))
+        results = {}
+        for calling in ("STATION1", "PINNED"):
+            ae = AE(ae_title=calling)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", gateway.tls_port, ae_title="XRAY_TRIAGE", tls_args=(client, "localhost"))
+            results[calling] = assoc.is_established and assoc.send_c_echo().Status == 0
+            if assoc.is_established:
+                assoc.release()
+        assert results == {"STATION1": True, "PINNED": False}
+    finally:
+        gateway.stop(0.5)
