@@ -231,7 +231,10 @@ class DicomGateway:
                     tls_context=context,
                 )
         except OSError:
-            listeners.shutdown()
+            # The other port may be bound already: close it (shutdown() would wait for an
+            # accept loop that never started).
+            for server in listeners.by_kind.values():
+                server.server_close()
             raise
         self._server = listeners
         for kind, server in listeners.by_kind.items():

@@ -154,3 +154,37 @@ def test_tls_only_gateway_with_a_pynetdicom_scu(db: Database, tmp_path: Path) ->
         assert results == {"STATION1": True, "PINNED": False}
     finally:
         gateway.stop(0.5)
+
+
+def test_tls_port_in_use_fails_start_and_frees_the_plain_port(db: Database, tmp_path: Path) -> None:
+    """Both listeners or none: a busy TLS port raises at start and the plain port bound first is released."""
+    import socket
+
+    from dicom_gateway.scp import DicomGateway, GatewayConfig
+    from xray_triage.store.ingest import Ingestor, TriagePolicy
+
+    ca = CertAuthority("ca", tmp_path / "pki")
+    server = ca.issue("localhost", server=True)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    plain_port = probe.getsockname()[1]
+    probe.close()
+    try:
+        config = GatewayConfig(
+            ae_title="XRAY_TRIAGE", host="127.0.0.1", port=plain_port, accept_unknown_stations=False,
+            max_associations=4, acse_timeout_s=5, dimse_timeout_s=5, network_timeout_s=5, max_pdu=0,
+            reserved_station_associations=1,
+            tls=TlsConfig(busy.getsockname()[1], server.cert, server.key, None, require_client_cert=False),
+        )  # fmt: skip
+        gateway = DicomGateway(config, db, Ingestor(tmp_path / "data", db, TriagePolicy(["CR"], ["CHEST"])))
+        with pytest.raises(OSError):
+            gateway.start()
+        again = socket.socket()
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", plain_port))  # the plain listener was closed
+        again.close()
+    finally:
+        busy.close()
