@@ -32,6 +32,7 @@ from consult_web.templating import render, request_language
 from xray_triage import __version__
 from xray_triage.consults.errors import RuleError
 from xray_triage.inference.card import ModelCard
+from xray_triage.metrics import Metrics
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
@@ -57,6 +58,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     storage: StorageGuard | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     """Build the app around an open database; ``health`` holds live component state,
     ``storage`` the gateway's disk guard (one is made from ``settings`` if not given)."""
@@ -72,6 +74,7 @@ def create_app(
         studies,
         worklist,
     )
+    from consult_web.routes import metrics as metrics_route
 
     settings = settings or Settings()
     app = FastAPI(title="xray-triage", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -93,9 +96,13 @@ def create_app(
     app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
+    # Operators' metrics (/metrics): the composition root's registry, or one of this app's own.
+    app.state.metrics = metrics if metrics is not None else Metrics(db).attach()
 
     for module in (login, worklist, studies, report, images, admin, live, healthcheck):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        app.include_router(metrics_route.router)
     api_routes = APIRouter()
     for module in (api, images, annotations):
         api_routes.include_router(module.api_router, responses=API_ERRORS)

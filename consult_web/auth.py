@@ -45,8 +45,12 @@ class CsrfError(Exception):
     """A state-changing request without the right CSRF token (or from another origin)."""
 
 
+# Machine-facing paths outside /api/ that take bearer tokens and answer errors as JSON.
+MACHINE_PATHS = frozenset({"/metrics"})
+
+
 def is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+    return request.url.path.startswith("/api/") or request.url.path in MACHINE_PATHS
 
 
 def client_ip(request: Request) -> str:

@@ -23,6 +23,12 @@ socketserver thread but with no Association yet:
 Every connection handed over gets a socket timeout (``read_timeout_s``, the
 gateway's network timeout; pynetdicom sets none on accepted sockets), so a
 stalled read ends instead of blocking an Association thread for ever.
+
+On the DICOM TLS port (``GatedAssociationServer(tls_context=...)``) the TLS
+handshake runs first, non-blocking, in the same waiting room and under the same
+deadline (:meth:`PendingGate.tls_handshake`); the encrypted A-ASSOCIATE-RQ cannot
+be peeked at, so the connection is handed over once its first encrypted bytes
+arrive and the gateway's reaper bounds the rest.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import logging
 import select
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +85,7 @@ class GateStats:
     timed_out: int = 0
     evicted: int = 0
     refused_stopping: int = 0
+    tls_failed: int = 0  # TLS handshake failed (no or untrusted client certificate, not TLS at all)
 
 
 class PendingGate:
@@ -162,6 +170,68 @@ class PendingGate:
             )
         return outcome == "request"
 
+    def tls_handshake(self, entry: _Pending, context: ssl.SSLContext) -> ssl.SSLSocket | None:
+        """Run the server side of a TLS handshake within the entry's deadline (DICOM TLS port).
+
+        Non-blocking, so a peer that trickles its handshake byte by byte is cut at the
+        same ``request_timeout_s`` (counted from accept) as one that trickles an
+        A-ASSOCIATE-RQ, and an evicted entry ends at once. Returns the TLS socket (the
+        entry now holds it), or None: the connection is closed and the reason counted.
+        """
+        try:
+            entry.sock.setblocking(False)
+            tls = context.wrap_socket(entry.sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            _close(entry.sock)
+            return self._handshake_failed(entry, "closed")
+        with self._lock:
+            entry.sock = tls  # an eviction from now on shuts the TLS socket down
+        outcome = "timeout"
+        why = ""
+        while not entry.evicted:
+            remaining = entry.deadline - self.clock()
+            if remaining <= 0:
+                break
+            wait_s = min(remaining, 0.5)
+            try:
+                tls.do_handshake()
+                outcome = "done"
+                break
+            except ssl.SSLWantReadError:
+                select.select([tls], [], [], wait_s)
+            except ssl.SSLWantWriteError:
+                select.select([], [tls], [], wait_s)
+            except ssl.SSLError as exc:
+                outcome = "tls"
+                why = exc.reason or str(exc)
+                break
+            except OSError:
+                outcome = "closed"
+                break
+        if outcome == "done" and not entry.evicted:
+            tls.setblocking(True)
+            return tls
+        _close(tls)
+        return self._handshake_failed(entry, "evicted" if entry.evicted else outcome, why)
+
+    def _handshake_failed(self, entry: _Pending, outcome: str, why: str = "") -> None:
+        with self._lock:
+            if entry in self._pending:
+                self._pending.remove(entry)
+            counter = {"closed": "closed_by_peer", "timeout": "timed_out", "tls": "tls_failed"}.get(outcome)
+            if counter is not None:
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if outcome == "timeout":
+            self._log(
+                "timed_out",
+                "connection dropped: TLS handshake not completed in time",
+                {"peer": entry.address, "timeout_s": self.limits.request_timeout_s},
+            )
+        elif outcome == "tls":
+            # No or untrusted client certificate, or not TLS at all (plain DICOM on the TLS port).
+            self._log("tls_failed", "TLS handshake failed: connection closed", {"peer": entry.address, "why": why})
+        return None
+
     def _log(self, kind: str, message: str, extra: dict[str, object], level: int = logging.WARNING) -> None:
         """Log one kind of drop at most once per LOG_INTERVAL_S (a flood must not flood the
         log), with the running count of that kind."""
@@ -185,8 +255,16 @@ class PendingGate:
             remaining = entry.deadline - self.clock()
             if remaining <= 0:
                 return "timeout"
+            if isinstance(entry.sock, ssl.SSLSocket) and entry.sock.pending():
+                return "request"
             if not poller.poll(max(1, int(min(remaining, 0.5) * 1000))):
                 continue
+            if isinstance(entry.sock, ssl.SSLSocket):
+                # Encrypted: the PDU header cannot be peeked at without consuming it. The
+                # first bytes after the handshake go to pynetdicom, which rejects anything
+                # but an A-ASSOCIATE-RQ; the gateway's reaper cuts one not completed within
+                # association_request_timeout_s.
+                return "request"
             try:
                 data = entry.sock.recv(PEEK_LIMIT, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -226,6 +304,11 @@ class PendingGate:
             return len(self._pending)
 
 
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with the :class:`PendingGate` in front of each association.
 
@@ -238,8 +321,11 @@ class GatedAssociationServer(ThreadedAssociationServer):
     block_on_close = False  # server_close must not wait for connection threads; stop() ends them
     daemon_threads = True
 
-    def __init__(self, *args: object, gate: PendingGate, **kwargs: object) -> None:
+    def __init__(self, *args: object, gate: PendingGate, tls_context: ssl.SSLContext | None = None, **kwargs: object) -> None:
         self.gate = gate
+        # DICOM TLS: our own context, not pynetdicom's ssl_context, whose get_request
+        # would run each handshake in the accept loop, where one slow client stalls all.
+        self.tls_context = tls_context
         self._entries: dict[int, _Pending] = {}
         self._entries_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -256,6 +342,11 @@ class GatedAssociationServer(ThreadedAssociationServer):
         with self._entries_lock:
             entry = self._entries.pop(id(request), None)
         try:
+            if entry is not None and self.tls_context is not None:
+                tls = self.gate.tls_handshake(entry, self.tls_context)
+                if tls is None:
+                    return  # closed by the gate
+                request = tls
             if entry is None or not self.gate.wait_for_request(entry):
                 self.shutdown_request(request)
                 return

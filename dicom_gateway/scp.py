@@ -8,6 +8,11 @@ recognised"; a request addressed to another called AE title is rejected with
 C-STORE is handed to :class:`xray_triage.store.ingest.Ingestor`, which answers
 Success only once the file is fsync'ed and its row committed.
 
+DICOM TLS (issue 15): an optional second listener on ``GatewayConfig.tls.port``
+(:mod:`dicom_gateway.tls`); both listeners share the gate, the slot table and
+the reaper. On EVT_REQUESTED the peer's client certificate must belong to the
+calling AE title (:func:`xray_triage.store.station_certs.check_certificate`).
+
 Defences against a hostile or broken network (issue 11):
 
 * connections wait in :mod:`dicom_gateway.connections` until they have sent a
@@ -29,6 +34,7 @@ Defences against a hostile or broken network (issue 11):
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +47,10 @@ from pynetdicom.sop_class import Verification
 
 from dicom_gateway.connections import GatedAssociationServer, PendingGate, PendingLimits, force_close
 from dicom_gateway.limits import SlotLimits, SlotTable
+from dicom_gateway.tls import TlsConfig, peer_certificate, server_context
 from xray_triage.store.db import Database
 from xray_triage.store.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
+from xray_triage.store.station_certs import check_certificate
 from xray_triage.store.stations import admit
 
 log = logging.getLogger(__name__)
@@ -106,6 +114,28 @@ class GatewayConfig:
     max_associations_per_address: int = 16
     reserved_station_associations: int = 8
     max_dataset_bytes: int = 256 * 1024 * 1024
+    tls: TlsConfig | None = None  # DICOM TLS listener on its own port (None: none)
+    plain_enabled: bool = True  # False: TLS only, no plain listener on ``port``
+
+
+class _Listeners:
+    """The gateway's listening servers (plain and/or TLS), seen as one: they share the
+    gate, the slot table and the reaper, so limits count both ports together."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, GatedAssociationServer] = {}
+
+    @property
+    def active_associations(self) -> list[object]:
+        return [a for server in self.by_kind.values() for a in server.active_associations]
+
+    def shutdown(self) -> None:
+        for server in self.by_kind.values():
+            server.shutdown()
+
+    def port(self, kind: str) -> int | None:
+        server = self.by_kind.get(kind)
+        return server.server_address[1] if server else None
 
 
 class DicomGateway:
@@ -123,7 +153,8 @@ class DicomGateway:
         self.ingestor = ingestor
         self.clock = clock
         self.ae = _make_ae(config)
-        self._server: GatedAssociationServer | None = None
+        self._server: _Listeners | None = None
+        self.tls_context = server_context(config.tls) if config.tls is not None else None
         self._last_activity: dict[int, float] = {}
         self._activity_lock = threading.Lock()
         self.gate = PendingGate(
@@ -156,8 +187,17 @@ class DicomGateway:
 
     @property
     def port(self) -> int:
-        """The bound port (useful when configured as 0)."""
-        return self._server.server_address[1] if self._server else self.config.port
+        """The bound plain port (useful when configured as 0)."""
+        bound = self._server.port("plain") if self._server else None
+        return bound if bound is not None else self.config.port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (None without a TLS listener)."""
+        bound = self._server.port("tls") if self._server else None
+        if bound is None and self.config.tls is not None:
+            return self.config.tls.port
+        return bound
 
     def start(self) -> None:
         handlers = [
@@ -175,20 +215,41 @@ class DicomGateway:
         ]
         # make_server (pynetdicom's documented way to use a custom server class) instead
         # of start_server; the accept loop runs in our own thread, as start_server's does.
-        server = self.ae.make_server(
-            (self.config.host, self.config.port),
-            evt_handlers=handlers,
-            server_class=GatedAssociationServer,
-            gate=self.gate,
-        )
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+        listeners = _Listeners()
+        ports = []
+        if self.config.plain_enabled:
+            ports.append(("plain", self.config.port, None))
+        if self.config.tls is not None:
+            ports.append(("tls", self.config.tls.port, self.tls_context))
+        try:
+            for kind, port, context in ports:
+                listeners.by_kind[kind] = self.ae.make_server(
+                    (self.config.host, port),
+                    evt_handlers=handlers,
+                    server_class=GatedAssociationServer,
+                    gate=self.gate,
+                    tls_context=context,
+                )
+        except OSError:
+            # The other port may be bound already: close it (shutdown() would wait for an
+            # accept loop that never started).
+            for server in listeners.by_kind.values():
+                server.server_close()
+            raise
+        self._server = listeners
+        for kind, server in listeners.by_kind.items():
+            threading.Thread(target=server.serve_forever, name=f"dicom-accept-{kind}", daemon=True).start()
         self._reaper_stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, name="dicom-reaper", daemon=True)
         self._reaper.start()
         log.info(
             "DICOM gateway listening",
-            extra={"ae_title": self.config.ae_title, "host": self.config.host, "port": self.port},
+            extra={
+                "ae_title": self.config.ae_title,
+                "host": self.config.host,
+                "port": self.port if self.config.plain_enabled else None,
+                "tls_port": self.tls_port,
+            },
         )
 
     def active_associations(self) -> int:
@@ -230,7 +291,7 @@ class DicomGateway:
             extra={"aborted": len(remaining), "pending_dropped": dropped, "connections_cut": cut},
         )
 
-    def _finish_closing(self, server: GatedAssociationServer) -> int:
+    def _finish_closing(self, server: _Listeners) -> int:
         """Give aborts CLOSE_LINGER_S to leave, then cut what is still blocked; bounded."""
         deadline = time.monotonic() + CLOSE_LINGER_S
         while server.active_associations and time.monotonic() < deadline:
@@ -344,9 +405,16 @@ class DicomGateway:
                 extra={"calling_ae": calling_ae, "peer": peer, "why": f"called AE title {called_ae!r} is not ours"},
             )
             return
+        sock = _raw_socket(assoc)
+        over_tls = isinstance(sock, ssl.SSLSocket)
         try:
             with self.db.session() as session:
                 decision = admit(session, calling_ae, peer, accept_unknown=self.config.accept_unknown_stations)
+                cert_problem = (
+                    check_certificate(session, calling_ae, over_tls=over_tls, peer=peer_certificate(sock))
+                    if decision.accepted
+                    else None
+                )
         except Exception as exc:  # a DB outage must reject, not crash the association thread
             log.error("station check failed, rejecting", extra={"calling_ae": calling_ae, "error": str(exc)})
             self._reject(assoc, 0x02, REASON_NO_REASON)  # transient: the modality may retry
@@ -356,12 +424,18 @@ class DicomGateway:
             log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
             self._reject(assoc, REJECT_PERMANENT, reason)
             return
+        if cert_problem is not None:
+            log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": cert_problem})
+            self._reject(assoc, REJECT_PERMANENT, REASON_CALLING_AE_NOT_RECOGNISED)
+            return
         full = self.slots.try_take(assoc, calling_ae, peer, decision.registered)
         if full is not None:
             log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": full})
             self._reject(assoc, REJECT_TRANSIENT, REASON_LOCAL_LIMIT_EXCEEDED, SOURCE_PROVIDER_PRESENTATION)
             return
-        log.info("association requested", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
+        log.info(
+            "association requested", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason, "tls": over_tls}
+        )
 
     def _reject(self, assoc: object, result: int, reason: int, source: int = SOURCE_SERVICE_USER) -> None:
         with self._track_lock:

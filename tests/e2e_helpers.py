@@ -436,15 +436,19 @@ def storescu(
     ts_flag: str | None = None,
     host: str = "127.0.0.1",
     timeout: float = DCMTK_TIMEOUT_S,
+    tls: Sequence[str] = (),
 ) -> DcmtkRun:
-    """Send files in one association; the -x flag follows the files' transfer syntax."""
+    """Send files in one association; the -x flag follows the files' transfer syntax.
+
+    ``tls``: dcmtk TLS options, e.g. ``["+tls", key, cert, "+cf", ca]`` (DICOM TLS port)."""
     if ts_flag is None:
         flags = {TS_FLAGS[read_uids(f).transfer_syntax] for f in files}
         assert len(flags) == 1, f"one storescu run sends one transfer syntax, got {flags}"
         ts_flag = flags.pop()
-    args = ["storescu", "-v", ts_flag, "-aet", aet, "-aec", aec, host, str(port), *map(str, files)]
+    args = ["storescu", "-v", ts_flag, *map(str, tls), "-aet", aet, "-aec", aec, host, str(port), *map(str, files)]
     proc = subprocess.run(
-        args, capture_output=True, text=True, errors="replace", env=dcmtk_env(), timeout=timeout
+        args, capture_output=True, text=True, errors="replace", env=dcmtk_env(), timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
     return DcmtkRun(args, proc.returncode, proc.stdout, proc.stderr)
 
@@ -458,9 +462,13 @@ def store_ok(files: Sequence[Path], port: int, **kwargs: Any) -> DcmtkRun:
     return run
 
 
-def echoscu(port: int, *, aet: str = STATION1, aec: str = CALLED_AE, host: str = "127.0.0.1") -> DcmtkRun:
-    args = ["echoscu", "-v", "-aet", aet, "-aec", aec, host, str(port)]
-    proc = subprocess.run(args, capture_output=True, text=True, errors="replace", env=dcmtk_env(), timeout=60)
+def echoscu(
+    port: int, *, aet: str = STATION1, aec: str = CALLED_AE, host: str = "127.0.0.1", tls: Sequence[str] = ()
+) -> DcmtkRun:
+    args = ["echoscu", "-v", *map(str, tls), "-aet", aet, "-aec", aec, host, str(port)]
+    proc = subprocess.run(
+        args, capture_output=True, text=True, errors="replace", env=dcmtk_env(), timeout=60, stdin=subprocess.DEVNULL
+    )
     return DcmtkRun(args, proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -54,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_stations(args: argparse.Namespace) -> int:
     from xray_triage.store.db import open_database
+    from xray_triage.store.station_certs import pin_certificate, pinned_fingerprints, unpin_all
     from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
 
     db = open_database(_settings(args))
@@ -61,14 +62,24 @@ def cmd_stations(args: argparse.Namespace) -> int:
         with db.session() as session:
             if args.stations_cmd == "add":
                 station = add_station(session, args.ae_title, args.name or "", args.allow_ip)
-                print(f"added station {station.ae_title} ({station.name or 'no name'})")
+                for fingerprint in args.tls_cert_fingerprint or []:
+                    pin_certificate(session, station.ae_title, fingerprint)
+                pinned = f", {len(args.tls_cert_fingerprint)} pinned TLS certificate(s)" if args.tls_cert_fingerprint else ""
+                print(f"added station {station.ae_title} ({station.name or 'no name'}){pinned}")
             elif args.stations_cmd == "remove":
+                unpin_all(session, args.ae_title)
                 if not remove_station(session, args.ae_title):
                     raise CliError(f"no station with AE title {args.ae_title!r} (see 'xray-triage stations list')")
                 print(f"removed station {args.ae_title}")
             else:
                 rows = [
-                    {"ae_title": s.ae_title, "name": s.name, "allowed_ips": s.allowed_ips or "", "created_at": s.created_at}
+                    {
+                        "ae_title": s.ae_title,
+                        "name": s.name,
+                        "allowed_ips": s.allowed_ips or "",
+                        "created_at": s.created_at,
+                        "tls_cert_sha256": sorted(pinned_fingerprints(session, s.ae_title)),
+                    }
                     for s in list_stations(session)
                 ]
                 if args.json:
@@ -77,7 +88,8 @@ def cmd_stations(args: argparse.Namespace) -> int:
                     print("no stations registered; add one with: xray-triage stations add AE_TITLE --name NAME")
                 else:
                     for r in rows:
-                        print(f"{r['ae_title']:<16}  {r['name']:<40}  {r['allowed_ips'] or 'any address'}")
+                        pins = f"  {len(r['tls_cert_sha256'])} pinned TLS certificate(s)" if r["tls_cert_sha256"] else ""
+                        print(f"{r['ae_title']:<16}  {r['name']:<40}  {r['allowed_ips'] or 'any address'}{pins}")
     except StationError as exc:
         raise CliError(str(exc)) from exc
     finally:
@@ -351,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     st_add.add_argument("ae_title", metavar="AE_TITLE")
     st_add.add_argument("--name", default="", help='human name, e.g. "Trạm Y tế Thạnh An"')
     st_add.add_argument("--allow-ip", help="only accept from these addresses/networks, comma-separated")
+    st_add.add_argument(
+        "--tls-cert-fingerprint",
+        action="append",
+        metavar="SHA256",
+        help="pin a TLS client certificate by its SHA-256 (openssl x509 -noout -fingerprint -sha256); repeatable. "
+        "The station must then use the DICOM TLS port with that certificate (without: its certificate's CN "
+        "must be its AE title)",
+    )
     st_rm = st_sub.add_parser("remove", parents=[common], help="unregister a station")
     st_rm.add_argument("ae_title", metavar="AE_TITLE")
     st_ls = st_sub.add_parser("list", parents=[common], help="list registered stations")
@@ -403,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_triage_server.cli_users import register as register_user_commands
 
     register_user_commands(sub, common, _settings)
+    from xray_triage_server.cli_destinations import register as register_destination_commands
+
+    register_destination_commands(sub, common, _settings)
     register_plugin_commands(CommandGroups(top=sub, models=md_sub, common=common))
     return parser
 

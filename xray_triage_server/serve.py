@@ -28,9 +28,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
+from dicom_gateway.tls import TlsConfig, TlsConfigError, server_context
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
+from xray_triage.metrics import Metrics
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
@@ -39,6 +41,7 @@ from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
+from xray_triage_server.delivery import Delivery, DestinationError
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,21 @@ def gateway_config(settings: Settings) -> GatewayConfig:
         max_associations_per_address=settings.max_associations_per_address,
         reserved_station_associations=settings.reserved_station_associations,
         max_dataset_bytes=settings.max_dataset_bytes,
+        tls=tls_config(settings),
+        plain_enabled=settings.dicom_plain_enabled,
+    )
+
+
+def tls_config(settings: Settings) -> TlsConfig | None:
+    """The DICOM TLS listener's settings (None when ``dicom_tls_port`` is unset)."""
+    if settings.dicom_tls_port is None or settings.dicom_tls_cert_file is None or settings.dicom_tls_key_file is None:
+        return None
+    return TlsConfig(
+        port=settings.dicom_tls_port,
+        cert_file=settings.dicom_tls_cert_file,
+        key_file=settings.dicom_tls_key_file,
+        ca_file=settings.dicom_tls_ca_file,
+        require_client_cert=settings.dicom_tls_require_client_cert,
     )
 
 
@@ -193,6 +211,12 @@ def run_server(settings: Settings) -> int:
 def _run(settings: Settings, http_socket: socket.socket) -> int:
     import uvicorn
 
+    tls = tls_config(settings)
+    if tls is not None:
+        try:
+            server_context(tls)  # a bad certificate, key or CA file stops start-up with one line, before anything
+        except TlsConfigError as exc:
+            raise CliError(str(exc)) from exc
     card = load_card(settings.model_dir, variant=settings.model_variant)  # sha256 checked: a bad model stops start-up
     runner = ModelRunner(
         card,
@@ -222,6 +246,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         max_frame_pixels=settings.max_frame_pixels,
     )
     db.events.register(InstanceStored, lambda event: workers.notify() if event.triage_queued else None)
+    metrics = Metrics(db).attach()  # before the gateway and workers commit anything
     storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     health: dict[str, Any] = {"dicom_gateway": "starting"}
     stop_requested = threading.Event()
@@ -235,17 +260,23 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
     try:
+        try:
+            delivery.start()
+        except DestinationError as exc:
+            raise CliError(f"[[destinations]]: {exc}") from exc
         try:
             gateway.start()
         except OSError as exc:
             reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise CliError(
-                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}: {reason} "
-                "(set dicom_port or --dicom-port)"
+                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}"
+                f"{f' / TLS {settings.dicom_tls_port}' if settings.dicom_tls_port is not None else ''}: {reason} "
+                "(set dicom_port or --dicom-port, dicom_tls_port)"
             ) from exc
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health, settings, storage=storage)
+        app = create_app(db, card, health, settings, storage=storage, metrics=metrics)
         config = uvicorn.Config(
             app,
             host=settings.http_host,
@@ -270,6 +301,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         stop_requested.set()
         gateway.stop(settings.shutdown_grace_s)
         recovery.join()
+        delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
         workers.stop()
         runner.close()
         db.dispose()

@@ -226,3 +226,21 @@ class QuarantinedInstance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
     peer_address: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class StationCertificate(Base):
+    """A TLS client certificate pinned to a station (DICOM TLS, PS3.15 B.1): its SHA-256.
+
+    A station with at least one row must present one of these certificates on the TLS
+    port and may not use the plain port; see ``xray_triage.store.station_certs``. A table
+    of its own (not a column of ``stations``) so existing databases gain it at start-up
+    and a station can hold two certificates while one is being replaced.
+    """
+
+    __tablename__ = "station_certificates"
+    __table_args__ = (UniqueConstraint("ae_title", "sha256", name="uq_station_certificates"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)  # lower-case hex of the DER certificate
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
