@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +40,18 @@ def shipped_model_dir() -> Path:
 
 
 DEFAULT_MODEL_DIR = shipped_model_dir()
+
+
+class DicomPeer(BaseModel):
+    """A DICOM node this server sends to: a C-MOVE destination (``[[dicom_peers]]`` in the TOML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a name for people and logs")
+    ae_title: str = Field(max_length=16, description="its AE title: the Move Destination a C-MOVE names")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = Field(False, description="DICOM TLS (not supported for C-MOVE yet: such a destination is refused)")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -172,6 +184,20 @@ class Settings(BaseSettings):
     triage_modalities: list[str] = Field(["CR", "DX"])
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
+
+    # Query/retrieve (C-FIND / C-MOVE / C-GET on the DICOM port) and FHIR
+    query_retrieve: bool = Field(
+        True, description="offer Study Root C-FIND, C-MOVE and C-GET on the DICOM port (a station sees only its own studies)"
+    )
+    qr_all_stations_ae_titles: list[str] = Field(
+        [],
+        description="calling AE titles (registered as stations too, e.g. the hospital PACS) whose C-FIND, "
+        "C-MOVE and C-GET see every station's studies",
+    )
+    dicom_peers: list[DicomPeer] = Field(
+        [], description="C-MOVE destinations ([[dicom_peers]] tables: name, ae_title, host, port, tls)"
+    )
+    fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
 
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")

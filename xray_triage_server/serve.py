@@ -27,10 +27,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
+from dicom_gateway.qr import QueryRetrieveConfig, QueryRetrieveSCP
 from dicom_gateway.scp import DicomGateway, GatewayConfig
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
+from xray_triage.move_destinations import move_resolver
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
@@ -158,6 +160,18 @@ def gateway_config(settings: Settings) -> GatewayConfig:
     )
 
 
+def query_retrieve(settings: Settings, db: Database) -> QueryRetrieveSCP | None:
+    """The gateway's C-FIND / C-MOVE / C-GET handlers (None when ``query_retrieve`` is off)."""
+    if not settings.query_retrieve:
+        return None
+    config = QueryRetrieveConfig(
+        data_dir=settings.data_dir,
+        all_stations_ae_titles=frozenset(ae.strip() for ae in settings.qr_all_stations_ae_titles),
+        resolve_move_destination=move_resolver(settings.dicom_peers),
+    )
+    return QueryRetrieveSCP(config, db)
+
+
 def bind_http(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound before anything else starts.
 
@@ -234,7 +248,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         default_character_set=settings.default_character_set,
         storage=storage,
     )
-    gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
     try:
         try:
             gateway.start()
