@@ -173,6 +173,15 @@ def test_move_sends_own_study_byte_for_byte(site: dict[str, Any], storescp: tupl
     assert run.returncode == 0, run.describe()
     assert not list(received.glob(f"*{u2.sop}*"))
 
+    # Station 2 moves its JPEG-LS image to a destination that takes uncompressed syntaxes only:
+    # decoded for it, same SOP Instance UID, same pixels.
+    run = movescu(STATION2, DEST, u2.study)
+    files = list(received.glob(f"*{u2.sop}*"))
+    assert run.returncode == 0 and len(files) == 1, run.describe() + server.log_tail()
+    got = pydicom.dcmread(files[0])
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(site["two"]).pixel_array)
+
     # An unknown destination: 0xA801.
     run = movescu(STATION1, "NOWHERE", u1.study)
     assert "Final Move Response (Refused: MoveDestinationUnknown)" in run.output, run.describe()
