@@ -13,6 +13,8 @@ by the gateway's station check (a registered station, or any AE with
 A study of another station is simply not found: the answer is the same as for a UID that
 does not exist.
 
+C-MOVE destinations are resolved by Move Destination AE title through the delivery
+registry (``xray_triage/move_destinations.py``); TLS ones use the senders' client TLS.
 C-GET and C-MOVE send each instance as stored (its own transfer syntax, the data set
 as received). The C-MOVE sub-association proposes, per SOP class, the stored transfer
 syntaxes plus Explicit and Implicit VR Little Endian; a C-GET peer offers its own. When
@@ -24,6 +26,7 @@ never changed.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,8 @@ class QueryRetrieveConfig:
     data_dir: Path
     all_stations_ae_titles: frozenset[str] = frozenset()
     resolve_move_destination: Callable[[str], MoveDestination | None] = lambda _ae: None
+    # Client TLS context for destinations marked tls (the delivery senders' settings); None: refused.
+    tls_context: Callable[[], ssl.SSLContext] | None = None
 
 
 class QueryRetrieveSCP:
@@ -139,31 +144,43 @@ class QueryRetrieveSCP:
         calling_ae = _calling_ae(event.assoc)
         destination_ae = str(event.move_destination, "ascii", "replace") if isinstance(event.move_destination, bytes) else str(event.move_destination)
         destination_ae = destination_ae.strip()
-        destination = self.config.resolve_move_destination(destination_ae)
+        try:
+            destination = self.config.resolve_move_destination(destination_ae)
+        except Exception as exc:  # e.g. the database is unreachable: answered as unknown, logged
+            log.error("cannot look up the move destination", extra={"move_destination": destination_ae, "error": str(exc)})
+            destination = None
         if destination is None:
             log.warning("C-MOVE refused", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "why": "unknown move destination"})
             yield None, None  # pynetdicom answers 0xA801 Move destination unknown
             return
+        tls_args = None
         if destination.tls:
-            log.warning("C-MOVE refused", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "why": "TLS destinations are not supported by the gateway yet"})
-            yield None, None
-            return
+            try:
+                if self.config.tls_context is None:
+                    raise ValueError("no client TLS configured")
+                tls_args = (self.config.tls_context(), destination.host)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.error("C-MOVE refused", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "why": f"TLS: {exc}"})
+                yield None, None
+                return
         found = self._retrieve_list(event, calling_ae, "C-MOVE")
         sop_classes: dict[str, set[str]] = {}
         if not isinstance(found, Dataset):
             for item in found:
                 sop_classes.setdefault(item.sop_class_uid, set()).add(item.transfer_syntax_uid)
         captured: list[Any] = []
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "contexts": _move_contexts(sop_classes),
             "evt_handlers": [(evt.EVT_ACCEPTED, lambda e: captured.append(e.assoc))],
         }
+        if tls_args is not None:
+            kwargs["tls_args"] = tls_args
         yield destination.host, destination.port, kwargs
         if isinstance(found, Dataset):
             yield 1
             yield found, None
             return
-        log.info("C-MOVE", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "instances": len(found)})
+        log.info("C-MOVE", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "destination": destination.name, "instances": len(found)})
         yield len(found)
         accepted = [cx for cx in (captured[0].accepted_contexts if captured else []) if cx.as_scu]
         yield from self._send(found, accepted, event)

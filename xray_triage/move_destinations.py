@@ -1,43 +1,57 @@
 """Where a C-MOVE sends its images: the Move Destination AE title -> host, port, TLS.
 
 PS3.4 C.4.2.1.2: the SCP must know the destination by its AE title; an unknown one is
-answered 0xA801 (Move destination unknown). Destinations come from the settings'
-``[[dicom_peers]]`` list (name, ae_title, host, port, tls). The ``delivery`` branch's
-destinations registry is meant to replace this source; callers only use
-:func:`move_resolver`'s function, so that swap stays in this module.
+answered 0xA801 (Move destination unknown). Destinations are the delivery registry's
+(``xray_triage/store/destinations.py``: ``xray-triage destinations add NAME --ae-title AE
+--host HOST --port PORT ...`` and the TOML ``[[destinations]]`` tables, synchronised into
+the same table at start-up). A destination is looked up at each C-MOVE, so one added
+with the CLI while the server runs is usable at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-class PeerLike(Protocol):
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    tls: bool
+from xray_triage.store.db import Database
+from xray_triage.store.delivery_schema import Destination
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class MoveDestination:
+    name: str
     host: str
     port: int
     tls: bool
 
 
-def move_resolver(peers: Sequence[PeerLike]) -> Callable[[str], MoveDestination | None]:
-    """``resolve_move_destination(ae_title) -> MoveDestination | None`` over ``peers``.
+def resolve_move_destination(session: Session, ae_title: str) -> MoveDestination | None:
+    """The destination whose AE title is ``ae_title`` (compared without padding, case sensitively,
+    PS3.8 9.3.2); None when there is none. Several with that AE title (other hosts): the first
+    one registered is used, and a warning says so."""
+    rows = session.scalars(select(Destination).where(Destination.ae_title == ae_title.strip()).order_by(Destination.id)).all()
+    if not rows:
+        return None
+    if len({(r.host, r.port) for r in rows}) > 1:
+        log.warning(
+            "several destinations have this AE title; C-MOVE uses the first registered",
+            extra={"ae_title": ae_title.strip(), "destinations": [r.name for r in rows]},
+        )
+    first = rows[0]
+    return MoveDestination(first.name, first.host, first.port, bool(first.tls))
 
-    AE titles compare after stripping spaces (they are space-padded on the wire), case
-    sensitively (PS3.8 9.3.2: AE titles are case sensitive).
-    """
-    table = {peer.ae_title.strip(): MoveDestination(peer.host, int(peer.port), bool(peer.tls)) for peer in peers}
 
-    def resolve_move_destination(ae_title: str) -> MoveDestination | None:
-        return table.get(ae_title.strip())
+def move_resolver(db: Database) -> Callable[[str], MoveDestination | None]:
+    """``resolve_move_destination(ae_title) -> MoveDestination | None`` over ``db``'s registry."""
 
-    return resolve_move_destination
+    def resolve(ae_title: str) -> MoveDestination | None:
+        with db.read_session() as session:
+            return resolve_move_destination(session, ae_title)
+
+    return resolve

@@ -42,19 +42,25 @@ def shipped_model_dir() -> Path:
 DEFAULT_MODEL_DIR = shipped_model_dir()
 
 
-class DicomPeer(BaseModel):
-    """A DICOM node this server sends to: a C-MOVE destination (``[[dicom_peers]]`` in the TOML)."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class DestinationSettings(BaseModel):
+    """One ``[[destinations]]`` table of the TOML file: a DICOM peer (PACS) we C-STORE to.
+
+    ``send``: what it gets, any of ``images`` (every stored instance, as received),
+    ``ai-results`` (the AI's SR and GSPS) and ``consult-results`` (the specialist's GSPS and SR).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="a name for people and logs")
-    ae_title: str = Field(max_length=16, description="its AE title: the Move Destination a C-MOVE names")
+    name: str = Field(..., min_length=1, max_length=64)
+    ae_title: str = Field(..., min_length=1, max_length=16)
     host: str
-    port: int = Field(ge=1, le=65535)
-    tls: bool = Field(False, description="DICOM TLS (not supported for C-MOVE yet: such a destination is refused)")
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    port: int = Field(..., ge=1, le=65535)
+    send: list[str] = Field(["images"], min_length=1)
+    tls: bool = False
+    rate_limit_bytes_per_s: int | None = Field(None, gt=0, description="None: unlimited")
 
 
 class Settings(BaseSettings):
@@ -185,6 +191,24 @@ class Settings(BaseSettings):
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
 
+    # Delivery to PACS destinations (dicom_sender/; destinations also via `xray-triage destinations add`)
+    destinations: list[DestinationSettings] = Field([], description="[[destinations]] tables: PACS peers")
+    delivery_retry_initial_s: float = Field(
+        5.0, gt=0, description="first wait after a failed send to a destination; doubles per failure in a row"
+    )
+    delivery_retry_max_s: float = Field(300.0, gt=0, description="longest wait between retries (never gives up)")
+    delivery_batch_size: int = Field(50, ge=1, le=500, description="objects sent per association")
+    delivery_poll_s: float = Field(
+        2.0, gt=0, description="how often senders look for new destinations and queue rows written by other processes"
+    )
+    delivery_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout of the sender")
+    destination_failing_degraded_s: float = Field(
+        900.0, ge=0, description="/healthz says degraded when a destination has been failing for longer than this"
+    )
+    delivery_tls_ca_file: Path | None = Field(None, description="CA bundle that TLS destinations' certificates are checked against (default: the system's)")
+    delivery_tls_cert_file: Path | None = Field(None, description="our client certificate for TLS destinations (PEM)")
+    delivery_tls_key_file: Path | None = Field(None, description="its private key (PEM); default: in the certificate file")
+
     # Query/retrieve (C-FIND / C-MOVE / C-GET on the DICOM port) and FHIR
     query_retrieve: bool = Field(
         True, description="offer Study Root C-FIND, C-MOVE and C-GET on the DICOM port (a station sees only its own studies)"
@@ -193,9 +217,6 @@ class Settings(BaseSettings):
         [],
         description="calling AE titles (registered as stations too, e.g. the hospital PACS) whose C-FIND, "
         "C-MOVE and C-GET see every station's studies",
-    )
-    dicom_peers: list[DicomPeer] = Field(
-        [], description="C-MOVE destinations ([[dicom_peers]] tables: name, ae_title, host, port, tls)"
     )
     fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
 

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from consult_web.app import create_app
 from dicom_gateway.qr import QueryRetrieveConfig, QueryRetrieveSCP
 from dicom_gateway.scp import DicomGateway, GatewayConfig
+from dicom_sender.service import tls_context
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
@@ -41,6 +42,7 @@ from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
+from xray_triage_server.delivery import Delivery, DestinationError, sender_config
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,8 @@ def query_retrieve(settings: Settings, db: Database) -> QueryRetrieveSCP | None:
     config = QueryRetrieveConfig(
         data_dir=settings.data_dir,
         all_stations_ae_titles=frozenset(ae.strip() for ae in settings.qr_all_stations_ae_titles),
-        resolve_move_destination=move_resolver(settings.dicom_peers),
+        resolve_move_destination=move_resolver(db),
+        tls_context=lambda: tls_context(sender_config(settings)),  # the delivery senders' client TLS
     )
     return QueryRetrieveSCP(config, db)
 
@@ -249,7 +252,12 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
+    delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
     try:
+        try:
+            delivery.start()
+        except DestinationError as exc:
+            raise CliError(f"[[destinations]]: {exc}") from exc
         try:
             gateway.start()
         except OSError as exc:
@@ -284,6 +292,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         stop_requested.set()
         gateway.stop(settings.shutdown_grace_s)
         recovery.join()
+        delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
         workers.stop()
         runner.close()
         db.dispose()

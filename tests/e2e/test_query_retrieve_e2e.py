@@ -25,6 +25,7 @@ from e2e_helpers import (
     DcmtkRun,
     SampleFile,
     Server,
+    check_cli,
     copy_with_new_uids,
     dataset_bytes,
     dcmodify,
@@ -78,12 +79,10 @@ def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
 @pytest.fixture(scope="module")
 def site(module_launcher: Any, storescp: tuple[int, Path], samples: list[SampleFile], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     port, _ = storescp
-    peers = [{"name": "test storescp", "ae_title": DEST, "host": "127.0.0.1", "port": port}]
     server = module_launcher.launch(
         "qr",
         stations=[(STATION2, "Station two", None), (PACS, "Hospital PACS", None)],
         env={
-            "XRAY_TRIAGE_DICOM_PEERS": json.dumps(peers),
             "XRAY_TRIAGE_QR_ALL_STATIONS_AE_TITLES": json.dumps([PACS]),
             "XRAY_TRIAGE_ACCEPT_UNKNOWN_STATIONS": "true",
             "XRAY_TRIAGE_TRIAGE_WORKERS": "0",
@@ -95,6 +94,12 @@ def site(module_launcher: Any, storescp: tuple[int, Path], samples: list[SampleF
     (two,) = copy_with_new_uids([by_ts[JPEG_LS].path], work / "two")
     dcmodify("-i", "PatientID=QR-ONE", "-i", "PatientName=Nguyen^Van An", "-i", "StudyDate=20240105", one)
     dcmodify("-i", "PatientID=QR-TWO", "-i", "PatientName=Tran^Thi Binh", "-i", "StudyDate=20240320", two)
+    # The C-MOVE destination: the delivery registry's, added while the server runs (looked up at
+    # each C-MOVE). It gets consult results only, so no image is delivered to it automatically.
+    check_cli(
+        "destinations", "add", "storescp", "--ae-title", DEST, "--host", "127.0.0.1", "--port", str(port),
+        "--send", "consult-results", "--data-dir", server.data_dir,
+    )
     store_ok([one], server.dicom_port, aet=STATION1, ts_flag="-xe")
     store_ok([two], server.dicom_port, aet=STATION2, ts_flag="-xt")
     return {"server": server, "one": one, "two": two, "u1": read_uids(one), "u2": read_uids(two)}
