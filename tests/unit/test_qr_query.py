@@ -111,3 +111,17 @@ def test_fhir_search_parameters() -> None:
         parse([("colour", "red")], 50, 100)
     with pytest.raises(SearchError):
         parse([("date", "2024-02-30")], 50, 100)
+
+
+def test_move_destinations_resolve_through_the_delivery_registry(db: Database) -> None:
+    from xray_triage.move_destinations import move_resolver
+    from xray_triage.store.destinations import DestinationSpec, add_destination
+
+    resolve = move_resolver(db)
+    assert resolve("PACS") is None
+    with db.session() as session:
+        add_destination(session, DestinationSpec("pacs", "PACS", "10.0.0.5", 104, ("images",), tls=True))
+        add_destination(session, DestinationSpec("pacs-b", "PACS", "10.0.0.6", 104, ("images",)))
+    found = resolve("PACS  ")  # AE titles arrive space-padded
+    assert found is not None and (found.name, found.host, found.port, found.tls) == ("pacs", "10.0.0.5", 104, True)
+    assert resolve("pacs") is None  # AE titles are case sensitive
