@@ -21,7 +21,7 @@ from fastapi.responses import Response
 
 from consult_web.deps import AppSettings, Card, CurrentUser, ReadSession
 from xray_triage.fhir import records
-from xray_triage.fhir.resources import operation_outcome, searchset
+from xray_triage.fhir.resources import coding_from_dicom, operation_outcome, searchset
 from xray_triage.fhir.search import Search, SearchError, parse
 from xray_triage.inference.card import ModelCard
 
@@ -42,7 +42,13 @@ def outcome(status_code: int, code: str, diagnostics: str) -> Response:
 def _card_info(card: ModelCard | None) -> records.CardInfo | None:
     if card is None:
         return None
-    return records.CardInfo(card.model_version, card.sha256, getattr(card, "label_codes", None))
+    # [codes] (label -> scheme, value, meaning) where the card has them (results-objects branch).
+    codes = {
+        label: coding
+        for label, code in (getattr(card, "codes", None) or {}).items()
+        if (coding := coding_from_dicom(code.scheme, code.value, code.meaning)) is not None
+    }
+    return records.CardInfo(card.model_version, card.sha256, codes)
 
 
 def _base(request: Request) -> str:

@@ -125,3 +125,26 @@ def test_move_destinations_resolve_through_the_delivery_registry(db: Database) -
     found = resolve("PACS  ")  # AE titles arrive space-padded
     assert found is not None and (found.name, found.host, found.port, found.tls) == ("pacs", "10.0.0.5", 104, True)
     assert resolve("pacs") is None  # AE titles are case sensitive
+
+
+def test_fhir_finding_codes_from_the_model_card() -> None:
+    from fhir.resources.R4B.observation import Observation
+
+    from xray_triage.fhir.resources import (
+        AiResultRow,
+        Finding,
+        ModelInfo,
+        StudyRow,
+        ai_report,
+        coding_from_dicom,
+    )
+
+    assert coding_from_dicom("SCT", "233604007", "Pneumonia") == {"system": "http://snomed.info/sct", "code": "233604007", "display": "Pneumonia"}
+    assert coding_from_dicom("99PRIVATE", "1", "x") is None
+    coded = Finding("Pneumonia", 0.8, 0.5, True, coding_from_dicom("SCT", "233604007", "Pneumonia"))
+    plain = Finding("Abnormal", 0.2, 0.5, False)
+    report = ai_report(AiResultRow(7, StudyRow("1.2.3", "ST1", patient_id="P"), "done", ModelInfo("m", "1"), [coded, plain]))
+    observations = {o.code.text: o for o in report.contained if isinstance(o, Observation)}
+    assert observations["Pneumonia"].code.coding[0].system == "http://snomed.info/sct"
+    assert [c.system for c in observations["Abnormal"].code.coding] == ["urn:xray-triage:model-label"]
+    assert report.id == "ai-7" and report.conclusion.startswith("AI flagged: Pneumonia")

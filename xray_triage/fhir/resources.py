@@ -60,6 +60,24 @@ CONCLUSION_TEXT = {
     "urgent_transfer": "Urgent transfer",
 }
 SEX = {"M": "male", "F": "female", "O": "other"}
+# DICOM Coding Scheme Designators (PS3.16 Section 8) -> FHIR code system URIs (PS3.16 Table 8-1).
+CODING_SCHEMES = {
+    "SCT": SNOMED,
+    "SRT": SNOMED,
+    "LN": LOINC,
+    "DCM": DCM_SYSTEM,
+    "RADLEX": "http://radlex.org",
+    "RADLEX_RID": "http://radlex.org",
+}
+
+
+def coding_from_dicom(scheme: str, value: str, meaning: str) -> dict[str, str] | None:
+    """A model card's ``[codes]`` entry (DICOM scheme designator, value, meaning) as a FHIR Coding;
+    None for a scheme without a known FHIR system (the label text is used alone then)."""
+    system = CODING_SCHEMES.get(scheme.strip().upper())
+    if system is None or not value.strip():
+        return None
+    return {"system": system, "code": value.strip(), "display": meaning.strip() or value.strip()}
 
 
 # -- rows -------------------------------------------------------------------------------
