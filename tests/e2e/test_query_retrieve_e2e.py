@@ -157,6 +157,15 @@ def test_unregistered_calling_ae_is_refused(site: dict[str, Any], tmp_path: Path
     run, found = findscu(site["server"], UNKNOWN, "STUDY", {"StudyInstanceUID": ""}, tmp_path / "u")
     assert found == [], run.describe()
     assert re.search(r"Final Find Response \(.*0x0?124\)", run.output), run.describe()
+    # C-GET and C-MOVE too: nothing is sent.
+    study = f"StudyInstanceUID={site['u1'].study}"
+    out = tmp_path / "get"
+    out.mkdir()
+    port = str(site["server"].dicom_port)
+    run = _dcmtk(["getscu", "-v", "-S", "-od", str(out), "-aet", UNKNOWN, "-aec", CALLED, "-k", "QueryRetrieveLevel=STUDY", "-k", study, "127.0.0.1", port])
+    assert not list(out.iterdir()) and re.search(r"0x0?124", run.output), run.describe()
+    run = _dcmtk(["movescu", "-v", "-S", "-aet", UNKNOWN, "-aec", CALLED, "-aem", DEST, "-k", "QueryRetrieveLevel=STUDY", "-k", study, "127.0.0.1", port])
+    assert re.search(r"0x0?124", run.output), run.describe()
 
 
 def test_move_sends_own_study_byte_for_byte(site: dict[str, Any], storescp: tuple[int, Path], tmp_path: Path) -> None:
