@@ -45,7 +45,14 @@ from sqlalchemy import select
 
 from xray_triage.move_destinations import MoveDestination
 from xray_triage.store.db import Database
-from xray_triage.store.qr_query import QueryError, Scope, StoredInstance, find, instances_to_retrieve
+from xray_triage.store.qr_query import (
+    QueryError,
+    Scope,
+    StoredInstance,
+    TooManyMatches,
+    find,
+    instances_to_retrieve,
+)
 from xray_triage.store.schema import Station
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ STATUS_CANCEL = 0xFE00
 STATUS_SUCCESS = 0x0000
 STATUS_NOT_AUTHORISED = 0x0124  # PS3.7 C.5.x general status "Refused: Not Authorized"
 STATUS_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class
+STATUS_OUT_OF_RESOURCES = 0xA700  # C-FIND: Refused: Out of resources
 STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_OUT_OF_RESOURCES_SUBOPS = 0xA702  # C-MOVE/C-GET: unable to perform sub-operations
 MAX_SUBOPERATIONS = 65535  # NumberOfRemainingSuboperations is a US
@@ -73,6 +81,7 @@ class QueryRetrieveConfig:
     resolve_move_destination: Callable[[str], MoveDestination | None] = lambda _ae: None
     # Client TLS context for destinations marked tls (the delivery senders' settings); None: refused.
     tls_context: Callable[[], ssl.SSLContext] | None = None
+    max_matches: int = 5000  # C-FIND: more matches are refused with 0xA700 (narrow the query)
 
 
 class QueryRetrieveSCP:
@@ -99,15 +108,19 @@ class QueryRetrieveSCP:
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         calling_ae = _calling_ae(event.assoc)
-        scope = self.scope_for(calling_ae)
-        if scope is None:
-            log.warning("C-FIND refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
-            yield _status(STATUS_NOT_AUTHORISED, "calling AE title may not query"), None
-            return
         try:
+            scope = self.scope_for(calling_ae)
+            if scope is None:
+                log.warning("C-FIND refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
+                yield _status(STATUS_NOT_AUTHORISED, "calling AE title may not query"), None
+                return
             identifier = event.identifier
             with self.db.read_session() as session:
-                matches = list(find(session, identifier, scope))
+                matches = list(find(session, identifier, scope, limit=self.config.max_matches))
+        except TooManyMatches as exc:
+            log.warning("C-FIND refused", extra={"calling_ae": calling_ae, "why": str(exc)})
+            yield _status(STATUS_OUT_OF_RESOURCES, str(exc)), None
+            return
         except QueryError as exc:
             log.warning("C-FIND refused", extra={"calling_ae": calling_ae, "why": str(exc)})
             yield _status(STATUS_IDENTIFIER_MISMATCH, str(exc)), None
@@ -189,11 +202,11 @@ class QueryRetrieveSCP:
 
     def _retrieve_list(self, event: evt.Event, calling_ae: str, what: str) -> list[StoredInstance] | Dataset:
         """The instances to send, or a failure status data set."""
-        scope = self.scope_for(calling_ae)
-        if scope is None:
-            log.warning(f"{what} refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
-            return _status(STATUS_NOT_AUTHORISED, "calling AE title may not retrieve")
         try:
+            scope = self.scope_for(calling_ae)
+            if scope is None:
+                log.warning(f"{what} refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
+                return _status(STATUS_NOT_AUTHORISED, "calling AE title may not retrieve")
             with self.db.read_session() as session:
                 found = instances_to_retrieve(session, event.identifier, scope)
         except QueryError as exc:

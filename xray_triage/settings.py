@@ -218,6 +218,9 @@ class Settings(BaseSettings):
         description="calling AE titles (registered as stations too, e.g. the hospital PACS) whose C-FIND, "
         "C-MOVE and C-GET see every station's studies",
     )
+    qr_max_matches: int = Field(
+        5000, ge=1, description="C-FIND: a query with more matches is refused with 0xA700 (Out of resources); narrow it"
+    )
     fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
 
     # Logging

@@ -171,6 +171,7 @@ def query_retrieve(settings: Settings, db: Database) -> QueryRetrieveSCP | None:
         all_stations_ae_titles=frozenset(ae.strip() for ae in settings.qr_all_stations_ae_titles),
         resolve_move_destination=move_resolver(db),
         tls_context=lambda: tls_context(sender_config(settings)),  # the delivery senders' client TLS
+        max_matches=settings.qr_max_matches,
     )
     return QueryRetrieveSCP(config, db)
 

@@ -148,3 +148,12 @@ def test_fhir_finding_codes_from_the_model_card() -> None:
     assert observations["Pneumonia"].code.coding[0].system == "http://snomed.info/sct"
     assert [c.system for c in observations["Abnormal"].code.coding] == ["urn:xray-triage:model-label"]
     assert report.id == "ai-7" and report.conclusion.startswith("AI flagged: Pneumonia")
+
+
+def test_too_many_matches_are_refused_before_any_is_sent(db: Database) -> None:
+    from xray_triage.store.qr_query import TooManyMatches
+
+    with db.read_session() as session:
+        assert len(list(find(session, identifier("STUDY", StudyInstanceUID=""), ALL, limit=3))) == 3
+        with pytest.raises(TooManyMatches):
+            next(find(session, identifier("STUDY", StudyInstanceUID=""), ALL, limit=2))

@@ -199,15 +199,25 @@ def _statement(level: str, identifier: Dataset, scope: Scope) -> Select[Any]:
     )
 
 
-def find(session: Session, identifier: Dataset, scope: Scope) -> Iterator[Dataset]:
+class TooManyMatches(QueryError):
+    """More matches than the caller's limit: answered 0xA700 Refused: Out of resources (PS3.4 C.4.1.1.4)."""
+
+
+def find(session: Session, identifier: Dataset, scope: Scope, limit: int | None = None) -> Iterator[Dataset]:
     """Yield one C-FIND response identifier per match (PS3.4 C.4.1.3.1).
 
     Each response has the request's keys, filled where the store knows the value (empty
     otherwise), plus QueryRetrieveLevel and SpecificCharacterSet. Raises QueryError for
-    an identifier that cannot be matched.
+    an identifier that cannot be matched, TooManyMatches (before yielding anything) when
+    there are more than ``limit`` matches.
     """
     level = query_level(identifier)
-    rows = session.execute(_statement(level, identifier, scope)).all()
+    statement = _statement(level, identifier, scope)
+    if limit is not None:
+        statement = statement.limit(limit + 1)
+    rows = session.execute(statement).all()
+    if limit is not None and len(rows) > limit:
+        raise TooManyMatches(f"more than {limit} matches; narrow the query")
     counts = _counts(session, level, [row[0].id for row in rows]) if rows else {}
     for row in rows:
         study = row[0]
@@ -320,4 +330,4 @@ def instances_to_retrieve(session: Session, identifier: Dataset, scope: Scope) -
     return [StoredInstance(*row) for row in session.execute(statement)]
 
 
-__all__ = ["LEVELS", "QueryError", "Scope", "StoredInstance", "find", "instances_to_retrieve", "query_level"]
+__all__ = ["LEVELS", "QueryError", "Scope", "StoredInstance", "TooManyMatches", "find", "instances_to_retrieve", "query_level"]
