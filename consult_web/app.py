@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, learn_known_networks
+from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, is_fhir, learn_known_networks
 from consult_web.errors import LocalizedError, localized
 from consult_web.i18n import translate
 from consult_web.schemas import API_ERRORS
@@ -66,6 +66,7 @@ def create_app(
         admin,
         annotations,
         api,
+        fhir,
         healthcheck,
         images,
         live,
@@ -99,7 +100,7 @@ def create_app(
     # Operators' metrics (/metrics): the composition root's registry, or one of this app's own.
     app.state.metrics = metrics if metrics is not None else Metrics(db).attach()
 
-    for module in (login, worklist, studies, report, images, admin, live, healthcheck):
+    for module in (login, worklist, studies, report, images, admin, live, healthcheck, fhir):
         app.include_router(module.router)
     if settings.metrics_enabled:
         app.include_router(metrics_route.router)
@@ -129,8 +130,12 @@ def _error(request: Request, status: int, message_key: str, detail: str = "") ->
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    from consult_web.routes import fhir
+
     @app.exception_handler(NotAuthenticated)
     async def _not_authenticated(request: Request, _exc: NotAuthenticated) -> Response:
+        if is_fhir(request):
+            return fhir.outcome(401, "login", "not authenticated: log in or send an API bearer token")
         if is_api(request) or request.url.path == "/events":
             return JSONResponse({"detail": "not authenticated"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -142,6 +147,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if is_fhir(request):  # unknown resource type, wrong method...: an OperationOutcome
+            code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.status_code, "processing")
+            return fhir.outcome(exc.status_code, code, exc.detail if isinstance(exc.detail, str) else "error")
         key = {403: "error.forbidden", 404: "error.not_found", 405: "error.method", 413: "error.too_large"}.get(
             exc.status_code, "error.generic"
         )

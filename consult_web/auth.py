@@ -53,6 +53,11 @@ def is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/") or request.url.path in MACHINE_PATHS
 
 
+def is_fhir(request: Request) -> bool:
+    """The FHIR endpoints (``/fhir``): bearer tokens accepted, errors as OperationOutcome."""
+    return request.url.path == "/fhir" or request.url.path.startswith("/fhir/")
+
+
 def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
 
@@ -60,8 +65,8 @@ def client_ip(request: Request) -> str:
 async def current_user(request: Request) -> AuthUser:
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
-        if not is_api(request):
-            raise NotAuthenticated()  # tokens are for the JSON API only
+        if not (is_api(request) or is_fhir(request)):
+            raise NotAuthenticated()  # tokens are for the JSON API and FHIR only
         user = await run_in_threadpool(_token_user, request.app.state, authorization[7:].strip())
     else:
         cookie = request.cookies.get(SESSION_COOKIE)

@@ -47,6 +47,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_gateway.connections import GatedAssociationServer, PendingGate, PendingLimits, force_close
 from dicom_gateway.limits import SlotLimits, SlotTable
+from dicom_gateway.qr import QR_SOP_CLASSES, QueryRetrieveSCP
 from dicom_gateway.tls import TlsConfig, peer_certificate, server_context
 from xray_triage.store.db import Database
 from xray_triage.store.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
@@ -147,12 +148,14 @@ class DicomGateway:
         db: Database,
         ingestor: Ingestor,
         clock: Callable[[], float] = time.monotonic,
+        qr: QueryRetrieveSCP | None = None,
     ) -> None:
         self.config = config
+        self.qr = qr  # Study Root C-FIND / C-MOVE / C-GET (dicom_gateway/qr.py); None = not offered
         self.db = db
         self.ingestor = ingestor
         self.clock = clock
-        self.ae = _make_ae(config)
+        self.ae = _make_ae(config, query_retrieve=qr is not None)
         self._server: _Listeners | None = None
         self.tls_context = server_context(config.tls) if config.tls is not None else None
         self._last_activity: dict[int, float] = {}
@@ -213,6 +216,8 @@ class DicomGateway:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+        if self.qr is not None:
+            handlers += self.qr.handlers()
         # make_server (pynetdicom's documented way to use a custom server class) instead
         # of start_server; the accept loop runs in our own thread, as start_server's does.
         listeners = _Listeners()
@@ -628,7 +633,7 @@ def _raw_socket(assoc: object) -> object | None:
     return getattr(wrapper, "socket", None)
 
 
-def _make_ae(config: GatewayConfig) -> AE:
+def _make_ae(config: GatewayConfig, query_retrieve: bool = False) -> AE:
     ae = AE(ae_title=config.ae_title)
     # Our SlotTable enforces max_associations on admitted associations. pynetdicom's own
     # limit counts every Association thread, also those being rejected or torn down, so a
@@ -640,8 +645,13 @@ def _make_ae(config: GatewayConfig) -> AE:
     ae.network_timeout = config.network_timeout_s
     ae.maximum_pdu_size = config.max_pdu
     ae.add_supported_context(Verification)
+    for sop_class in QR_SOP_CLASSES if query_retrieve else ():
+        ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
+    # Role selection accepted as proposed: a C-GET peer proposes to be the Storage SCP
+    # (PS3.4 C.4.3, PS3.7 D.3.3.4); a station that proposes none keeps the default roles.
+    roles = {"scu_role": True, "scp_role": True} if query_retrieve else {}
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, transfer_syntaxes_for(context.abstract_syntax))
+        ae.add_supported_context(context.abstract_syntax, transfer_syntaxes_for(context.abstract_syntax), **roles)
     return ae
 
 

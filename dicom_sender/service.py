@@ -135,6 +135,11 @@ class DestinationSender:
             )  # fmt: skip
         except PeerUnavailable as exc:
             with self.db.session() as session:
+                if exc.in_flight is not None:  # it may be what the peer chokes on: let the others pass
+                    deliveries.mark_failed(
+                        session, exc.in_flight.delivery_id, str(exc), self.clock(),
+                        initial_s=self.config.retry_initial_s, max_s=self.config.retry_max_s, peer_error=False,
+                    )  # fmt: skip
                 when = deliveries.peer_failed(
                     session, self.destination_id, str(exc), self.clock(),
                     initial_s=self.config.retry_initial_s, max_s=self.config.retry_max_s,

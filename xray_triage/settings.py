@@ -228,6 +228,20 @@ class Settings(BaseSettings):
     delivery_tls_cert_file: Path | None = Field(None, description="our client certificate for TLS destinations (PEM)")
     delivery_tls_key_file: Path | None = Field(None, description="its private key (PEM); default: in the certificate file")
 
+    # Query/retrieve (C-FIND / C-MOVE / C-GET on the DICOM port) and FHIR
+    query_retrieve: bool = Field(
+        True, description="offer Study Root C-FIND, C-MOVE and C-GET on the DICOM port (a station sees only its own studies)"
+    )
+    qr_all_stations_ae_titles: list[str] = Field(
+        [],
+        description="calling AE titles (registered as stations too, e.g. the hospital PACS) whose C-FIND, "
+        "C-MOVE and C-GET see every station's studies",
+    )
+    qr_max_matches: int = Field(
+        5000, ge=1, description="C-FIND: a query with more matches is refused with 0xA700 (Out of resources); narrow it"
+    )
+    fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
+
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field("text", pattern="^(text|json)$")

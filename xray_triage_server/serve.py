@@ -27,12 +27,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
+from dicom_gateway.qr import QueryRetrieveConfig, QueryRetrieveSCP
 from dicom_gateway.scp import DicomGateway, GatewayConfig
 from dicom_gateway.tls import TlsConfig, TlsConfigError, server_context
+from dicom_sender.service import tls_context
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.metrics import Metrics
+from xray_triage.move_destinations import move_resolver
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
@@ -41,7 +44,7 @@ from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
-from xray_triage_server.delivery import Delivery, DestinationError
+from xray_triage_server.delivery import Delivery, DestinationError, sender_config
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +179,20 @@ def tls_config(settings: Settings) -> TlsConfig | None:
     )
 
 
+def query_retrieve(settings: Settings, db: Database) -> QueryRetrieveSCP | None:
+    """The gateway's C-FIND / C-MOVE / C-GET handlers (None when ``query_retrieve`` is off)."""
+    if not settings.query_retrieve:
+        return None
+    config = QueryRetrieveConfig(
+        data_dir=settings.data_dir,
+        all_stations_ae_titles=frozenset(ae.strip() for ae in settings.qr_all_stations_ae_titles),
+        resolve_move_destination=move_resolver(db),
+        tls_context=lambda: tls_context(sender_config(settings)),  # the delivery senders' client TLS
+        max_matches=settings.qr_max_matches,
+    )
+    return QueryRetrieveSCP(config, db)
+
+
 def bind_http(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound before anything else starts.
 
@@ -259,7 +276,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         default_character_set=settings.default_character_set,
         storage=storage,
     )
-    gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
     delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
     try:
         try:

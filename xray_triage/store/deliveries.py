@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from xray_triage.events import InstanceStored, ResultObjectStored
@@ -113,8 +113,9 @@ class DueObject:
 
 def due(session: Session, destination_id: int, now: datetime, limit: int) -> list[DueObject]:
     """Up to ``limit`` pending rows of the destination due at ``now``: urgent studies first (the
-    study's current priority rank), then in queueing order. Empty while the destination itself is
-    backed off (``peer_failed``)."""
+    study's current priority rank), then objects never tried before those that failed (so one the
+    peer chokes on cannot hold up the rest), then in queueing order. Empty while the destination
+    itself is backed off (``peer_failed``)."""
     destination = session.get(Destination, destination_id)
     if destination is None or (destination.next_attempt_at is not None and destination.next_attempt_at > now):
         return []
@@ -128,7 +129,11 @@ def due(session: Session, destination_id: int, now: datetime, limit: int) -> lis
             Delivery.state == DELIVERY_PENDING,
             Delivery.next_attempt_at <= now,
         )
-        .order_by(Study.priority_rank.desc().nulls_last(), Delivery.id)
+        .order_by(
+            Study.priority_rank.desc().nulls_last(),
+            case((Delivery.attempts > 0, 1), else_=0),  # an object that failed before goes after fresh ones
+            Delivery.id,
+        )
         .limit(limit)
     ).all()
     return [
@@ -177,16 +182,25 @@ def mark_sent(session: Session, delivery_id: int, status: int, now: datetime) ->
 
 
 def mark_failed(
-    session: Session, delivery_id: int, error: str, now: datetime, *, initial_s: float, max_s: float
+    session: Session,
+    delivery_id: int,
+    error: str,
+    now: datetime,
+    *,
+    initial_s: float,
+    max_s: float,
+    peer_error: bool = True,
 ) -> datetime | None:
-    """The object was refused or its send failed: try again after the row's back-off; returns when."""
+    """The object was refused or its send failed: try again after the row's back-off; returns when.
+    ``peer_error``: also count it against the destination (False when ``peer_failed`` does so)."""
     row = session.get(Delivery, delivery_id)
     if row is None:
         return None
     row.attempts += 1
     row.last_error = error[:MAX_ERROR_CHARS]
     row.next_attempt_at = now + timedelta(seconds=backoff_s(row.attempts, initial_s, max_s))
-    _peer_error(session, row.destination_id, error, now)
+    if peer_error:
+        _peer_error(session, row.destination_id, error, now)
     return row.next_attempt_at
 
 
