@@ -185,3 +185,18 @@ def test_shipped_card_codes_its_findings_and_lists_the_rest(card) -> None:  # ty
     assert card.codes["Effusion"].value == "60046008" and card.codes["Effusion"].scheme == "SCT"
     assert card.uncoded_labels == ("Abnormal",)
     assert card.manufacturer
+
+
+def test_results_consumer_follows_results_enabled(tmp_path: Path, card) -> None:  # type: ignore[no-untyped-def]
+    from xray_triage.settings import Settings
+    from xray_triage.store.db import open_database
+    from xray_triage_server.serve import results_consumer
+
+    settings = Settings(data_dir=tmp_path / "data", uid_root=ROOT)
+    db = open_database(settings)
+    try:
+        consumer = results_consumer(settings, db, card)
+        assert consumer is not None and consumer.name == "results"
+        assert results_consumer(settings.model_copy(update={"results_enabled": False}), db, card) is None
+    finally:
+        db.dispose()
