@@ -636,6 +636,8 @@ CARD_COMMENTS = {
     "(never on DEV); the rule of each label (Youden's J, or a target specificity for the urgent labels\n"
     "set by model_tools/operating_points.py) is in [threshold_selection].",
     "triage": "abnormal_threshold = thresholds.Abnormal. Urgent labels: see [triage_notes].",
+    "codes": 'Standard codes of the labels for the DICOM SR sent to PACS (xray_triage/results/). "Abnormal"\n'
+    'has no code (it means "any finding"): it is coded privately, see models/README.md.',
     "evaluation": "Computed by models/train.py from the exported model.onnx run through\n"
     "xray_triage.inference.runner.ModelRunner (onnxruntime, CPU), metrics from xray_triage/evaluation/metrics.py.",
 }
