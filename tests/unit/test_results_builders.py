@@ -5,17 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from dicom_validators import dciodvfy, dsrdump
 from pydicom.sr.codedict import codes as dcm_codes
 
+from e2e_helpers import SHARED_DICOM
 from xray_triage.inference.card import load_card
 from xray_triage.results import codes
 from xray_triage.results.ai_gsps import build_ai_gsps
 from xray_triage.results.ai_sr import AiResult, build_ai_sr, device_uid
 from xray_triage.results.annotation_gsps import Mark, build_annotation_gsps
-from xray_triage.results.common import encode
+from xray_triage.results.common import encode, read_source
 from xray_triage.results.consult_sr import ConsultContent, ThreadEntry, build_consult_sr
 from xray_triage.settings import DEFAULT_MODEL_DIR
 
@@ -200,3 +202,32 @@ def test_results_consumer_follows_results_enabled(tmp_path: Path, card) -> None:
         assert results_consumer(settings.model_copy(update={"results_enabled": False}), db, card) is None
     finally:
         db.dispose()
+
+
+SHARED_FILES = sorted(SHARED_DICOM.glob("*.dcm")) + sorted((SHARED_DICOM.parent / "dicom-realworld").glob("*.dcm"))
+
+
+@pytest.mark.parametrize("path", SHARED_FILES, ids=lambda p: p.name)
+def test_ai_objects_of_every_shared_image_are_valid(tmp_path: Path, path: Path, card) -> None:  # type: ignore[no-untyped-def]
+    """Real headers: decimal commas, LUT data read as numbers, a 12-bit table declared 16 bits
+    (stretched, so it is valid and looks as the viewer shows it), an RGB secondary capture (a
+    Color Softcopy Presentation State with sRGB), a file without preamble or meta group."""
+    source = read_source(path.parent, path.name)
+    result = _result(source, card)
+    sr = build_ai_sr(source, result, card, uid_root=ROOT, version=1, content_sha256="a" * 64, now=NOW)
+    gsps = build_ai_gsps(
+        source, result.flagged, result.probabilities, result.heatmaps, card,
+        uid_root=ROOT, version=1, content_sha256="a" * 64, now=NOW,
+    )  # fmt: skip
+    for name, dataset in (("sr.dcm", sr), ("ps.dcm", gsps)):
+        written_path = _write(tmp_path, name, dataset)
+        assert dciodvfy(written_path) == []
+        written = pydicom.dcmread(written_path)
+        assert str(written.PatientName) == str(source.get("PatientName", ""))
+        assert written.StudyInstanceUID == source.StudyInstanceUID
+    colour = int(source.get("SamplesPerPixel", 1)) == 3
+    assert gsps.SOPClassUID == ("1.2.840.10008.5.1.4.1.1.11.2" if colour else "1.2.840.10008.5.1.4.1.1.11.1")
+    for transformation in gsps.get("SoftcopyVOILUTSequence", []):
+        for lut in transformation.get("VOILUTSequence", []):
+            data = np.frombuffer(lut.LUTData, dtype="<u2" if lut.LUTDescriptor[2] == 16 else np.uint8)
+            assert int(data.max()).bit_length() == lut.LUTDescriptor[2]  # the table uses its declared range

@@ -37,7 +37,7 @@ from xray_triage.store.consult_schema import Consult
 from xray_triage.store.outbox import OutboxCursor
 from xray_triage.store.queries import get_study
 from xray_triage.store.result_objects import ResultObject
-from xray_triage.store.schema import Study
+from xray_triage.store.schema import Instance, Study
 from xray_triage.store.users import get_user, to_auth_user
 
 ROOT = "1.2.826.0.1.3680043.10.777"
@@ -168,3 +168,25 @@ def test_marks_and_answered_consult_make_versioned_specialist_objects(env: WebEn
     assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == reports[0].sop_instance_uid
     events = _stored_events(env)
     assert [e.category for e in events].count("consult-results") == 4
+
+
+def test_an_unreadable_source_is_logged_and_skipped_not_a_stuck_consumer(
+    env: WebEnv, shared_dicom: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other_study, other_sop = store_dicom(env, shared_dicom / "dev_02_cr_ap_mono1_implicit.dcm", "STATION1")
+    assert triage_all(env) == 1
+    with env.db.read_session() as session:
+        lost = session.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == env.sop))  # type: ignore[attr-defined]
+    (env.data_dir / lost).unlink()  # the first image's file is gone (restored from a bad backup, say)
+    consumer = _consumer(env)
+    with caplog.at_level("ERROR", logger="xray_triage.results.producer"):
+        consumer.drain()
+    assert any(env.sop in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records)  # type: ignore[attr-defined]
+    assert "/" not in caplog.records[0].getMessage().split("cannot be read")[1]  # no server path in the message
+    assert sorted(o.kind for o in _objects(env)) == ["ai-gsps", "ai-sr"]  # the other image's, filed
+    assert {o.sop_instance_uid for o in _objects(env)} == {e.sop_instance_uid for e in _stored_events(env)}
+    with env.db.read_session() as session:
+        assert outbox.cursor(session, producer.CONSUMER) == outbox.latest_id(session)
+        study_ids = set(session.scalars(select(ResultObject.study_id)))
+        assert study_ids == {session.scalar(select(Study.id).where(Study.study_instance_uid == other_study))}
+    assert other_sop

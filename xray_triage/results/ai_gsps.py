@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import highdicom as hd
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,
@@ -25,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from xray_triage.inference.card import ModelCard
 from xray_triage.results.common import SERIES_DESCRIPTIONS, SERIES_NUMBERS, SOFTWARE, make_uid, series_uid
+from xray_triage.results.presentation import presentation_state
 from xray_triage.results.regions import hot_box, outline
 
 KIND = "ai-gsps"
@@ -42,7 +42,7 @@ def build_ai_gsps(
     version: int,
     content_sha256: str,
     now: datetime,
-) -> hd.pr.GrayscaleSoftcopyPresentationState:
+) -> Dataset:
     """The AI layer over ``source`` (its header). A flagged label without a heatmap gets only its
     text; with no flagged label the layer is empty (the image shown as is)."""
     layer = GraphicLayer(layer_name=LAYER, order=1, description=f"{card.model_version}: flagged regions"[:64])
@@ -82,8 +82,8 @@ def build_ai_gsps(
             )
         )
     study_uid = str(source.StudyInstanceUID)
-    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source],
+    gsps = presentation_state(
+        source,
         series_instance_uid=series_uid(uid_root, study_uid, KIND),
         series_number=SERIES_NUMBERS[KIND],
         sop_instance_uid=make_uid(uid_root, KIND, str(source.SOPInstanceUID), content_sha256),

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from highdicom.pr import (
     AnnotationUnitsValues,
@@ -36,6 +35,7 @@ from xray_triage.results.common import (
     person_name,
     series_uid,
 )
+from xray_triage.results.presentation import presentation_state
 
 KIND = "annotation-gsps"
 LAYER = "MARKS"
@@ -85,7 +85,7 @@ def _anchor(mark: Mark) -> tuple[float, float]:
 
 def build_annotation_gsps(
     source: Dataset, marks: list[Mark], *, uid_root: str, version: int, content_sha256: str, now: datetime
-) -> hd.pr.GrayscaleSoftcopyPresentationState:
+) -> Dataset:
     """The ``MARKS`` layer over ``source`` (its header) with ``marks``, oldest first."""
     layer = GraphicLayer(layer_name=LAYER, order=1, description="Specialist marks (xray-triage teleconsult)")
     graphics: list[GraphicObject] = []
@@ -124,8 +124,8 @@ def build_annotation_gsps(
         )
     authors = [m for m in marks if m.author]
     newest = max(authors, key=lambda m: (m.updated_at is not None, m.updated_at or now, m.id), default=None)
-    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[source],
+    gsps = presentation_state(
+        source,
         series_instance_uid=series_uid(uid_root, str(source.StudyInstanceUID), KIND),
         series_number=SERIES_NUMBERS[KIND],
         sop_instance_uid=make_uid(uid_root, KIND, str(source.SOPInstanceUID), content_sha256),

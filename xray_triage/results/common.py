@@ -44,8 +44,10 @@ def content_hash(value: Any) -> str:
 
 
 def read_source(data_dir: Path, file_path: str) -> Dataset:
-    """The stored source image's header (no pixel data: the objects only reference it)."""
-    return pydicom.dcmread(data_dir / file_path, stop_before_pixels=True)
+    """The stored source image's header (no pixel data: the objects only reference it).
+
+    ``force``: a file is stored as it was received, which may be without preamble or meta group."""
+    return pydicom.dcmread(data_dir / file_path, stop_before_pixels=True, force=True)
 
 
 def person_name(display: str) -> str:

@@ -12,13 +12,15 @@ references its predecessors).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -51,15 +53,50 @@ class ResultsConfig:
     clock: Callable[[], datetime] = utc_now
 
 
+class CannotBuild(Exception):
+    """An object cannot be made from what is stored (an unreadable source file, a header highdicom
+    refuses): logged and skipped, since trying again would fail the same way and would stop the
+    consumer for every later event."""
+
+
 def handle(session: Session, stored: StoredEvent, config: ResultsConfig) -> None:
-    """File the result objects ``stored.event`` calls for (nothing for other events)."""
+    """File the result objects ``stored.event`` calls for (nothing for other events).
+
+    Raises what the store raises (a full disk, a database error): the consumer's batch rolls
+    back and is tried again. An object that cannot be built is logged (naming the image) and skipped.
+    """
     event = stored.event
-    if isinstance(event, TriageCompleted):
-        file_ai_results(session, event.instance_id, config)
-    elif isinstance(event, AnnotationChanged):
-        file_annotation_results(session, event.study_uid, config)
-    elif isinstance(event, ConsultAnswered) or (isinstance(event, ReplyPosted) and event.status == CONSULT_ANSWERED):
-        file_consult_result(session, event.consult_id, config)
+    try:
+        if isinstance(event, TriageCompleted):
+            file_ai_results(session, event.instance_id, config)
+        elif isinstance(event, AnnotationChanged):
+            file_annotation_results(session, event.study_uid, config)
+        elif isinstance(event, ConsultAnswered) or (
+            isinstance(event, ReplyPosted) and event.status == CONSULT_ANSWERED
+        ):
+            file_consult_result(session, event.consult_id, config)
+    except CannotBuild as exc:
+        log.error(
+            "result object not made: %s",
+            exc,
+            extra={"event": event.type, "event_id": stored.id, "study_uid": event.study_uid},
+        )
+
+
+def _source(config: ResultsConfig, instance: Instance) -> Dataset:
+    try:
+        return read_source(config.data_dir, instance.file_path)
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        raise CannotBuild(f"image {instance.sop_instance_uid} cannot be read: {type(exc).__name__}") from exc
+
+
+@contextmanager
+def _building(what: str, instance_uid: str) -> Iterator[None]:
+    """Turn highdicom's refusal of a header into ``CannotBuild`` naming the image."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise CannotBuild(f"{what} of image {instance_uid}: {exc}") from exc
 
 
 def _next_version(session: Session, source_key: str, digest: str) -> tuple[int, ResultObject | None] | None:
@@ -107,26 +144,29 @@ def file_ai_results(session: Session, instance_id: int, config: ResultsConfig) -
         plan = _next_version(session, key, digest)
         if plan is None:
             continue
-        source = source if source is not None else read_source(config.data_dir, instance.file_path)
+        source = source if source is not None else _source(config, instance)
+        version = plan[0]
         if kind == ai_sr.KIND:
             content = ai_sr.AiResult(
                 result.flagged, result.probabilities, result.thresholds, result.heatmaps, result.priority, study.priority
             )
-            dataset = ai_sr.build_ai_sr(
-                source, content, config.card, uid_root=config.uid_root, version=plan[0], content_sha256=digest, now=now
-            )
+            with _building("AI SR", instance.sop_instance_uid):
+                dataset = ai_sr.build_ai_sr(
+                    source, content, config.card, uid_root=config.uid_root, version=version, content_sha256=digest, now=now
+                )
         else:
-            dataset = ai_gsps.build_ai_gsps(
-                source,
-                result.flagged,
-                result.probabilities,
-                result.heatmaps,
-                config.card,
-                uid_root=config.uid_root,
-                version=plan[0],
-                content_sha256=digest,
-                now=now,
-            )
+            with _building("AI GSPS", instance.sop_instance_uid):
+                dataset = ai_gsps.build_ai_gsps(
+                    source,
+                    result.flagged,
+                    result.probabilities,
+                    result.heatmaps,
+                    config.card,
+                    uid_root=config.uid_root,
+                    version=version,
+                    content_sha256=digest,
+                    now=now,
+                )
         filed.append(
             file_result(
                 session, config.data_dir, dataset, Source(study, instance.id, kind, CATEGORY_AI, key, digest), plan[0]
@@ -178,10 +218,12 @@ def file_annotation_results(session: Session, study_uid: str, config: ResultsCon
         plan = _next_version(session, key, digest)
         if plan is None:
             continue
-        source = read_source(config.data_dir, instance.file_path)
-        dataset = annotation_gsps.build_annotation_gsps(
-            source, current, uid_root=config.uid_root, version=plan[0], content_sha256=digest, now=config.clock()
-        )
+        source = _source(config, instance)
+        version = plan[0]
+        with _building("marks GSPS", instance.sop_instance_uid):
+            dataset = annotation_gsps.build_annotation_gsps(
+                source, current, uid_root=config.uid_root, version=version, content_sha256=digest, now=config.clock()
+            )
         filed.append(
             file_result(
                 session,
@@ -232,16 +274,21 @@ def file_consult_result(session: Session, consult_id: int, config: ResultsConfig
     version, latest = plan
     previous = []
     if latest is not None:
-        previous = [pydicom.dcmread(config.data_dir / latest.file_path, stop_before_pixels=True)]
-    dataset = consult_sr.build_consult_sr(
-        read_source(config.data_dir, first_image.file_path),
-        content,
-        uid_root=config.uid_root,
-        version=version,
-        content_sha256=digest,
-        now=config.clock(),
-        previous=previous,
-    )
+        try:
+            previous = [pydicom.dcmread(config.data_dir / latest.file_path, stop_before_pixels=True)]
+        except (OSError, InvalidDicomError) as exc:
+            raise CannotBuild(f"consult {consult.id}: version {latest.version} cannot be read: {exc}") from exc
+    source = _source(config, first_image)
+    with _building(f"consult {consult.id} SR", first_image.sop_instance_uid):
+        dataset = consult_sr.build_consult_sr(
+            source,
+            content,
+            uid_root=config.uid_root,
+            version=version,
+            content_sha256=digest,
+            now=config.clock(),
+            previous=previous,
+        )
     return file_result(
         session,
         config.data_dir,
