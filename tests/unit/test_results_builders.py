@@ -199,6 +199,7 @@ def test_results_consumer_follows_results_enabled(tmp_path: Path, card) -> None:
     try:
         consumer = results_consumer(settings, db, card)
         assert consumer is not None and consumer.name == "results"
+        assert consumer.batch == 1  # one event per write transaction (serve.results_consumer says why)
         assert results_consumer(settings.model_copy(update={"results_enabled": False}), db, card) is None
     finally:
         db.dispose()
