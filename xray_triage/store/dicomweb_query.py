@@ -10,9 +10,8 @@ PS3.18 8.3.4 (query parameters) and 10.6 (Search Transaction): a query is a list
 - range match on dates (``StudyDate=20240101-20240131``, ``-20240131``, ``20240101-``);
 - ModalitiesInStudy: any series of the study with one of the listed modalities.
 
-Results are the DICOM JSON model (PS3.18 F.2), built with pydicom (``Dataset.to_json_dict``)
-from the rows, so a study read from the database has the same shape as a stored file's
-``/metadata``. Instances are read generically (every row of ``instances``, whatever its SOP
+Results are the DICOM JSON model (PS3.18 F.2) built from the rows in the shape pydicom's
+``Dataset.to_json_dict`` gives a stored file's ``/metadata`` (a unit test holds the two equal). Instances are read generically (every row of ``instances``, whatever its SOP
 class), so objects this server makes itself are served like received ones.
 
 Everything here takes a ``visibility`` WHERE clause on ``Study`` (the caller's access rule),
@@ -23,10 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
 from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.orm import Session
 
@@ -315,15 +314,38 @@ def _study_counts(session: Session, study_ids: Sequence[int]) -> dict[int, tuple
     return out
 
 
+@lru_cache(maxsize=256)
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return f"{tag:08X}", dictionary_VR(keyword)
+
+
+NUMBER_VRS = {"IS", "US", "UL", "SS", "SL", "DS", "FL", "FD"}
+
+
 def _json(values: dict[str, Any]) -> dict[str, Any]:
-    """Keyword -> value (None: present, zero length) as the DICOM JSON model, via pydicom."""
-    ds = Dataset()
+    """Keyword -> value (None or "": present, zero length) as the DICOM JSON model (PS3.18 F.2).
+
+    Built directly (a QIDO-RS page of 1000 studies through pydicom Datasets took ~0.8 s);
+    the unit tests check it equals ``Dataset.to_json_dict`` for the same values.
+    """
+    out: dict[str, Any] = {}
     for keyword, value in values.items():
+        tag, vr = _tag_and_vr(keyword)
         if value is None or value == "" or value == []:
-            ds.add_new(tag_for_keyword(keyword), dictionary_VR(keyword), None)
+            out[tag] = {"vr": vr}
+            continue
+        items = value if isinstance(value, list) else [value]
+        if vr == "PN":
+            items = [{"Alphabetic": str(v)} for v in items]
+        elif vr in NUMBER_VRS:
+            items = [int(v) if vr in ("IS", "US", "UL", "SS", "SL") else float(v) for v in items]
         else:
-            setattr(ds, keyword, value)
-    return ds.to_json_dict()
+            items = [str(v) for v in items]
+        out[tag] = {"vr": vr, "Value": items}
+    return dict(sorted(out.items()))
 
 
 def study_json(
