@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from e2e_helpers import (
 pytestmark = [pytest.mark.slow]
 
 STATION2 = "STATION2"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 SAMPLE = "dev_01_dx_pa_explicit_window.dcm"
 
 
@@ -47,6 +50,23 @@ def _client(server: Any, token: str) -> Any:
 
 def _uid(obj: dict[str, Any], tag: str) -> str:
     return obj[tag]["Value"][0]
+
+
+def _wait_for_made_objects(client: Any, study_uid: str, deadline_s: float = 120.0) -> list[dict[str, Any]]:
+    """The study's instances of the SOP classes this server makes, once both AI objects are filed."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        made = [
+            i
+            for i in client.search_for_instances(study_uid)
+            if _uid(i, "00080016") in (COMPREHENSIVE_SR, GSPS)
+        ]
+        if len(made) >= 2:
+            return made
+        assert time.monotonic() < deadline, (
+            f"no AI SR + GSPS served for {study_uid} after {deadline_s} s: {made}"
+        )
+        time.sleep(0.5)
 
 
 def _instance_part(server: Any, token: str, study: str, series: str, sop: str) -> bytes:
@@ -66,9 +86,13 @@ def _instance_part(server: Any, token: str, study: str, series: str, sop: str) -
 def test_dicomweb_client_and_orthanc_against_a_real_server(
     launch_server: Any, shared_dicom: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("dicomweb_client")
+    pytest.importorskip("dicomweb_client")  # the dev extra
     require_orthanc_dicomweb()
-    server = launch_server.launch("dicomweb", stations=[(STATION2, "Station 2", None)])
+    from onnx_factory import write_tiny_model_dir
+
+    model = tmp_path / "flagging-model"  # every finding flagged: each image gets an AI SR and GSPS
+    write_tiny_model_dir(model, thresholds={"Abnormal": 0.0, "Effusion": 0.0, "Pneumothorax": 0.0})
+    server = launch_server.launch("dicomweb", model=model, stations=[(STATION2, "Station 2", None)])
     tokens = create_users(
         server.data_dir,
         [
@@ -91,8 +115,9 @@ def test_dicomweb_client_and_orthanc_against_a_real_server(
             search_filters={"PatientID": pydicom.dcmread(own).PatientID, "StudyInstanceUID": own_uids.study}
         )
     ] == [own_uids.study]
-    (series,) = admin.search_for_series(own_uids.study)
-    assert _uid(series, "0020000E") == own_uids.series
+    assert (
+        _uid(admin.search_for_series(own_uids.study)[0], "0020000E") == own_uids.series
+    )  # the image's first
     (instance,) = admin.search_for_instances(own_uids.study, own_uids.series)
     assert _uid(instance, "00080018") == own_uids.sop
     retrieved = admin.retrieve_instance(own_uids.study, own_uids.series, own_uids.sop)
@@ -113,6 +138,18 @@ def test_dicomweb_client_and_orthanc_against_a_real_server(
     from PIL import Image
 
     assert max(Image.open(io.BytesIO(rendered)).size) == 200
+
+    # Our own AI SR and GSPS (filed in the study once triaged) are searched and served like any instance.
+    made = _wait_for_made_objects(admin, own_uids.study)
+    assert {_uid(i, "00080016") for i in made} >= {COMPREHENSIVE_SR, GSPS}
+    sr = next(i for i in made if _uid(i, "00080016") == COMPREHENSIVE_SR)
+    sr_series = sr["00081190"]["Value"][0].split("/series/")[1].split("/")[0]
+    sr_ds = admin.retrieve_instance(own_uids.study, sr_series, _uid(sr, "00080018"))
+    assert sr_ds.SOPClassUID == COMPREHENSIVE_SR and sr_ds.StudyInstanceUID == own_uids.study
+    modalities = admin.search_for_studies(search_filters={"StudyInstanceUID": own_uids.study})[0]["00080061"][
+        "Value"
+    ]
+    assert {"DX", "SR", "PR"} <= set(modalities)
 
     # The station user's token: its own station only, through QIDO, WADO and the render route.
     station = _client(server, tokens["dw-station"])

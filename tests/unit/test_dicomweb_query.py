@@ -4,6 +4,7 @@ and the additive QIDO indexes on a database made before them."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset
@@ -11,7 +12,11 @@ from sqlalchemy import create_engine, inspect, text, true
 
 from xray_triage.store import dicomweb_query as Q
 from xray_triage.store.db import Database
+from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, Series, Study
+
+DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def _study(**overrides: object) -> Study:
@@ -52,21 +57,20 @@ def test_study_json_is_what_pydicom_makes_of_the_same_values() -> None:
 
 
 def test_instance_json_numbers_and_empty_values_match_pydicom() -> None:
-    study = _study()
-    series = Series(
-        id=1,
-        series_instance_uid="1.2.3.4",
-        modality="DX",
-        body_part="CHEST",
-        series_number="",
-        description="",
+    row = SimpleNamespace(
+        series_uid="1.2.3.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_uid="1.2.3.4.5",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        instance_number="7",
+        view_position="PA",
+        rows=2048,
+        columns=1024,
     )
-    instance = Instance(sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1", sop_instance_uid="1.2.3.4.5", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                        instance_number="7", view_position="PA", rows=2048, columns=1024)  # fmt: skip
-    ours = Q.instance_json(instance, series, study)
+    ours = Q.instance_json(row, "1.2.3")
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID, ds.SOPInstanceUID = instance.sop_class_uid, instance.sop_instance_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = row.sop_class_uid, row.sop_uid
     ds.AvailableTransferSyntaxUID = "1.2.840.10008.1.2.1"
     ds.InstanceNumber, ds.ViewPosition, ds.Rows, ds.Columns = "7", "PA", 2048, 1024
     assert ours == ds.to_json_dict()
@@ -111,6 +115,17 @@ def test_matching_on_real_sqlite(tmp_path: Path) -> None:
             session.add(_study(id=n, study_instance_uid=uid, patient_name=name, study_date=date, patient_id=f"P{n}",
                                accession_number=f"A_{n}"))  # fmt: skip
             session.add(Series(id=n, series_instance_uid=f"{uid}.1", study_id=n, modality=modality))
+            session.add(
+                Instance(
+                    id=n, sop_instance_uid=f"{uid}.1.1", sop_class_uid=DX_CLASS, series_id=n, file_path="x"
+                )
+            )
+    with db.session() as session:  # after the studies (no relationship orders the inserts)
+        # An AI SR this server made for study 1.3, filed like a received instance (result_objects).
+        session.add(ResultObject(study_id=3, kind="ai-sr", category="ai-results", source_key="ai-sr:1.3.1.1",
+                                 content_sha256="0", sop_instance_uid="1.3.9.1", sop_class_uid=COMPREHENSIVE_SR,
+                                 series_instance_uid="1.3.9", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                 file_path="dicom/1.3/1.3.9/1.3.9.1.dcm"))  # fmt: skip
 
     def found(*params: tuple[str, str]) -> list[str]:
         with db.read_session() as session:
@@ -125,6 +140,26 @@ def test_matching_on_real_sqlite(tmp_path: Path) -> None:
     assert found(("AccessionNumber", "A_1")) == ["1.1"]  # "_" is a literal, not SQL's wildcard
     assert found(("AccessionNumber", "A?1")) == ["1.1"]
     assert found(("limit", "1"), ("offset", "1")) == ["1.2"]
+    assert found(("ModalitiesInStudy", "SR")) == ["1.3"]  # our own SR counts as the study's
+
+    with db.read_session() as session:
+        query = Q.parse_query([], Q.LEVEL_INSTANCE, max_limit=10)
+        instances = Q.search_instances(session, query, true(), study_uid="1.3").results
+        series = Q.search_series(
+            session, Q.parse_query([], Q.LEVEL_SERIES, max_limit=10), true(), study_uid="1.3"
+        )
+        (study,) = Q.search_studies(
+            session, Q.parse_query([("StudyInstanceUID", "1.3")], Q.LEVEL_STUDY, max_limit=10), true()
+        ).results
+        files = Q.instance_files(session, true(), "1.3")
+    assert [i["00080018"]["Value"][0] for i in instances] == ["1.3.1.1", "1.3.9.1"]  # received first
+    assert [(s["0020000E"]["Value"][0], s["00080060"]["Value"][0]) for s in series.results] == [
+        ("1.3.1", "CR"),
+        ("1.3.9", "SR"),
+    ]
+    assert study["00201206"]["Value"] == [2] and study["00201208"]["Value"] == [2]
+    assert study["00080061"]["Value"] == ["CR", "SR"]
+    assert files[-1] == ("1.3", "1.3.9", "1.3.9.1", "dicom/1.3/1.3.9/1.3.9.1.dcm")
     db.dispose()
 
 
