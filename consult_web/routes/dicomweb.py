@@ -68,6 +68,7 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
 
 DICOM_JSON = "application/dicom+json"
 CHUNK = 1024 * 1024
+FULL_SIZE = 1 << 16  # "as large as the image": longer than any side the pipeline decodes
 NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 # The media type of a frame in a compressed transfer syntax (PS3.18 Table 8.7.3-2).
 FRAME_MEDIA_TYPES = {
@@ -487,9 +488,9 @@ def wado_rendered(
     if not any(t in accept for t in ("image/jpeg", "image/png", "image/*", "*/*")):
         raise HTTPException(status_code=406, detail="rendered images are image/jpeg or image/png")
     wc, ww = _window(window)
-    requested = _viewport_size(viewport)
-    image = load_rendered_image(db, settings, user, study_uid, sop_uid, requested or max(MIN_SIZE, 1))
-    size = max(requested or max(image.shape), MIN_SIZE)
+    # Without a viewport the picture keeps the image's own size (render clamps to it).
+    size = max(_viewport_size(viewport) or FULL_SIZE, MIN_SIZE)
+    image = load_rendered_image(db, settings, user, study_uid, sop_uid, size)
     try:
         picture = render(image, wc=wc, ww=ww, size=size, fmt=fmt)
     except RenderError as exc:

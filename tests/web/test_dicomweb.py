@@ -243,6 +243,9 @@ def test_rendered_with_window_and_viewport(env) -> None:  # type: ignore[no-unty
     )
     assert narrow.std() > wide.std()  # a narrow window spreads the values
     assert admin.get(url, params={"window": "1,2,sigmoid"}).status_code == 400
+    source = pydicom.dcmread(EXPLICIT, stop_before_pixels=True)
+    full = Image.open(io.BytesIO(admin.get(url).content))  # no viewport: the image's own size
+    assert full.size == (source.Columns, source.Rows)
 
 
 def _stow_body(files: list[bytes]) -> tuple[bytes, str]:
