@@ -244,7 +244,9 @@ def _multipart_response(parts: Iterator[tuple[str, Iterator[bytes]]], part_type:
 def _retrieve(request: Request, files: list[tuple[str, str, str, Path]]) -> StreamingResponse:
     """Instances as stored (PS3.18 10.4.1.1.1); a transfer syntax other than the stored one is 406."""
     wanted = _wanted_syntax(request, "application/dicom")
-    stored = {path: _stored_syntax(path) for *_uids, path in files}
+    stored = {
+        path: str(_read(path, sop, header=True).file_meta.TransferSyntaxUID) for _st, _se, sop, path in files
+    }
     if wanted not in (None, "*") and any(ts != wanted for ts in stored.values()):
         raise HTTPException(
             status_code=406, detail="instances are served in their stored transfer syntax only"
@@ -257,8 +259,18 @@ def _retrieve(request: Request, files: list[tuple[str, str, str, Path]]) -> Stre
     return _multipart_response(parts(), "application/dicom")
 
 
-def _stored_syntax(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta.TransferSyntaxUID)
+def _read(path: Path, sop_uid: str, *, header: bool = False) -> Dataset:
+    """A stored file (``header``: without its pixel data); an unreadable one is a 500 that
+    names the image by its SOP Instance UID, never the server's path."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header)
+    except Exception as exc:
+        log.error(
+            "cannot read a stored file", extra={"sop_uid": sop_uid, "file": str(path), "error": str(exc)}
+        )
+        raise HTTPException(
+            status_code=500, detail=f"image {sop_uid}: the stored file cannot be read"
+        ) from exc
 
 
 @router.get("/studies/{study_uid}")
@@ -292,7 +304,7 @@ def wado_instance(
 
 def _instance_metadata(path: Path, base_url: str, study: str, series: str, sop: str) -> dict[str, Any]:
     """A stored file's data set as DICOM JSON (PS3.18 F.2), Pixel Data as a BulkDataURI to its frames."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = _read(path, sop, header=True)
     data = ds.to_json_dict(bulk_data_threshold=1024 * 1024, bulk_data_element_handler=lambda _e: "")
     data["00083002"] = {
         "vr": "UI",
@@ -399,7 +411,7 @@ def wado_frames(
     (``transfer-syntax=*`` or the stored UID), else uncompressed (Explicit VR Little Endian)."""
     numbers = _frame_numbers(frame_list)
     ((_st, _se, _so, path),) = _files(db, settings, user, study_uid, series_uid, sop_uid)
-    ds = pydicom.dcmread(path)
+    ds = _read(path, sop_uid)
     stored = str(ds.file_meta.TransferSyntaxUID)
     wanted = _frame_syntax(request, stored)
     try:

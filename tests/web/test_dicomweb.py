@@ -327,3 +327,19 @@ def test_stow_refusals(env) -> None:  # type: ignore[no-untyped-def]
     assert not_multipart.status_code == 415
     client, _ = client_for(env, "admin")  # a session cookie without the CSRF token: refused
     assert client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 403
+
+
+def test_a_missing_stored_file_is_named_by_its_image_not_its_path(env) -> None:  # type: ignore[no-untyped-def]
+    study, sop = store_dicom(env, EXPLICIT, "STATION1")
+    series = _series_of_study(env, study)
+    stored = next((env.data_dir / "dicom" / study).rglob(f"{sop}.dcm"))
+    stored.unlink()
+    base = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+    for path in (base, base + "/metadata", base + "/frames/1"):
+        response = _client(env).get(path)
+        assert response.status_code == 500, (path, response.status_code)
+        assert sop in response.json()["detail"] and str(env.data_dir) not in response.text
+
+
+def _series_of_study(env, study: str) -> str:  # type: ignore[no-untyped-def]
+    return _value(_client(env).get(f"/dicomweb/studies/{study}/series").json()[0], "0020000E")
