@@ -343,3 +343,26 @@ def test_a_missing_stored_file_is_named_by_its_image_not_its_path(env) -> None: 
 
 def _series_of_study(env, study: str) -> str:  # type: ignore[no-untyped-def]
     return _value(_client(env).get(f"/dicomweb/studies/{study}/series").json()[0], "0020000E")
+
+
+def test_stow_into_another_stations_study_is_kept_apart_with_a_warning(env) -> None:  # type: ignore[no-untyped-def]
+    other_study = env.uids["c"][0]  # STATION2's
+    payload, ds = _new_copy(EXPLICIT)
+    ds.StudyInstanceUID = other_study
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    body, ctype = _stow_body([buffer.getvalue()])
+    response = _client(env, "st1").post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+    assert response.status_code == 202, response.text
+    (item,) = response.json()["00081199"]["Value"]
+    assert _value(item, "00081196") == 0xB000 and "00081190" not in item  # WarningReason, no RetrieveURL
+    assert (
+        _client(env, "st1").get("/dicomweb/instances", params={"SOPInstanceUID": ds.SOPInstanceUID}).json()
+        == []
+    )
+    assert _client(env).get("/dicomweb/instances", params={"SOPInstanceUID": ds.SOPInstanceUID}).json() == []
+    with env.db.read_session() as session:
+        from xray_triage.store.schema import QuarantinedInstance
+
+        kept = session.query(QuarantinedInstance).filter_by(sop_instance_uid=ds.SOPInstanceUID).one()
+        assert kept.calling_ae == "STATION1"
