@@ -86,7 +86,6 @@ def _instance_part(server: Any, token: str, study: str, series: str, sop: str) -
 def test_dicomweb_client_and_orthanc_against_a_real_server(
     launch_server: Any, shared_dicom: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("dicomweb_client")  # the dev extra
     require_orthanc_dicomweb()
     from onnx_factory import write_tiny_model_dir
 
