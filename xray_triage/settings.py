@@ -242,6 +242,17 @@ class Settings(BaseSettings):
     )
     fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
 
+    # DICOMweb (/dicomweb: QIDO-RS, WADO-RS, STOW-RS)
+    dicomweb_max_results: int = Field(
+        1000, ge=1, description="most results one QIDO-RS search returns (a larger limit is capped; page with offset)"
+    )
+    dicomweb_max_stow_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="largest STOW-RS request body (all instances together)"
+    )
+    dicomweb_stow_ae: str = Field(
+        "DICOMWEB", max_length=16, description="station AE title STOW-RS uploads by admins are filed under"
+    )
+
     # Results as DICOM (xray_triage/results/): AI SR + GSPS, specialist GSPS, consult SR
     results_enabled: bool = Field(
         True, description="make the DICOM result objects (AI SR and GSPS, marks GSPS, consult SR) and file them"

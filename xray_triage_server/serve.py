@@ -299,7 +299,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
                 "(set dicom_port or --dicom-port, dicom_tls_port)"
             ) from exc
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health, settings, storage=storage, metrics=metrics)
+        app = create_app(db, card, health, settings, storage=storage, metrics=metrics, ingestor=ingestor)
         config = uvicorn.Config(
             app,
             host=settings.http_host,
