@@ -37,6 +37,7 @@ from xray_triage.inference.card import ModelCard
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
+from xray_triage.store.ingest import Ingestor, TriagePolicy
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -59,13 +60,16 @@ def create_app(
     settings: Settings | None = None,
     *,
     storage: StorageGuard | None = None,
+    ingestor: Ingestor | None = None,
 ) -> FastAPI:
     """Build the app around an open database; ``health`` holds live component state,
-    ``storage`` the gateway's disk guard (one is made from ``settings`` if not given)."""
+    ``storage`` the gateway's disk guard (one is made from ``settings`` if not given),
+    ``ingestor`` the gateway's ingest path, shared with DICOMweb STOW-RS (likewise)."""
     from consult_web.routes import (
         admin,
         annotations,
         api,
+        dicomweb,
         healthcheck,
         images,
         live,
@@ -95,8 +99,15 @@ def create_app(
     app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
     app.state.token_use = {}  # API token -> when this process last recorded its use
     app.state.disclaimer = DISCLAIMER
+    app.state.ingestor = ingestor or Ingestor(
+        settings.data_dir,
+        db,
+        TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
+        default_character_set=settings.default_character_set,
+        storage=app.state.storage,
+    )
 
-    for module in (login, worklist, studies, report, images, admin, live, healthcheck):
+    for module in (login, worklist, studies, report, images, admin, live, healthcheck, dicomweb):
         app.include_router(module.router)
     api_routes = APIRouter()
     for module in (api, images, annotations):
@@ -109,7 +120,11 @@ def create_app(
     _install_error_handlers(app)
     app.add_middleware(UnexpectedErrors)  # innermost: its 500 answer gets the security headers too
     app.add_middleware(SecurityHeaders, overrides={OHIF_MOUNT: ohif_csp} if ohif_csp else None)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        larger={dicomweb.router.prefix + "/studies": settings.dicomweb_max_stow_bytes},
+    )
     return app
 
 
@@ -247,18 +262,26 @@ class UnexpectedErrors:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``larger``: path prefix -> its own limit (DICOMweb STOW-RS uploads whole studies).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        max_bytes = next(
+            (limit for prefix, limit in self.larger.items() if path.startswith(prefix)), self.max_bytes
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await _plain_413(send)
             return
         seen = 0
@@ -268,7 +291,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise StarletteHTTPException(status_code=413, detail="request body too large")
             return message
 

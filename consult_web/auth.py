@@ -1,4 +1,5 @@
-"""Who is asking: session cookies for the browser, bearer tokens for the JSON API.
+"""Who is asking: session cookies for the browser, bearer tokens for programs (the JSON API,
+DICOMweb and the viewer's rendered pictures: every route that is not an HTML page).
 
 Every route except ``/login``, ``/healthz`` and ``/static`` depends on
 ``current_user``. It also enforces CSRF protection: a state-changing request
@@ -11,6 +12,7 @@ Requests authenticated by an API token carry no cookie and need no CSRF token.
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 import threading
 import time
@@ -45,8 +47,20 @@ class CsrfError(Exception):
     """A state-changing request without the right CSRF token (or from another origin)."""
 
 
+# Routes for programs, not pages: errors are JSON, an unknown user gets 401 (not the login page).
+MACHINE_PREFIXES = ("/api/", "/dicomweb/")
+# Non-HTML routes outside those prefixes that also take a bearer token (the viewer's pictures).
+TOKEN_ROUTES = re.compile(r"^/studies/[^/]+/images/[^/]+/render$")
+
+
 def is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
+    """A route for programs (JSON API, DICOMweb): JSON errors and 401 instead of a login redirect."""
+    return request.url.path.startswith(MACHINE_PREFIXES) or request.url.path == "/dicomweb"
+
+
+def accepts_token(request: Request) -> bool:
+    """Whether a bearer token may authenticate this request: every non-HTML route."""
+    return is_api(request) or bool(TOKEN_ROUTES.match(request.url.path))
 
 
 def client_ip(request: Request) -> str:
@@ -56,8 +70,8 @@ def client_ip(request: Request) -> str:
 async def current_user(request: Request) -> AuthUser:
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
-        if not is_api(request):
-            raise NotAuthenticated()  # tokens are for the JSON API only
+        if not accepts_token(request):
+            raise NotAuthenticated()  # tokens are for programs: not for the HTML pages
         user = await run_in_threadpool(_token_user, request.app.state, authorization[7:].strip())
     else:
         cookie = request.cookies.get(SESSION_COOKIE)

@@ -185,6 +185,17 @@ class Settings(BaseSettings):
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
 
+    # DICOMweb (/dicomweb: QIDO-RS, WADO-RS, STOW-RS)
+    dicomweb_max_results: int = Field(
+        1000, ge=1, description="most results one QIDO-RS search returns (a larger limit is capped; page with offset)"
+    )
+    dicomweb_max_stow_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="largest STOW-RS request body (all instances together)"
+    )
+    dicomweb_stow_ae: str = Field(
+        "DICOMWEB", max_length=16, description="station AE title STOW-RS uploads by admins are filed under"
+    )
+
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field("text", pattern="^(text|json)$")

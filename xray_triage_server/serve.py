@@ -245,7 +245,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
                 "(set dicom_port or --dicom-port)"
             ) from exc
         health["dicom_gateway"] = "ok"
-        app = create_app(db, card, health, settings, storage=storage)
+        app = create_app(db, card, health, settings, storage=storage, ingestor=ingestor)
         config = uvicorn.Config(
             app,
             host=settings.http_host,
