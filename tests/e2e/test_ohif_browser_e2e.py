@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from e2e_helpers import PROJECT_ROOT, browser_login, copy_with_new_uids, create_users, read_uids, store_ok
+from e2e_helpers import (
+    PROJECT_ROOT,
+    browser_login,
+    copy_with_new_uids,
+    create_users,
+    dcmodify,
+    read_uids,
+    store_ok,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -26,10 +34,11 @@ SHOTS = PROJECT_ROOT / "test-artifacts" / "screenshots" / "ohif"
 USER, PASSWORD = "chuyengia", "mat-khau-that-dai-2026"
 WAIT_MS = 120_000  # OHIF's 17 MB bundle and its codecs on a busy 2-core machine
 WIDE = {"width": 1440, "height": 900}
+ACCESSION = "OHIFE2E0001"  # how the test finds its study's row in OHIF's list
 
 # The first viewport canvas with drawn pixels: a grid of samples, their spread (0-255).
 CANVAS_SPREAD = """() => {
-  const canvas = document.querySelector('[data-viewport-uid] canvas, .viewport-element canvas, canvas.cornerstone-canvas');
+  const canvas = document.querySelector('canvas.cornerstone-canvas');
   if (!canvas || canvas.width < 64 || canvas.height < 64) return -1;
   const probe = document.createElement('canvas');
   probe.width = 64; probe.height = 64;
@@ -56,7 +65,9 @@ def ohif_dist() -> Path:
     return OHIF_DIST
 
 
-def _screenshot_not_blank(page: Any, name: str) -> Path:
+def _screenshot_not_blank(page: Any, name: str, region: dict[str, float] | None = None) -> None:
+    """A 1440x900 screenshot that is not one flat colour; with ``region`` (a bounding box) that
+    part of it too."""
     from PIL import Image, ImageStat
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -65,7 +76,11 @@ def _screenshot_not_blank(page: Any, name: str) -> Path:
     image = Image.open(path).convert("L")
     stddev = ImageStat.Stat(image).stddev[0]
     assert image.size == (WIDE["width"], WIDE["height"]) and stddev > 10, f"{path}: looks blank (stddev {stddev:.1f})"
-    return path
+    if region is not None:
+        box = (region["x"], region["y"], region["x"] + region["width"], region["y"] + region["height"])
+        crop = image.crop(tuple(round(v) for v in box))
+        stddev = ImageStat.Stat(crop).stddev[0]
+        assert crop.width > 200 and crop.height > 200 and stddev > 20, f"{path}: viewport {box} has no image (stddev {stddev:.1f})"
 
 
 def test_ohif_lists_opens_and_draws_a_study_sent_by_storescu(
@@ -74,6 +89,7 @@ def test_ohif_lists_opens_and_draws_a_study_sent_by_storescu(
     server = launch_server.launch("ohif", env={"XRAY_TRIAGE_OHIF_DIST_DIR": str(ohif_dist)})
     create_users(server.data_dir, [(USER, "specialist", None, PASSWORD)])
     (sent,) = copy_with_new_uids([shared_dicom / "dev_07_dx_pa_utf8_name.dcm"], tmp_path / "send")
+    dcmodify("-m", f"AccessionNumber={ACCESSION}", sent)
     store_ok([sent], server.dicom_port)
     uid = read_uids(sent).study
     server.wait_final([uid])
@@ -93,20 +109,20 @@ def test_ohif_lists_opens_and_draws_a_study_sent_by_storescu(
         link = page.locator("#ohif-link")
         assert link.get_attribute("href") == f"/ohif/viewer?StudyInstanceUIDs={uid}"
 
-        # OHIF's study list, fed by QIDO-RS, shows the study; a click on its row opens it
+        # OHIF's study list, fed by QIDO-RS, shows the study; its row offers the Basic Viewer mode
         page.goto(f"{base}/ohif/")
-        row = page.locator(f'[data-cy="studyRow-{uid}"], [data-cy^="studyRow-"]').first
+        row = page.locator("tr", has_text=ACCESSION).first
         row.wait_for(state="visible", timeout=WAIT_MS)
         _screenshot_not_blank(page, "study-list-1440x900.png")
         row.click()
-        mode = page.locator('[data-cy="mode-viewer"], button:has-text("Basic Viewer")').first
+        mode = page.get_by_role("button", name="Basic Viewer")
         mode.wait_for(state="visible", timeout=WAIT_MS)
         mode.click()
         page.wait_for_url(f"**/ohif/viewer?*StudyInstanceUIDs={uid}*", timeout=WAIT_MS)
 
         # the viewport's canvas gets the image's pixels (WADO-RS metadata + frames)
         page.wait_for_function(f"() => ({CANVAS_SPREAD})() > 40", timeout=WAIT_MS)
-        _screenshot_not_blank(page, "viewer-1440x900.png")
+        _screenshot_not_blank(page, "viewer-1440x900.png", page.locator("canvas.cornerstone-canvas").first.bounding_box())
         assert not problems, f"OHIF was refused by the CSP: {problems[:3]}"
     finally:
         context.close()
