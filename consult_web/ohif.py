@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xray_triage.settings import SettingsError
+
 log = logging.getLogger(__name__)
 
 MOUNT = "/ohif"  # where the viewer is served; also its routerBasename
@@ -51,8 +53,9 @@ _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
 _CSS_ROOT_URL = re.compile(r"url\((['\"]?)/(?!/)")
 
 
-class OhifDistError(ValueError):
-    """``ohif_dist_dir`` is not a usable OHIF ``dist/`` folder; the message says why."""
+class OhifDistError(SettingsError):
+    """``ohif_dist_dir`` is not a usable OHIF ``dist/`` folder; the message says why (a
+    ``SettingsError``: ``serve`` stops with that one line)."""
 
 
 def study_viewer_url(base: str, study_uid: str) -> str:
