@@ -34,6 +34,8 @@ async def ohif_file(request: Request, relative: str, _user: CurrentUser) -> Resp
         # never cached: it names the current entry bundle, and a login may sit in front of it
         return Response(site.index_html, media_type="text/html; charset=utf-8", headers={"cache-control": "no-store"})
     content, media_type = found
+    # bundles are named by their content hash; the generated config follows the settings
+    cache = {"cache-control": "no-cache" if relative == "app-config.js" else "private, max-age=3600"}
     if isinstance(content, bytes):
-        return Response(content, media_type=media_type, headers={"cache-control": "no-cache"})
-    return FileResponse(content, media_type=media_type, headers={"cache-control": "private, max-age=3600"})
+        return Response(content, media_type=media_type, headers=cache)
+    return FileResponse(content, media_type=media_type, headers=cache)
