@@ -32,7 +32,7 @@ from benchmarks.machine import describe_machine, filesystem_of, load_average
 from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
 
-PARTS = ("latency", "throughput", "inference", "viewer", "worklist")
+PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb")
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle")
 WORKLIST_SEED = SHARED_DICOM / "dev_03_dx_pa_jpeg_lossless_sv1.dcm"  # 1024 px, 0.9 MB: cheap to seed studies with
 QUIET_LOAD = 1.0  # 1-minute load average above which figures are flagged as taken on a busy machine
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmarks of xray-triage: end-to-end latency, ingest throughput vs dcmtk storescp, "
-        "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm, worklist latency under load. Starts its own server on free ports "
+        "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm, worklist latency under load, DICOMweb "
+        "QIDO-RS latency and WADO-RS MB/s. Starts its own server on free ports "
         "in a temporary directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -344,6 +345,12 @@ def run(args: argparse.Namespace) -> int:
             report["worklist"], failures = run_worklist_load(
                 args.model, seed, burst, work, LoadPlan.for_mode(args.quick)
             )
+            report["failures"] += failures
+        if "dicomweb" in parts:
+            from benchmarks.dicomweb import DicomwebPlan, run_dicomweb
+
+            _detector_source_ok()
+            report["dicomweb"], failures = run_dicomweb(args.model, work, DicomwebPlan.for_mode(args.quick))
             report["failures"] += failures
     except BenchSetupError as exc:
         setup_error = True

@@ -350,6 +350,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _viewer_lines(report["viewer"])
     if report.get("worklist"):
         lines += _worklist_lines(report["worklist"])
+    if report.get("dicomweb"):
+        from benchmarks.dicomweb import markdown_lines
+
+        lines += markdown_lines(report["dicomweb"])
     if report.get("warnings"):
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):
@@ -374,6 +378,9 @@ def collect_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     viewer = report.get("viewer") or {}
     if viewer.get("target") and viewer.get("cases"):
         targets.append({"where": f"viewer first view ({len(viewer['cases'])} files)", **viewer["target"]})
+    dicomweb = report.get("dicomweb") or {}
+    if dicomweb.get("target"):
+        targets.append({"where": "DICOMweb QIDO-RS worst p95", **dicomweb["target"]})
     return targets
 
 

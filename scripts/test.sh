@@ -18,6 +18,38 @@ if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -
     libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null
 fi
 
+# Orthanc and its DICOMweb plugin: the DICOMweb test (tests/e2e/test_dicomweb_e2e.py) runs Orthanc
+# as a plain process with our /dicomweb/ as its DICOMweb server. A policy-rc.d that exits 101
+# keeps apt-get from starting Orthanc as a service during the install.
+if [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  echo "== installing orthanc and orthanc-dicomweb (Debian packages, no service started) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  POLICY_RC_CREATED=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    POLICY_RC_CREATED=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
+  if [ -n "$POLICY_RC_CREATED" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+# dicom3tools: dciodvfy checks the DICOM objects we make (AI SR, GSPS, consult SR) in the tests
+# (dcmtk's dsrdump reads the SRs back). No service may start during the install (policy-rc.d).
+if ! command -v dciodvfy >/dev/null; then
+  echo "== installing dicom3tools (Debian package) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  POLICY_MADE=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
+    POLICY_MADE=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
+  [ -n "$POLICY_MADE" ] && $SUDO rm -f /usr/sbin/policy-rc.d
+fi
+
 # The OHIF viewer test serves the prebuilt viewer from npm's @ohif/app (its dist/ folder),
 # fetched here once into test-artifacts/ohif (git-ignored); the server never downloads it.
 OHIF_VERSION=3.13.2

@@ -85,14 +85,15 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
-    patient_id: Mapped[str] = mapped_column(String(64), default="")
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    # Indexed (like the other QIDO-RS match keys below): DICOMweb searches by them.
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_age: Mapped[str] = mapped_column(String(4), default="")
-    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
     study_time: Mapped[str] = mapped_column(String(16), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     description: Mapped[str] = mapped_column(String(64), default="")
     institution_name: Mapped[str] = mapped_column(String(64), default="")
     station_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
@@ -113,7 +114,7 @@ class Series(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
-    modality: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)  # QIDO ModalitiesInStudy
     body_part: Mapped[str] = mapped_column(String(64), default="")
     series_number: Mapped[str] = mapped_column(String(12), default="")
     description: Mapped[str] = mapped_column(String(64), default="")
