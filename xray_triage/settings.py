@@ -228,6 +228,17 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 ASCII characters without backslash")
         return value
 
+    @field_validator("ohif_url")
+    @classmethod
+    def _ohif_url_ok(cls, value: str | None) -> str | None:
+        # it becomes a link's href on every study page: a path on this site or an http(s) address only
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip()
+        if not (value.startswith(("http://", "https://")) or (value.startswith("/") and not value.startswith("//"))):
+            raise ValueError("ohif_url must be a path on this site ('/ohif') or an http(s):// address")
+        return value
+
     @field_validator("default_character_set")
     @classmethod
     def _character_set_ok(cls, value: str) -> str:

@@ -142,6 +142,16 @@ def test_ohif_url_links_to_a_viewer_served_elsewhere_and_nothing_without_it(tmp_
     assert client.get("/ohif/").status_code == 404
 
 
+@pytest.mark.parametrize("bad", ["javascript:alert(1)", "//evil.example/ohif", "ohif", "data:text/html,x"])
+def test_ohif_url_must_be_a_path_here_or_an_http_address(bad: str) -> None:
+    from xray_triage.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ohif_url"):
+        load_settings(ohif_url=bad)
+    assert load_settings(ohif_url=" /ohif/ ").ohif_link_base == "/ohif"
+    assert load_settings(ohif_url="https://viewer.example.org").ohif_link_base == "https://viewer.example.org"
+
+
 def test_a_folder_that_is_not_ohif_dist_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(OhifDistError, match="no index.html"):
         OhifSite.load(tmp_path)
