@@ -27,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from consult_web.auth import CsrfError, LoginLimiter, NotAuthenticated, is_api, is_fhir, learn_known_networks
 from consult_web.errors import LocalizedError, localized
 from consult_web.i18n import translate
+from consult_web.ohif import MOUNT as OHIF_MOUNT
+from consult_web.ohif import OhifSite
 from consult_web.schemas import API_ERRORS
 from consult_web.templating import render, request_language
 from xray_triage import __version__
@@ -122,15 +124,30 @@ def create_app(
     app.state.api_schema = None  # built on first request
     app.include_router(api_routes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    ohif_csp = _mount_ohif(app, settings)
     _install_error_handlers(app)
     app.add_middleware(UnexpectedErrors)  # innermost: its 500 answer gets the security headers too
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(SecurityHeaders, overrides={OHIF_MOUNT: ohif_csp} if ohif_csp else None)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_request_bytes,
         larger={dicomweb.router.prefix + "/studies": settings.dicomweb_max_stow_bytes},
     )
     return app
+
+
+def _mount_ohif(app: FastAPI, settings: Settings) -> str | None:
+    """Serve OHIF's prebuilt files under /ohif/ when ``ohif_dist_dir`` is set; its CSP, else None.
+
+    A folder that is not OHIF's dist/ stops the start-up (``OhifDistError``, one line)."""
+    app.state.ohif = None
+    if settings.ohif_dist_dir is None:
+        return None
+    from consult_web.routes import ohif
+
+    app.state.ohif = OhifSite.load(settings.ohif_dist_dir)
+    app.include_router(ohif.router)
+    return app.state.ohif.content_security_policy
 
 
 def _error(request: Request, status: int, message_key: str, detail: str = "") -> Response:
@@ -311,7 +328,9 @@ async def _plain_413(send: Send) -> None:
 class SecurityHeaders:
     """CSP without inline scripts, no framing, no MIME sniffing, no referrer leaks; and HTML
     (pages and the fragments live updates re-fetch) is never cached: it names patients, and a
-    shared station phone or a cached fragment must not show them again."""
+    shared station phone or a cached fragment must not show them again.
+
+    ``overrides`` maps a path prefix (e.g. ``/ohif``) to the CSP of the answers under it."""
 
     HEADERS = [
         (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
@@ -320,21 +339,32 @@ class SecurityHeaders:
         (b"referrer-policy", b"same-origin"),
     ]
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, overrides: dict[str, str] | None = None) -> None:
         self.app = app
+        self.overrides = [
+            (prefix.rstrip("/"), [(b"content-security-policy", csp.encode()), *self.HEADERS[1:]])
+            for prefix, csp in (overrides or {}).items()
+        ]
+
+    def _headers(self, path: str) -> list[tuple[bytes, bytes]]:
+        for prefix, headers in self.overrides:
+            if path == prefix or path.startswith(prefix + "/"):
+                return headers
+        return self.HEADERS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = self._headers(scope.get("path", ""))
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", [])) + self.HEADERS
-                names = {name.lower(): value for name, value in headers}
+                sent = list(message.get("headers", [])) + headers
+                names = {name.lower(): value for name, value in sent}
                 if names.get(b"content-type", b"").startswith(b"text/html") and b"cache-control" not in names:
-                    headers.append((b"cache-control", b"no-store"))
-                message["headers"] = headers
+                    sent.append((b"cache-control", b"no-store"))
+                message["headers"] = sent
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

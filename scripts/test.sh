@@ -63,6 +63,22 @@ if ! command -v dciodvfy >/dev/null; then
   [ -n "$POLICY_MADE" ] && $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
+# The OHIF viewer test serves the prebuilt viewer from npm's @ohif/app (its dist/ folder),
+# fetched here once into test-artifacts/ohif (git-ignored); the server never downloads it.
+OHIF_VERSION=3.13.2
+if [ ! -f "test-artifacts/ohif/$OHIF_VERSION/package/dist/index.html" ]; then
+  if ! command -v npm >/dev/null; then
+    echo "== installing nodejs and npm (Debian packages) =="
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  echo "== fetching @ohif/app@$OHIF_VERSION (npm pack) into test-artifacts/ohif =="
+  mkdir -p "test-artifacts/ohif/$OHIF_VERSION"
+  (cd "test-artifacts/ohif/$OHIF_VERSION" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null \
+    && tar xzf "ohif-app-$OHIF_VERSION.tgz" && rm "ohif-app-$OHIF_VERSION.tgz")
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv =="
   python3 -m venv .venv

@@ -157,6 +157,18 @@ class Settings(BaseSettings):
     )
     worklist_page_size: int = Field(50, ge=1, le=500, description="worklist rows per page (and the JSON API's default limit)")
 
+    # OHIF viewer (README "OHIF viewer")
+    ohif_dist_dir: Path | None = Field(
+        None,
+        description="the dist/ folder of npm's @ohif/app: served at /ohif/ (logged-in users, same origin as "
+        "/dicomweb) with an app-config.js pointing at /dicomweb; unset = not served",
+    )
+    ohif_url: str | None = Field(
+        None,
+        description="where a site serves OHIF itself (e.g. '/ohif' behind nginx, or 'https://viewer.example.org'): "
+        "the study page links to <ohif_url>/viewer?StudyInstanceUIDs=<uid>; unset = /ohif when ohif_dist_dir is set",
+    )
+
     # Model and triage
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")
     providers: list[str] | None = Field(None, description="ONNX Runtime providers; default CUDA if present, else CPU")
@@ -285,6 +297,17 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 ASCII characters without backslash")
         return value
 
+    @field_validator("ohif_url")
+    @classmethod
+    def _ohif_url_ok(cls, value: str | None) -> str | None:
+        # it becomes a link's href on every study page: a path on this site or an http(s) address only
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip()
+        if not (value.startswith(("http://", "https://")) or (value.startswith("/") and not value.startswith("//"))):
+            raise ValueError("ohif_url must be a path on this site ('/ohif') or an http(s):// address")
+        return value
+
     @field_validator("default_character_set")
     @classmethod
     def _character_set_ok(cls, value: str) -> str:
@@ -312,6 +335,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'xray-triage.db').resolve()}"
+
+    @property
+    def ohif_link_base(self) -> str | None:
+        """OHIF's address for the study page's link: ``ohif_url``, else ``/ohif`` when served here."""
+        if self.ohif_url:
+            return self.ohif_url.rstrip("/")
+        return "/ohif" if self.ohif_dist_dir is not None else None
 
     @property
     def max_frame_pixels(self) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from consult_web.access import visible_study
 from consult_web.audit import audit
 from consult_web.deps import AppSettings, CurrentUser, Db, ReadSession
+from consult_web.ohif import study_viewer_url
 from consult_web.permissions import can_request, can_see, is_specialist, visibility_clause
 from consult_web.templating import render
 from consult_web.viewer import viewer_context
@@ -160,6 +161,7 @@ def study_page(request: Request, study_uid: str, user: CurrentUser, db: Db, sett
             "tags": key_tags(settings.data_dir, first.file_path, settings.default_character_set) if first else [],
             "priors": prior_studies(session, user, study),
             "viewer": viewer_context(session, user, study, request),
+            "ohif_link": study_viewer_url(ohif, study.study_instance_uid) if (ohif := settings.ohif_link_base) else None,
             **consult_context(session, user, study),
         }
         audit(session, user, "study.view", study_uid=study_uid, request=request)
