@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,6 +43,24 @@ DEFAULT_MODEL_DIR = shipped_model_dir()
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class DestinationSettings(BaseModel):
+    """One ``[[destinations]]`` table of the TOML file: a DICOM peer (PACS) we C-STORE to.
+
+    ``send``: what it gets, any of ``images`` (every stored instance, as received),
+    ``ai-results`` (the AI's SR and GSPS) and ``consult-results`` (the specialist's GSPS and SR).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64)
+    ae_title: str = Field(..., min_length=1, max_length=16)
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+    send: list[str] = Field(["images"], min_length=1)
+    tls: bool = False
+    rate_limit_bytes_per_s: int | None = Field(None, gt=0, description="None: unlimited")
 
 
 class Settings(BaseSettings):
@@ -172,6 +190,24 @@ class Settings(BaseSettings):
     triage_modalities: list[str] = Field(["CR", "DX"])
     triage_body_parts: list[str] = Field(["CHEST"])
     max_job_attempts: int = Field(3, ge=1)
+
+    # Delivery to PACS destinations (dicom_sender/; destinations also via `xray-triage destinations add`)
+    destinations: list[DestinationSettings] = Field([], description="[[destinations]] tables: PACS peers")
+    delivery_retry_initial_s: float = Field(
+        5.0, gt=0, description="first wait after a failed send to a destination; doubles per failure in a row"
+    )
+    delivery_retry_max_s: float = Field(300.0, gt=0, description="longest wait between retries (never gives up)")
+    delivery_batch_size: int = Field(50, ge=1, le=500, description="objects sent per association")
+    delivery_poll_s: float = Field(
+        2.0, gt=0, description="how often senders look for new destinations and queue rows written by other processes"
+    )
+    delivery_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout of the sender")
+    destination_failing_degraded_s: float = Field(
+        900.0, ge=0, description="/healthz says degraded when a destination has been failing for longer than this"
+    )
+    delivery_tls_ca_file: Path | None = Field(None, description="CA bundle that TLS destinations' certificates are checked against (default: the system's)")
+    delivery_tls_cert_file: Path | None = Field(None, description="our client certificate for TLS destinations (PEM)")
+    delivery_tls_key_file: Path | None = Field(None, description="its private key (PEM); default: in the certificate file")
 
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")

@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_triage_server.cli_users import register as register_user_commands
 
     register_user_commands(sub, common, _settings)
+    from xray_triage_server.cli_destinations import register as register_destination_commands
+
+    register_destination_commands(sub, common, _settings)
     register_plugin_commands(CommandGroups(top=sub, models=md_sub, common=common))
     return parser
 

@@ -39,6 +39,7 @@ from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
+from xray_triage_server.delivery import Delivery, DestinationError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,12 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
+    delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
     try:
+        try:
+            delivery.start()
+        except DestinationError as exc:
+            raise CliError(f"[[destinations]]: {exc}") from exc
         try:
             gateway.start()
         except OSError as exc:
@@ -270,6 +276,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         stop_requested.set()
         gateway.stop(settings.shutdown_grace_s)
         recovery.join()
+        delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
         workers.stop()
         runner.close()
         db.dispose()

@@ -1,7 +1,9 @@
 """Admin pages: users (add, disable, enable), stations (add, remove), quarantined images,
-the storage's degraded state and the audit log."""
+the storage's degraded state, the PACS destinations' queues and the audit log."""
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -13,6 +15,7 @@ from consult_web.errors import LocalizedError
 from consult_web.templating import render
 from xray_triage.store.consult_schema import ROLES, AuditEvent
 from xray_triage.store.db import Database
+from xray_triage.store.destinations import destination_states
 from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.records import list_quarantined
 from xray_triage.store.stations import StationError, add_station, list_stations, remove_station
@@ -37,6 +40,7 @@ def _admin_page(
             "error": error,
             "quarantined": quarantined,
             "storage": storage.report(),
+            "destinations": _destinations(session, request.app.state.settings.destination_failing_degraded_s),
         }
         return render(request, "admin.html", context, status_code=status_code)
 
@@ -115,3 +119,12 @@ def admin_remove_station(request: Request, ae_title: str, admin: AdminUser, db: 
             raise LocalizedError(404, "usererror.no_station", ae_title=repr(ae_title))
         audit(session, admin, "station.remove", request=request, target=ae_title)
     return RedirectResponse("/admin#stations", status_code=303)
+
+
+def _destinations(session, failing_degraded_s: float) -> list[dict]:  # type: ignore[no-untyped-def]
+    """``destination_states`` with its times as datetimes, for ``fmt_dt`` in the user's zone."""
+    rows = destination_states(session, failing_degraded_s=failing_degraded_s)
+    for row in rows:
+        for key in ("last_error_at", "last_success_at", "failing_since"):
+            row[key] = datetime.fromisoformat(row[key]) if row[key] else None
+    return rows

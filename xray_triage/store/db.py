@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from xray_triage.events import EventHandlers
 from xray_triage.store import (
     consult_schema,  # noqa: F401  (registers the consult tables on Base)
+    delivery_schema,  # noqa: F401  (registers the destinations and deliveries tables on Base)
     outbox,  # registers the outbox tables on Base, and the after-commit dispatch
 )
 from xray_triage.store.schema import Base
