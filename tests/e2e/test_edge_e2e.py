@@ -36,7 +36,12 @@ ROUTINE_STUDIES, ROUTINE_IMAGES_PER_STUDY = 9, 5  # 45 routine images
 LINK_RATE = 64_000  # bytes/s each way (~0.5 Mbit/s): ~8 s for the 50 images
 CUT_AFTER_BYTES = 25_000  # inside the urgent study's third image
 DEADLINE_S = 120.0
-EDGE_ENV: dict[str, str] = {}  # the delivery back-off settings, small (set where delivery defines them)
+EDGE_ENV = {  # small back-off and timeouts, so the edge notices the link's return within a second
+    "XRAY_TRIAGE_DELIVERY_RETRY_INITIAL_S": "0.2",
+    "XRAY_TRIAGE_DELIVERY_RETRY_MAX_S": "1",
+    "XRAY_TRIAGE_DELIVERY_POLL_S": "0.2",
+    "XRAY_TRIAGE_DELIVERY_TIMEOUT_S": "10",
+}
 
 
 def small_study(source: Path, out_dir: Path, count: int, prefix: str) -> list[Path]:
