@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
             )
             report["failures"] += failures
         if "delivery" in parts:
-            from benchmarks.delivery import DeliveryPlan, run_delivery
+            from benchmarks.delivery import DeliveryPlan, run_delivery, run_orthanc_ack
 
             require_tools(("storescu", "dcmodify"))
             delivery_plan = DeliveryPlan.for_mode(args.quick)
@@ -368,6 +368,12 @@ def run(args: argparse.Namespace) -> int:
             report["delivery"], failures = run_delivery(args.model, DELIVERY_IMAGE, work, delivery_plan)
             report["failures"] += failures
             report["warnings"] += report["delivery"]["warnings"]
+            ack, failures = run_orthanc_ack(
+                args.model, DELIVERY_IMAGE, work, warmup=plan.warmup, reps=plan.reps
+            )
+            report["delivery"]["orthanc_ack"] = ack
+            report["failures"] += failures
+            report["warnings"] += ack["warnings"]
     except BenchSetupError as exc:
         setup_error = True
         report["failures"].append(f"setup: {exc}")

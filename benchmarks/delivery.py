@@ -16,6 +16,15 @@ one after the other, so each has the link to itself:
   a warning.
 
 Ratio = raw seconds / seconds of the row (1.0: as fast as the bare link).
+
+**Orthanc acknowledgement** (``run_orthanc_ack``): a server with an ``images``
+destination to a real Orthanc (``tests/orthanc_helpers.py``, the delivery tests'
+helper), no proxy; images sent one at a time, each waited for. Per image: our
+``instances.received_at`` (the C-STORE from the station acknowledged) -> the
+``deliveries.sent_at`` the sender writes when Orthanc answered Success; and the
+triage result's ``triage_results.created_at`` -> that same acknowledgement
+(negative when the image reached Orthanc before its triage finished). Both are
+the server's own timestamps, one clock.
 """
 
 from __future__ import annotations
@@ -223,6 +232,10 @@ def _edge_to_centre(
             if not send.ok:
                 failures.append(f"delivery: storescu to the edge failed: {send.output[-500:]}")
             last = _wait_at_centre(centre_db, uids, budget_s, centre.alive)
+    if edge.exit_code != 0:
+        failures.append(
+            f"delivery: the edge server exited {edge.exit_code} after SIGTERM; log tail:\n{edge.log_tail()}"
+        )
     seconds = last - started if last is not None else None
     if seconds is None:
         failures.append(f"delivery: not every image reached the centre within {budget_s:.0f} s")
@@ -232,3 +245,123 @@ def _edge_to_centre(
         "mb_per_s": round(mb(total) / seconds, 3) if seconds else None,
         "note": "first storescu spawn at the edge -> the centre's last received_at",
     }
+
+
+ORTHANC_ACK_SQL = """
+SELECT i.received_at, r.created_at, d.sent_at
+FROM deliveries AS d
+JOIN instances AS i ON i.sop_instance_uid = d.sop_instance_uid
+LEFT JOIN triage_results AS r ON r.instance_id = i.id
+WHERE d.sop_instance_uid = ? AND d.state = 'sent'
+"""
+
+
+def _orthanc_class() -> Any:
+    """tests/orthanc_helpers.Orthanc, or None when Orthanc or the test helpers are not here."""
+    import shutil
+    import sys
+
+    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").is_file():
+        return None
+    tests_dir = Path(__file__).resolve().parents[1] / "tests"
+    if str(tests_dir) not in sys.path:
+        sys.path.insert(0, str(tests_dir))
+    try:
+        from orthanc_helpers import Orthanc
+    except ImportError:
+        return None
+    return Orthanc
+
+
+def run_orthanc_ack(
+    model_dir: Path, source: Path, work: Path, *, warmup: int, reps: int
+) -> tuple[dict[str, Any], list[str]]:
+    """p50/p95 from our acknowledgement (and from the triage result) to Orthanc's, one image at a time."""
+    from benchmarks.common import parse_db_time, summarize
+
+    failures: list[str] = []
+    section: dict[str, Any] = {"warmup": warmup, "reps": reps, "warnings": []}
+    orthanc_cls = _orthanc_class()
+    if orthanc_cls is None:
+        section["warnings"].append(
+            "Orthanc acknowledgement: n/a, Orthanc (apt-get install orthanc) not installed"
+        )
+        return section, failures
+    info = image_info(source.stem, source)
+    section["image"] = info.name
+    orthanc = orthanc_cls(work / "orthanc")
+    progress("delivery: starting Orthanc")
+    orthanc.start()
+    try:
+        server = TriageServer(work, model_dir, name="server-pacs")
+        server.data_dir.mkdir(parents=True, exist_ok=True)
+        add = subprocess.run(
+            [
+                *cli_command(),
+                "destinations",
+                "add",
+                "pacs",
+                "--ae-title",
+                orthanc.aet,
+                "--host",
+                HOST,
+                "--port",
+                str(orthanc.dicom_port),
+                "--send",
+                "images",
+                "--data-dir",
+                str(server.data_dir),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if add.returncode != 0:
+            raise BenchSetupError(f"destinations add (Orthanc): {add.stderr or add.stdout}")
+        files = unique_copies(source, work / "delivery-orthanc", warmup + reps, "pacs")
+        from_received: list[float] = []
+        from_result: list[float] = []
+        with server:
+            progress(f"delivery: {warmup} + {reps} images one at a time -> server -> Orthanc")
+            db = ResultsDB(server.db_path)
+            try:
+                for n, path in enumerate(files):
+                    uid = sop_instance_uid(path)
+                    send = StoreSCU([path], info.storescu_flag, server.dicom_port, SERVER_AE).start().wait()
+                    if not send.ok:
+                        failures.append(f"delivery: storescu to the server failed: {send.output[-300:]}")
+                        break
+                    deadline = time.monotonic() + 120
+                    row = None
+                    while time.monotonic() < deadline and server.alive():
+                        row = db.conn.execute(ORTHANC_ACK_SQL, (uid,)).fetchone()
+                        if row is not None and row[1] is not None:
+                            break
+                        time.sleep(0.01)
+                    if row is None or row[1] is None:
+                        failures.append(
+                            f"delivery: {path.name} not acknowledged by Orthanc (or not triaged) in 120 s"
+                        )
+                        break
+                    received, result, acked = (parse_db_time(v) for v in row)
+                    if n >= warmup and received and acked and result:
+                        from_received.append((acked - received) * 1000)
+                        from_result.append((acked - result) * 1000)
+                    time.sleep(0.05)
+            finally:
+                db.close()
+        if server.exit_code != 0:
+            failures.append(f"delivery: the Orthanc-feeding server exited {server.exit_code} after SIGTERM")
+        held = orthanc.sop_uids()
+        missing = [p.name for p in files if sop_instance_uid(p) not in held]
+        if missing:
+            failures.append(f"delivery: Orthanc does not hold {missing}")
+    finally:
+        orthanc.stop()
+    section["received_to_orthanc_ack_ms"] = summarize(from_received, 1)
+    section["result_to_orthanc_ack_ms"] = summarize(from_result, 1)
+    section["samples"] = {
+        "received_to_orthanc_ack_ms": from_received,
+        "result_to_orthanc_ack_ms": from_result,
+    }
+    return section, failures

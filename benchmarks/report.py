@@ -367,6 +367,27 @@ def _delivery_lines(delivery: dict[str, Any]) -> list[str]:
         "to the centre through the proxy; edge -> centre = storescu to the edge, whose images destination "
         "forwards them through the proxy (first spawn -> the centre's last received_at).",
     ]
+    ack = delivery.get("orthanc_ack") or {}
+    if ack.get("received_to_orthanc_ack_ms"):
+        rows = [
+            [
+                label,
+                str(stats.get("n")),
+                _f(stats.get("p50"), 0),
+                _f(stats.get("p95"), 0),
+                _f(stats.get("max"), 0),
+            ]
+            for label, stats in (
+                ("stored here -> acknowledged by Orthanc", ack["received_to_orthanc_ack_ms"]),
+                ("triage result -> acknowledged by Orthanc", ack["result_to_orthanc_ack_ms"]),
+            )
+        ]
+        lines += [
+            "",
+            f"### Delivery to Orthanc (images destination, no proxy), one {ack.get('image')} at a time, ms",
+            "",
+        ]
+        lines += _table(["interval", "n", "p50", "p95", "max"], rows)
     return lines
 
 
