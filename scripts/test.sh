@@ -5,6 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Delivery to PACS is tested against Debian's orthanc, started by the tests as a plain process
+# (tests/orthanc_helpers.py); the policy-rc.d keeps its service from starting at install.
+if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ]; then
+  echo "== installing orthanc (Debian package; its service is not started) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null
+fi
+
 # Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and
 # chromium (the browser tests drive /usr/bin/chromium; no browser is ever downloaded),
 # libpango (WeasyPrint renders the consult report PDF with it), poppler-utils (pdftotext and

@@ -1,0 +1,140 @@
+"""End to end: our server delivers to a real PACS (Debian's Orthanc) durably, at least once.
+
+One server process and one Orthanc process (``tests/orthanc_helpers.py``), a destination added
+with ``xray-triage destinations add``, images sent to us with ``storescu``:
+
+1. they reach Orthanc as received (same UIDs, same transfer syntax) and the queue says sent;
+2. Orthanc stopped mid-queue, more images sent, Orthanc restarted: everything arrives, once;
+3. our server killed with SIGKILL mid-delivery and restarted: nothing is lost, and nothing Orthanc
+   had acknowledged before the kill is sent again (Orthanc counts every C-STORE it receives).
+
+Small retry and poll times (``XRAY_TRIAGE_DELIVERY_*``) keep it quick; every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from orthanc_helpers import ORTHANC_AET, Orthanc
+
+from e2e_helpers import SHARED_DICOM, check_cli, copy_with_new_uids, http, query, read_uids, store_ok
+
+pytestmark = pytest.mark.slow
+
+DEADLINE_S = 120.0
+RATE_BYTES_PER_S = 1_500_000  # ~1.4 s per 2 MB image: the kill below lands mid-queue
+DELIVERY_ENV = {
+    "XRAY_TRIAGE_DELIVERY_RETRY_INITIAL_S": "0.5",
+    "XRAY_TRIAGE_DELIVERY_RETRY_MAX_S": "2",
+    "XRAY_TRIAGE_DELIVERY_POLL_S": "0.3",
+    "XRAY_TRIAGE_DELIVERY_TIMEOUT_S": "10",
+}
+UNCOMPRESSED = SHARED_DICOM / "dev_01_dx_pa_explicit_window.dcm"
+JPEG_LS = SHARED_DICOM / "dev_04_cr_pa_rescale_jpegls.dcm"
+
+
+def wait_for(condition: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S, on_fail: Callable[[], str] = str) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {deadline_s} s waiting for {what}\n{on_fail()}")
+
+
+def destination_state(server: Any, name: str = "pacs") -> dict[str, Any]:
+    body = http.get(server.url("/healthz"), timeout=10).json()
+    return next(d for d in body["destinations"] if d["name"] == name)
+
+
+def sent_uids(server: Any) -> set[str]:
+    rows = query(server.data_dir, "SELECT sop_instance_uid FROM deliveries WHERE state = 'sent'")
+    return {r["sop_instance_uid"] for r in rows}
+
+
+def test_images_reach_orthanc_once_through_pacs_outage_and_server_kill(
+    launch_server: Any, tmp_path: Path
+) -> None:
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        _run(launch_server, pacs, tmp_path)
+    finally:
+        pacs.stop()
+
+
+def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
+    server = launch_server.launch("delivery", env=DELIVERY_ENV, start=False)
+    added = check_cli(
+        "destinations", "add", "pacs", "--ae-title", ORTHANC_AET, "--host", "127.0.0.1",
+        "--port", str(pacs.dicom_port), "--send", "images", "--rate-limit", str(RATE_BYTES_PER_S),
+        "--data-dir", server.data_dir,
+    )  # fmt: skip
+    assert "added destination pacs" in added.stdout
+    server.start()
+
+    def tails() -> str:
+        return f"{server.log_tail()}\n{pacs.log_tail()}\n{destination_state(server) if server.running else ''}"
+
+    def arrived(uids: set[str]) -> Callable[[], bool]:
+        return lambda: uids <= pacs.sop_uids()
+
+    # 1. Images reach Orthanc as received: an uncompressed and a JPEG-LS one.
+    first = copy_with_new_uids([UNCOMPRESSED, JPEG_LS], tmp_path / "first")
+    for path in first:
+        store_ok([path], server.dicom_port)
+    first_uids = {read_uids(p).sop for p in first}
+    wait_for(arrived(first_uids), "the first images in Orthanc", on_fail=tails)
+    for path in first:
+        uids = read_uids(path)
+        [instance] = pacs.study_instances(uids.study)
+        assert instance["MainDicomTags"]["SOPInstanceUID"] == uids.sop
+        received = pydicom.dcmread(io.BytesIO(pacs.instance_file(uids.sop)))
+        assert received.file_meta.TransferSyntaxUID == uids.transfer_syntax  # as stored, not re-encoded
+    state = wait_for(lambda: (s := destination_state(server))["sent"] == 2 and s, "sent == 2", on_fail=tails)
+    assert (state["queued"], state["failed"], state["state"]) == (0, 0, "ok"), state
+    assert state["last_success_at"] is not None
+
+    # 2. Orthanc goes down mid-queue; more images arrive meanwhile; Orthanc comes back.
+    pacs.stop()
+    outage = copy_with_new_uids([UNCOMPRESSED, UNCOMPRESSED], tmp_path / "outage")
+    store_ok(outage, server.dicom_port)  # we keep acknowledging images while the PACS is down
+    outage_uids = {read_uids(p).sop for p in outage}
+    failing = wait_for(
+        lambda: (s := destination_state(server))["state"] != "ok" and s, "the destination to fail", on_fail=tails
+    )
+    assert failing["queued"] == 2 and failing["last_error"], failing
+    pacs.start()
+    wait_for(arrived(first_uids | outage_uids), "the outage's images in Orthanc", on_fail=tails)
+    assert all(pacs.receipts()[uid] == 1 for uid in first_uids | outage_uids), pacs.receipts()
+    wait_for(lambda: destination_state(server)["state"] == "ok", "the destination to recover", on_fail=tails)
+
+    # 3. SIGKILL our server mid-delivery, restart it: nothing lost, nothing acknowledged sent twice.
+    batch = copy_with_new_uids([UNCOMPRESSED] * 4, tmp_path / "kill")
+    store_ok(batch, server.dicom_port)
+    batch_uids = {read_uids(p).sop for p in batch}
+    wait_for(lambda: sent_uids(server) & batch_uids, "one image of the batch sent", on_fail=tails)
+    server.kill9()
+    recorded_sent = sent_uids(server) & batch_uids
+    acknowledged = {uid for uid, n in pacs.receipts().items() if n} & batch_uids
+    assert recorded_sent <= acknowledged
+    assert len(acknowledged - recorded_sent) <= 1  # at most the object in flight at the kill
+    assert recorded_sent != batch_uids, "the kill came after the whole batch was sent: not mid-delivery"
+    server.start()
+    everything = first_uids | outage_uids | batch_uids
+    wait_for(arrived(everything), "every image in Orthanc after the restart", on_fail=tails)
+    wait_for(lambda: sent_uids(server) >= everything, "every row sent", on_fail=tails)
+    receipts = pacs.receipts()
+    assert all(receipts[uid] == 1 for uid in recorded_sent | first_uids | outage_uids), receipts
+    resent = {uid for uid in batch_uids if receipts[uid] > 1}
+    assert resent <= acknowledged - recorded_sent, (resent, acknowledged, recorded_sent)
+
+    listed = json.loads(check_cli("destinations", "list", "--json", "--data-dir", server.data_dir).stdout)
+    assert [(d["name"], d["sent"], d["queued"], d["state"]) for d in listed] == [("pacs", 8, 0, "ok")], listed
