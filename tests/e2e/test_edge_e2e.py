@@ -15,14 +15,16 @@ throttled link still finishes in seconds. With the tiny test model
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from e2e_helpers import CALLED_AE, SHARED_DICOM, check_cli, query, run_cli, store_ok
+from e2e_helpers import CALLED_AE, SHARED_DICOM, check_cli, create_users, query, run_cli, store_ok, web_login
 from onnx_factory import write_tiny_model_dir
 from xray_triage_tools.faultproxy import ProxyThread
 
@@ -33,7 +35,7 @@ ROUTINE_SOURCE = SHARED_DICOM / "dev_07_dx_pa_utf8_name.dcm"
 THRESHOLDS = {"Abnormal": 0.75, "Effusion": 0.95, "Pneumothorax": 0.85}
 URGENT_IMAGES = 5  # one urgent study
 ROUTINE_STUDIES, ROUTINE_IMAGES_PER_STUDY = 9, 5  # 45 routine images
-LINK_RATE = 64_000  # bytes/s each way (~0.5 Mbit/s): ~8 s for the 50 images
+LINK_RATE = 128_000  # bytes/s each way (~1 Mbit/s): a few seconds for the 50 images (~0.6 MB with DICOM overhead)
 CUT_AFTER_BYTES = 25_000  # inside the urgent study's third image
 DEADLINE_S = 120.0
 EDGE_ENV = {  # small back-off and timeouts, so the edge notices the link's return within a second
@@ -71,6 +73,18 @@ def wait_until(condition, what: str, deadline_s: float = DEADLINE_S) -> None:  #
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s} s waiting for {what}")
         time.sleep(0.1)
+
+
+DOCTOR_PASSWORD = "island-doctor-password"
+WAITING = re.compile(r"(\d+) (?:images waiting to be sent to|ảnh đang chờ gửi đến) centre")
+
+
+def waiting_banner(client: httpx.Client) -> str | None:
+    """The count in the worklist's "N images waiting to be sent to centre" status (en or vi), or None."""
+    page = client.get("/worklist")
+    assert page.status_code == 200, page.text[:300]
+    match = WAITING.search(page.text)
+    return match.group(1) if match else None
 
 
 def centre_rows(centre_data: Path) -> list[tuple[str, str]]:
@@ -127,7 +141,9 @@ def test_edge_to_centre_over_a_bad_link(launch_server, edge_model: Path, tmp_pat
             "--data-dir",
             edge.data_dir,
         )
+        create_users(edge.data_dir, [("island_doctor", "station", "STATION1", DOCTOR_PASSWORD)])
         edge.start()
+        doctor = web_login(edge.url(""), "island_doctor", DOCTOR_PASSWORD)
         # Routine studies first, the urgent one last: arrival order alone would send it last.
         store_ok(routine, edge.dicom_port)
         store_ok(urgent, edge.dicom_port)
@@ -140,6 +156,7 @@ def test_edge_to_centre_over_a_bad_link(launch_server, edge_model: Path, tmp_pat
         assert all(s["ai_status"] == "done" for s in studies.values())
         wait_until(lambda: link.stats().refused >= 1, "the edge to try the centre while the link is down")
         assert centre_rows(centre.data_dir) == []
+        assert waiting_banner(doctor) == "50", "the station page says what is waiting"
 
         # Link back, then cut in the middle of a C-STORE and down again for a while.
         link.restore()
@@ -154,6 +171,7 @@ def test_edge_to_centre_over_a_bad_link(launch_server, edge_model: Path, tmp_pat
             "all 50 images at the centre\n" + edge.log_tail() + "\n" + centre.log_tail(),
         )
         stats = link.stats()
+        wait_until(lambda: waiting_banner(doctor) is None, "the waiting banner to go once all is sent")
 
     rows = centre_rows(centre.data_dir)
     assert len(rows) == 50 and {sop for sop, _ in rows} == sop_uids, "each image exactly once at the centre"
