@@ -376,3 +376,21 @@ def test_configured_destinations_follow_the_toml_tables(env: WebEnv) -> None:
         sync_configured(session, [])
     with env.db.read_session() as session:
         assert destination_states(session, failing_degraded_s=60) == []
+
+
+def test_the_delivery_consumer_wakes_the_senders_once_its_rows_are_committed(env: WebEnv, shared_dicom: Path) -> None:
+    from xray_triage_server.delivery import Delivery
+
+    _add(env, "pacs", 104)
+    delivery = Delivery(env.settings, env.db)
+    pending_when_woken: list[int] = []
+
+    def wake() -> None:  # what a sender sees when woken: the rows must already be committed
+        with env.db.read_session() as session:
+            pending_when_woken.append(deliveries.pending_count(session))
+
+    delivery.service.wake = wake  # type: ignore[method-assign]
+    store_dicom(env, shared_dicom / DX, "STATION1")
+    assert delivery.consumer.run_once() == 1
+    assert pending_when_woken == [1]
+    assert delivery.consumer.run_once() == 0 and pending_when_woken == [1]  # nothing new: no wake
