@@ -316,6 +316,10 @@ def test_a_tls_destination_is_reached_over_tls_and_its_certificate_is_checked(
         assert "CERTIFICATE_VERIFY_FAILED" in (session.get(Destination, destination).last_error or "")
     assert peer.received == []
     clock = FakeClock(T0 + timedelta(days=1))
+    _sender(env, destination, clock, ca=tmp_path / "missing-ca.pem").run_once()  # a typo in the settings
+    with env.db.read_session() as session:
+        assert "TLS settings (delivery_tls_*) unusable" in (session.get(Destination, destination).last_error or "")
+    clock.advance(MAX_S)
     assert _sender(env, destination, clock, ca=cert).run_once() == 1
     assert peer.sop_uids() == [sop]
 
