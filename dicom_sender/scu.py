@@ -35,7 +35,14 @@ MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
 
 class PeerUnavailable(RuntimeError):
-    """The association could not be made or was lost; the message says why (no paths)."""
+    """The association could not be made or was lost; the message says why (no paths).
+
+    ``in_flight``: the object whose C-STORE got no answer (None when no association was made).
+    """
+
+    def __init__(self, message: str, in_flight: DueObject | None = None) -> None:
+        super().__init__(message)
+        self.in_flight = in_flight
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,9 @@ def send_batch(
 
     ``before_send`` is called before each object (the rate limit waits there). Objects whose file
     is gone are reported failed without a send. Raises ``PeerUnavailable`` when the association
-    fails; the object in flight is then left unreported (the caller backs the peer off and the
-    object stays due).
+    fails; the object in flight (``in_flight``) is then not reported: the caller backs off both the
+    peer and that object, so an object that makes the peer abort every time does not hold up the
+    others forever.
     """
     sendable = [o for o in objects if o.file_path and o.sop_class_uid]
     for obj in objects:
@@ -104,15 +112,25 @@ def send_batch(
     for sop_class, syntaxes in contexts_for(sendable):
         ae.add_requested_context(sop_class, syntaxes)
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
-    try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    except (OSError, ssl.SSLError) as exc:
-        raise PeerUnavailable(f"cannot connect to {peer.host}:{peer.port}: {exc}") from exc
+    with _ConnectErrors() as errors:
+        try:
+            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        except (OSError, ssl.SSLError) as exc:
+            raise PeerUnavailable(f"cannot connect to {peer.host}:{peer.port}: {exc}") from exc
     if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "did not accept the association"
-        if assoc.acceptor.primitive is not None and assoc.is_rejected:
-            why += f" (result {assoc.acceptor.primitive.result_str}, reason {assoc.acceptor.primitive.reason_str})"
-        raise PeerUnavailable(f"{peer.ae_title} at {peer.host}:{peer.port} {why}")
+        where = f"{peer.ae_title} at {peer.host}:{peer.port}"
+        connect_error = errors.of(assoc)
+        if connect_error:
+            why = f"cannot be connected to: {connect_error}"
+        elif assoc.is_rejected:
+            why = "rejected the association"
+            if assoc.acceptor.primitive is not None:
+                why += f" ({assoc.acceptor.primitive.result_str}, {assoc.acceptor.primitive.reason_str})"
+        elif assoc.is_aborted:
+            why = "aborted the association request"
+        else:
+            why = "cannot be connected to (connection refused or timed out)"
+        raise PeerUnavailable(f"{where} {why}")
     try:
         accepted = _accepted(assoc)
         for obj in sendable:
@@ -122,6 +140,37 @@ def send_batch(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+class _ConnectErrors(logging.Handler):
+    """pynetdicom logs why a connection failed (refused, timeout, TLS handshake) instead of raising:
+    collect those records while associating, to name the reason in ``last_error``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("pynetdicom.transport")
+
+    def __enter__(self) -> _ConnectErrors:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._logger.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def of(self, assoc) -> str:  # type: ignore[no-untyped-def]
+        """Why this association's connection failed, as pynetdicom logged it from the association's
+        DUL thread (which connects); other senders may associate at the same time."""
+        threads = {assoc.ident, getattr(getattr(assoc, "dul", None), "ident", None)} - {None}
+        prefix = "TCP Initialisation Error: "
+        for record in self.records:
+            message = record.getMessage()
+            if record.thread in threads and message.startswith(prefix):
+                return message[len(prefix) :]
+        return ""
 
 
 def _accepted(assoc) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
@@ -159,7 +208,7 @@ def _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed, before_send) -
         return
     if not status or "Status" not in status:
         raise PeerUnavailable(
-            f"no C-STORE response for {obj.sop_instance_uid} (association aborted or timed out)"
+            f"no C-STORE response for {obj.sop_instance_uid} (association aborted or timed out)", in_flight=obj
         )
     code = int(status.Status)
     if code in STORED_STATUSES:

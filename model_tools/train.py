@@ -74,6 +74,15 @@ FINDINGS = ("Infiltration", "Atelectasis", "Effusion", "Edema")
 MIN_FINDING_IMAGES = 50
 LABELS = ("Abnormal",) + FINDINGS
 URGENT_LABELS = ("Effusion", "Edema")
+MANUFACTURER = "xray-triage project (demonstration model)"
+# Each label's SNOMED CT code, for the DICOM SR sent to PACS ([codes] of the card). "Abnormal" has
+# no finding code of its own (it means "any finding"), so it is coded privately (see models/README.md).
+LABEL_CODES = {
+    "Infiltration": {"scheme": "SCT", "value": "409609008", "meaning": "Radiologic infiltrate of lung"},
+    "Atelectasis": {"scheme": "SCT", "value": "46621007", "meaning": "Atelectasis"},
+    "Effusion": {"scheme": "SCT", "value": "60046008", "meaning": "Pleural effusion"},
+    "Edema": {"scheme": "SCT", "value": "19242006", "meaning": "Pulmonary edema"},
+}
 # The card's input geometry and normalisation (mean/std: TRAIN pixel statistics, rounded).
 INPUT_MEAN = 0.55
 INPUT_STD = 0.25
@@ -627,6 +636,8 @@ CARD_COMMENTS = {
     "(never on DEV); the rule of each label (Youden's J, or a target specificity for the urgent labels\n"
     "set by model_tools/operating_points.py) is in [threshold_selection].",
     "triage": "abnormal_threshold = thresholds.Abnormal. Urgent labels: see [triage_notes].",
+    "codes": 'Standard codes of the labels for the DICOM SR sent to PACS (xray_triage/results/). "Abnormal"\n'
+    'has no code (it means "any finding"): it is coded privately, see models/README.md.',
     "evaluation": "Computed by models/train.py from the exported model.onnx run through\n"
     "xray_triage.inference.runner.ModelRunner (onnxruntime, CPU), metrics from xray_triage/evaluation/metrics.py.",
 }
@@ -642,6 +653,7 @@ def card_tables(*, spec, onnx_path, thresholds, extra) -> dict:
             "sha256": sha256_file(onnx_path),
             "intended_use": INTENDED_USE,
             "labels": list(LABELS),
+            "manufacturer": MANUFACTURER,
         },
         "input": {
             "name": spec.name,
@@ -660,6 +672,7 @@ def card_tables(*, spec, onnx_path, thresholds, extra) -> dict:
             "abnormal_threshold": float(thresholds["Abnormal"]),
             "urgent_labels": list(URGENT_LABELS),
         },
+        "codes": {label: dict(code) for label, code in LABEL_CODES.items() if label in LABELS},
     }
     tables.update(extra)
     return tables

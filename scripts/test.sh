@@ -10,12 +10,15 @@ cd "$(dirname "$0")/.."
 if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ]; then
   echo "== installing orthanc (Debian package; its service is not started) =="
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  ORTHANC_POLICY_MADE=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d
+    ORTHANC_POLICY_MADE=1
   fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null
+  if [ -n "$ORTHANC_POLICY_MADE" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and
@@ -29,6 +32,21 @@ if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk chromium fonts-dejavu-core \
     libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null
+fi
+
+# dicom3tools: dciodvfy checks the DICOM objects we make (AI SR, GSPS, consult SR) in the tests
+# (dcmtk's dsrdump reads the SRs back). No service may start during the install (policy-rc.d).
+if ! command -v dciodvfy >/dev/null; then
+  echo "== installing dicom3tools (Debian package) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  POLICY_MADE=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
+    POLICY_MADE=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
+  [ -n "$POLICY_MADE" ] && $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -208,6 +208,17 @@ class Settings(BaseSettings):
     delivery_tls_ca_file: Path | None = Field(None, description="CA bundle that TLS destinations' certificates are checked against (default: the system's)")
     delivery_tls_cert_file: Path | None = Field(None, description="our client certificate for TLS destinations (PEM)")
     delivery_tls_key_file: Path | None = Field(None, description="its private key (PEM); default: in the certificate file")
+    # Results as DICOM (xray_triage/results/): AI SR + GSPS, specialist GSPS, consult SR
+    results_enabled: bool = Field(
+        True, description="make the DICOM result objects (AI SR and GSPS, marks GSPS, consult SR) and file them"
+    )
+    uid_root: str = Field(
+        "",
+        max_length=40,
+        pattern=r"^([0-9]+(\.[0-9]+)*)?$",
+        description="UID root (digits and dots, at most 40 characters) under which the server makes the UIDs "
+        "of its objects; empty: pydicom's root 1.2.826.0.1.3680043.8.498",
+    )
 
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")

@@ -29,13 +29,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from consult_web.app import create_app
 from dicom_gateway.scp import DicomGateway, GatewayConfig
 from xray_triage.events import InstanceStored
-from xray_triage.inference.card import load_card
+from xray_triage.inference.card import ModelCard, load_card
 from xray_triage.inference.runner import ModelRunner
+from xray_triage.outbox_consumer import OutboxConsumer
+from xray_triage.results import producer as results_producer
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.files import clean_incoming, quarantined_files, remove_file, stored_files
 from xray_triage.store.ingest import Ingestor, TriagePolicy
+from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
@@ -52,7 +55,7 @@ def reconcile_files(settings: Settings, db: Database) -> None:
     """
     parts = clean_incoming(settings.data_dir)
     with db.read_session() as session:
-        known = set(session.scalars(select(Instance.file_path)))
+        known = set(session.scalars(select(Instance.file_path))) | set(session.scalars(select(ResultObject.file_path)))
         kept_apart = set(session.scalars(select(QuarantinedInstance.file_path)))
     orphans = (stored_files(settings.data_dir) - known) | (quarantined_files(settings.data_dir) - kept_apart)
     for relpath in orphans:
@@ -237,7 +240,10 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
     delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
+    results = results_consumer(settings, db, card)
     try:
+        if results is not None:
+            results.start()
         try:
             delivery.start()
         except DestinationError as exc:
@@ -278,9 +284,23 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         recovery.join()
         delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
         workers.stop()
+        if results is not None:
+            results.stop()
         runner.close()
         db.dispose()
         log.info("stopped")
+
+
+def results_consumer(settings: Settings, db: Database, card: ModelCard) -> OutboxConsumer | None:
+    """The ``results`` outbox consumer (AI SR + GSPS, marks GSPS, consult SR); None when
+    ``results_enabled`` is off. Its cursor keeps its place, so turning it on later catches up."""
+    if not settings.results_enabled:
+        log.info("result objects off (results_enabled = false)")
+        return None
+    config = results_producer.ResultsConfig(settings.data_dir, card, settings.uid_root)
+    return OutboxConsumer(
+        db, results_producer.CONSUMER, lambda session, stored: results_producer.handle(session, stored, config)
+    )
 
 
 def _install_quiet_signal_handlers(flag: threading.Event) -> None:

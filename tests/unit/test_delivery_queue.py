@@ -8,6 +8,8 @@ so back-off is tested without waiting.
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,10 +61,12 @@ class FakeClock:
 
 @dataclass
 class Peer:
-    """A pynetdicom storage SCP: answers C-STOREs with ``statuses`` in turn (then Success)."""
+    """A pynetdicom storage SCP: answers C-STOREs with ``statuses`` in turn (then Success); aborts
+    the association on a C-STORE of any SOP Instance UID in ``abort_on``."""
 
     port: int
     statuses: list[int]
+    abort_on: set[str] = field(default_factory=set)
     received: list[pydicom.Dataset] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Any = None
@@ -74,6 +78,9 @@ class Peer:
             self.server = None
 
     def handle(self, event: evt.Event) -> int:
+        if str(event.request.AffectedSOPInstanceUID) in self.abort_on:
+            event.assoc.abort()
+            return 0xA700
         with self.lock:
             status = self.statuses.pop(0) if self.statuses else 0x0000
             if status == 0x0000:
@@ -90,12 +97,20 @@ class Peer:
 def scp() -> Iterator[Callable[..., Peer]]:
     peers: list[Peer] = []
 
-    def start(statuses: list[int] | None = None, syntaxes: list[str] | None = None, port: int = 0) -> Peer:
+    def start(
+        statuses: list[int] | None = None,
+        syntaxes: list[str] | None = None,
+        port: int = 0,
+        abort_on: set[str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Peer:
         ae = AE(ae_title="TESTPACS")
         for sop_class in (DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage):
             ae.add_supported_context(sop_class, syntaxes or [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless])
-        peer = Peer(port, list(statuses or []))
-        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, peer.handle)])
+        peer = Peer(port, list(statuses or []), set(abort_on or ()))
+        server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, peer.handle)], ssl_context=ssl_context
+        )
         peer.port = server.socket.getsockname()[1]
         peer.server = server
         peers.append(peer)
@@ -130,8 +145,11 @@ def _rows(env: WebEnv, destination_id: int | None = None) -> list[Delivery]:
         return rows
 
 
-def _sender(env: WebEnv, destination_id: int, clock: FakeClock) -> DestinationSender:
-    config = SenderConfig(env.data_dir, "XRAY_TRIAGE", INITIAL_S, MAX_S, batch_size=10, poll_s=0.1, timeout_s=10)
+def _sender(env: WebEnv, destination_id: int, clock: FakeClock, **tls: Path) -> DestinationSender:
+    config = SenderConfig(
+        env.data_dir, "XRAY_TRIAGE", INITIAL_S, MAX_S, batch_size=10, poll_s=0.1, timeout_s=10,
+        tls_ca_file=tls.get("ca"),
+    )  # fmt: skip
     return DestinationSender(env.db, destination_id, config, clock)
 
 
@@ -235,7 +253,7 @@ def test_a_peer_that_is_down_is_backed_off_then_gets_everything_once_it_is_up(
     with env.db.read_session() as session:
         d = session.get(Destination, destination)
         assert d.consecutive_failures == 1 and d.next_attempt_at == T0 + timedelta(seconds=INITIAL_S)
-        assert "cannot connect" in d.last_error or "association" in d.last_error
+        assert "cannot be connected to" in d.last_error and "refused" in d.last_error
         assert deliveries.due(session, destination, clock(), 10) == []  # the peer is backed off
         [state] = destination_states(session, failing_degraded_s=60, now=T0 + timedelta(seconds=61))
     assert state["state"] == "degraded" and state["queued"] == 2
@@ -249,6 +267,61 @@ def test_a_peer_that_is_down_is_backed_off_then_gets_everything_once_it_is_up(
     assert sender.run_once() == 2
     assert sorted(peer.sop_uids()) == sorted(sops)
     assert all(r.state == DELIVERY_SENT for r in _rows(env))
+
+
+def test_an_object_the_peer_aborts_on_does_not_hold_up_the_others(env: WebEnv, shared_dicom: Path, scp) -> None:  # type: ignore[no-untyped-def]
+    stored = [store_dicom(env, shared_dicom / DX, "STATION1")[1] for _ in range(2)]
+    poison, other = stored
+    peer = scp(abort_on={poison})
+    destination = _add(env, "pacs", peer.port)
+    _consume(env)
+    clock = FakeClock()
+    sender = _sender(env, destination, clock)
+    sender.run_once()  # the first in line makes the peer abort
+    rows = {r.sop_instance_uid: r for r in _rows(env)}
+    assert rows[poison].attempts == 1 and "no C-STORE response" in rows[poison].last_error
+    assert rows[other].attempts == 0 and peer.received == []
+    for _ in range(3):  # the peer's back-off passes: the other object goes first now, and arrives
+        clock.advance(MAX_S)
+        sender.run_once()
+    assert peer.sop_uids() == [other]
+    rows = {r.sop_instance_uid: r for r in _rows(env)}
+    assert rows[other].state == DELIVERY_SENT and rows[poison].state == DELIVERY_PENDING  # never given up
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made with the openssl command."""
+    cert, key = directory / "peer.pem", directory / "peer.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-pacs",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_a_tls_destination_is_reached_over_tls_and_its_certificate_is_checked(
+    env: WebEnv, shared_dicom: Path, scp, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    peer = scp(ssl_context=server_context)
+    destination = _add(env, "pacs", peer.port, tls=True)
+    _study, sop = store_dicom(env, shared_dicom / DX, "STATION1")
+    _consume(env)
+    untrusted = _sender(env, destination, FakeClock())  # the system CAs do not know this peer
+    untrusted.run_once()
+    with env.db.read_session() as session:
+        assert "CERTIFICATE_VERIFY_FAILED" in (session.get(Destination, destination).last_error or "")
+    assert peer.received == []
+    clock = FakeClock(T0 + timedelta(days=1))
+    _sender(env, destination, clock, ca=tmp_path / "missing-ca.pem").run_once()  # a typo in the settings
+    with env.db.read_session() as session:
+        assert "TLS settings (delivery_tls_*) unusable" in (session.get(Destination, destination).last_error or "")
+    clock.advance(MAX_S)
+    assert _sender(env, destination, clock, ca=cert).run_once() == 1
+    assert peer.sop_uids() == [sop]
 
 
 def test_a_compressed_image_goes_uncompressed_when_the_peer_refuses_its_transfer_syntax(
@@ -307,3 +380,21 @@ def test_configured_destinations_follow_the_toml_tables(env: WebEnv) -> None:
         sync_configured(session, [])
     with env.db.read_session() as session:
         assert destination_states(session, failing_degraded_s=60) == []
+
+
+def test_the_delivery_consumer_wakes_the_senders_once_its_rows_are_committed(env: WebEnv, shared_dicom: Path) -> None:
+    from xray_triage_server.delivery import Delivery
+
+    _add(env, "pacs", 104)
+    delivery = Delivery(env.settings, env.db)
+    pending_when_woken: list[int] = []
+
+    def wake() -> None:  # what a sender sees when woken: the rows must already be committed
+        with env.db.read_session() as session:
+            pending_when_woken.append(deliveries.pending_count(session))
+
+    delivery.service.wake = wake  # type: ignore[method-assign]
+    store_dicom(env, shared_dicom / DX, "STATION1")
+    assert delivery.consumer.run_once() == 1
+    assert pending_when_woken == [1]
+    assert delivery.consumer.run_once() == 0 and pending_when_woken == [1]  # nothing new: no wake

@@ -65,6 +65,8 @@ def test_missing_card_is_a_clear_error(tmp_path: Path) -> None:
         (lambda t: t.replace("[input]", "[inputs]"), r"\[input\]"),
         (lambda t: t.replace("height = 64", 'height = "tall"'), "height"),
         (lambda t: t + "\n[broken", "cannot read"),
+        (lambda t: t + '\n[codes.Nodule]\nscheme = "SCT"\nvalue = "1"\nmeaning = "x"\n', r"\[codes\].*Nodule"),
+        (lambda t: t + '\n[codes.Effusion]\nscheme = "SCT"\nvalue = ""\nmeaning = "x"\n', "scheme, value and meaning"),
     ],
 )
 def test_bad_cards_name_the_problem(model_dir: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]

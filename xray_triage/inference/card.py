@@ -43,6 +43,13 @@ Example (see ``xray_triage/models/default/model.toml`` for a complete one)::
     abnormal_score = "label:Abnormal"  # or "max" (the highest label probability)
     abnormal_threshold = 0.5
     urgent_labels = ["Pneumothorax"]
+
+    [codes.Pneumonia]        # optional: a label's standard code, for the DICOM SR we send to PACS
+    scheme = "SCT"           # coding scheme designator (SCT = SNOMED CT, RADLEX, ...)
+    value = "233604007"      # code value
+    meaning = "Pneumonia"    # code meaning
+    # A label without one (here "Abnormal") is coded in the private scheme "99XRAYTRIAGE"
+    # (xray_triage/results/codes.py); ModelCard.uncoded_labels lists them.
 """
 
 from __future__ import annotations
@@ -83,6 +90,15 @@ class TriageRules:
 
 
 @dataclass(frozen=True)
+class LabelCode:
+    """A label's standard code (PS3.3 8.8 Code Sequence Macro): scheme designator, value, meaning."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+
+@dataclass(frozen=True)
 class ModelCard:
     path: Path  # the card file itself
     name: str
@@ -97,6 +113,13 @@ class ModelCard:
     thresholds: dict[str, float]
     triage: TriageRules
     extra: dict[str, Any] = field(default_factory=dict)  # evaluation, training, …
+    codes: dict[str, LabelCode] = field(default_factory=dict)  # label -> standard code ([codes])
+    manufacturer: str = ""  # [model].manufacturer: who made the model (DICOM Manufacturer of our objects)
+
+    @property
+    def uncoded_labels(self) -> tuple[str, ...]:
+        """Labels with no standard code in ``[codes]`` (coded privately in the objects we send)."""
+        return tuple(label for label in self.labels if label not in self.codes)
 
     @property
     def variant(self) -> str:
@@ -241,7 +264,8 @@ def _parse(card_path: Path, raw: dict[str, Any]) -> ModelCard:
     for label in labels:
         thresholds.setdefault(label, 0.5)
     triage = _parse_triage(raw.get("triage", {}), labels, f"{where} [triage]")
-    known = {"model", "input", "outputs", "thresholds", "triage"}
+    codes = _parse_codes(raw.get("codes", {}), labels, f"{where} [codes]")
+    known = {"model", "input", "outputs", "thresholds", "triage", "codes"}
     return ModelCard(
         path=card_path,
         name=str(_require(model, "name", str, f"{where} [model]")),
@@ -256,7 +280,26 @@ def _parse(card_path: Path, raw: dict[str, Any]) -> ModelCard:
         thresholds=thresholds,
         triage=triage,
         extra={k: v for k, v in raw.items() if k not in known},
+        codes=codes,
+        manufacturer=str(model.get("manufacturer", "")),
     )
+
+
+def _parse_codes(raw: Any, labels: tuple[str, ...], where: str) -> dict[str, LabelCode]:
+    """``[codes.LABEL]`` tables: scheme, value and meaning, all non-empty strings."""
+    if not isinstance(raw, dict):
+        raise ModelCardError(f"{where}: must be a table of label = {{scheme, value, meaning}}")
+    unknown = sorted(set(raw) - set(labels))
+    if unknown:
+        raise ModelCardError(f"{where}: names labels the model does not have: {unknown}")
+    codes: dict[str, LabelCode] = {}
+    for label, entry in raw.items():
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(key), str) and entry[key].strip() for key in ("scheme", "value", "meaning")
+        ):
+            raise ModelCardError(f"{where}: {label!r} needs scheme, value and meaning (non-empty strings)")
+        codes[label] = LabelCode(entry["scheme"].strip(), entry["value"].strip(), entry["meaning"].strip())
+    return codes
 
 
 def _parse_input(inp: dict[str, Any], where: str) -> InputSpec:

@@ -30,6 +30,7 @@ from xray_triage.store import (
     consult_schema,  # noqa: F401  (registers the consult tables on Base)
     delivery_schema,  # noqa: F401  (registers the destinations and deliveries tables on Base)
     outbox,  # registers the outbox tables on Base, and the after-commit dispatch
+    result_objects,  # noqa: F401  (registers the table of the DICOM objects we make)
 )
 from xray_triage.store.schema import Base
 

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
 from xray_triage.events import InstanceStored, ResultObjectStored
@@ -33,7 +33,8 @@ from xray_triage.store.delivery_schema import (
     Destination,
 )
 from xray_triage.store.outbox import StoredEvent
-from xray_triage.store.schema import Instance, Series, Study
+from xray_triage.store.result_objects import ResultObject
+from xray_triage.store.schema import Instance, Study
 
 log = logging.getLogger(__name__)
 
@@ -113,38 +114,45 @@ class DueObject:
 
 def due(session: Session, destination_id: int, now: datetime, limit: int) -> list[DueObject]:
     """Up to ``limit`` pending rows of the destination due at ``now``: urgent studies first (the
-    study's current priority rank), then in queueing order. Empty while the destination itself is
-    backed off (``peer_failed``)."""
+    study's current priority rank), then objects never tried before those that failed (so one the
+    peer chokes on cannot hold up the rest), then in queueing order. Empty while the destination
+    itself is backed off (``peer_failed``)."""
     destination = session.get(Destination, destination_id)
     if destination is None or (destination.next_attempt_at is not None and destination.next_attempt_at > now):
         return []
     rows = session.execute(
-        select(Delivery, Instance, Study.priority_rank)
+        select(Delivery, Instance, ResultObject)
+        .outerjoin(Study, Study.study_instance_uid == Delivery.study_uid)
         .outerjoin(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
-        .outerjoin(Series, Series.id == Instance.series_id)
-        .outerjoin(Study, Study.id == Series.study_id)
+        .outerjoin(ResultObject, ResultObject.sop_instance_uid == Delivery.sop_instance_uid)
         .where(
             Delivery.destination_id == destination_id,
             Delivery.state == DELIVERY_PENDING,
             Delivery.next_attempt_at <= now,
         )
-        .order_by(Study.priority_rank.desc().nulls_last(), Delivery.id)
+        .order_by(
+            Study.priority_rank.desc().nulls_last(),
+            case((Delivery.attempts > 0, 1), else_=0),  # an object that failed before goes after fresh ones
+            Delivery.id,
+        )
         .limit(limit)
     ).all()
-    return [
-        DueObject(
-            delivery_id=row.id,
-            sop_instance_uid=row.sop_instance_uid,
-            study_uid=row.study_uid,
-            category=row.category,
-            attempts=row.attempts,
-            file_path=instance.file_path if instance is not None else None,
-            sop_class_uid=instance.sop_class_uid if instance is not None else None,
-            transfer_syntax_uid=instance.transfer_syntax_uid if instance is not None else None,
-            file_size=instance.file_size if instance is not None else 0,
-        )
-        for row, instance, _rank in rows
-    ]
+    return [_due_object(row, instance or result) for row, instance, result in rows]
+
+
+def _due_object(row: Delivery, stored: Instance | ResultObject | None) -> DueObject:
+    """Where the object is: a received instance or an object we made (``result_objects``)."""
+    return DueObject(
+        delivery_id=row.id,
+        sop_instance_uid=row.sop_instance_uid,
+        study_uid=row.study_uid,
+        category=row.category,
+        attempts=row.attempts,
+        file_path=stored.file_path if stored is not None else None,
+        sop_class_uid=stored.sop_class_uid if stored is not None else None,
+        transfer_syntax_uid=stored.transfer_syntax_uid if stored is not None else None,
+        file_size=(stored.file_size or 0) if stored is not None else 0,
+    )
 
 
 def next_due_at(session: Session, destination_id: int) -> datetime | None:
@@ -177,16 +185,25 @@ def mark_sent(session: Session, delivery_id: int, status: int, now: datetime) ->
 
 
 def mark_failed(
-    session: Session, delivery_id: int, error: str, now: datetime, *, initial_s: float, max_s: float
+    session: Session,
+    delivery_id: int,
+    error: str,
+    now: datetime,
+    *,
+    initial_s: float,
+    max_s: float,
+    peer_error: bool = True,
 ) -> datetime | None:
-    """The object was refused or its send failed: try again after the row's back-off; returns when."""
+    """The object was refused or its send failed: try again after the row's back-off; returns when.
+    ``peer_error``: also count it against the destination (False when ``peer_failed`` does so)."""
     row = session.get(Delivery, delivery_id)
     if row is None:
         return None
     row.attempts += 1
     row.last_error = error[:MAX_ERROR_CHARS]
     row.next_attempt_at = now + timedelta(seconds=backoff_s(row.attempts, initial_s, max_s))
-    _peer_error(session, row.destination_id, error, now)
+    if peer_error:
+        _peer_error(session, row.destination_id, error, now)
     return row.next_attempt_at
 
 
