@@ -42,7 +42,7 @@ from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
-from xray_triage_server.delivery import Delivery, DestinationError
+from xray_triage_server.delivery import DeliveryRuntime, DestinationError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor)
-    delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
+    delivery = DeliveryRuntime(settings, db)  # destinations: the queue's consumer and one sender per peer
     results = results_consumer(settings, db, card)
     try:
         if results is not None:

@@ -397,10 +397,10 @@ def test_configured_destinations_follow_the_toml_tables(env: WebEnv) -> None:
 
 
 def test_the_delivery_consumer_wakes_the_senders_once_its_rows_are_committed(env: WebEnv, shared_dicom: Path) -> None:
-    from xray_triage_server.delivery import Delivery
+    from xray_triage_server.delivery import DeliveryRuntime
 
     _add(env, "pacs", 104)
-    delivery = Delivery(env.settings, env.db)
+    delivery = DeliveryRuntime(env.settings, env.db)
     pending_when_woken: list[int] = []
 
     def wake() -> None:  # what a sender sees when woken: the rows must already be committed
