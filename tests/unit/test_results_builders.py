@@ -130,6 +130,7 @@ def test_annotation_gsps_keeps_marks_in_source_pixels_with_author(tmp_path: Path
         Mark(3, "arrow", {"x1": 1, "y1": 2, "x2": 50, "y2": 60}, "", "Dr. Nguyễn Lan", NOW),
         Mark(4, "freehand", {"points": [[1, 1], [5, 5], [9, 2]]}, "", "Dr. Nguyễn Lan", NOW),
         Mark(5, "text", {"x": 100, "y": 100}, "Tràn dịch màng phổi", "Dr. Nguyễn Lan", NOW),
+        Mark(6, "arrow", {"x1": 5, "y1": 6, "x2": 7, "y2": 8}, "", "Dr. Trần Bình", NOW.replace(hour=9)),
     ]
     gsps = build_annotation_gsps(source, marks, uid_root=ROOT, version=2, content_sha256="b" * 64, now=NOW)
     path = _write(tmp_path, "marks.dcm", gsps)
@@ -137,8 +138,12 @@ def test_annotation_gsps_keeps_marks_in_source_pixels_with_author(tmp_path: Path
     written = pydicom.dcmread(path)
     _same_identity(written, source)
     assert written.InstanceNumber == 2
-    assert [layer.GraphicLayer for layer in written.GraphicLayerSequence] == ["MARKS"]
-    assert str(written.ContentCreatorName) == "Dr. Nguyễn Lan^"
+    assert [(layer.GraphicLayer, layer.GraphicLayerDescription) for layer in written.GraphicLayerSequence] == [
+        ("MARKS", "Marks by Dr. Nguyễn Lan, 2026-03-04 05:06"),
+        ("MARKS2", "Marks by Dr. Trần Bình, 2026-03-04 09:06"),
+    ]
+    assert [a.GraphicLayer for a in written.GraphicAnnotationSequence] == ["MARKS", "MARKS2"]
+    assert str(written.ContentCreatorName) == "Dr. Trần Bình^"  # the newest mark's author
     objects = written.GraphicAnnotationSequence[0].GraphicObjectSequence
     assert [o.GraphicType for o in objects] == ["POLYLINE", "ELLIPSE", "POLYLINE", "POLYLINE"]
     assert list(objects[0].GraphicData) == [10, 20, 110, 20, 110, 70, 10, 70, 10, 20]
@@ -199,6 +204,7 @@ def test_results_consumer_follows_results_enabled(tmp_path: Path, card) -> None:
     try:
         consumer = results_consumer(settings, db, card)
         assert consumer is not None and consumer.name == "results"
+        assert consumer.batch == 1  # one event per write transaction (serve.results_consumer says why)
         assert results_consumer(settings.model_copy(update={"results_enabled": False}), db, card) is None
     finally:
         db.dispose()

@@ -143,6 +143,7 @@ def test_marks_and_answered_consult_make_versioned_specialist_objects(env: WebEn
     marks = [o for o in _objects(env) if o.kind == "annotation-gsps"]
     assert [o.version for o in marks] == [1, 2] and marks[0].sop_instance_uid != marks[1].sop_instance_uid
     assert "GraphicAnnotationSequence" not in pydicom.dcmread(env.data_dir / marks[1].file_path)
+    assert dciodvfy(env.data_dir / marks[1].file_path) == []
 
     # A consult: requested by the station, answered by a specialist's reply, then concluded.
     with env.db.session() as session:

@@ -4,9 +4,10 @@ The marks are stored in source pixel coordinates (x = column, y = row, ``consult
 Annotation``), which is what GSPS PIXEL units are (PS3.3 C.10.5.1.2), so they are copied as
 they are: rect -> closed polyline, ellipse -> ELLIPSE (major then minor axis end points),
 arrow -> two-point polyline, freehand -> polyline, text and every label -> a text object. They
-go on their own layer ``MARKS``; the Content Creator's Name is the newest mark's author and the
-creation date/time is when the object was made. With no mark left the layer is empty (a new
-version that shows the image without marks).
+go on their own layers, one per author (``MARKS``, ``MARKS2``...), each described with its
+author and the time of their newest mark; the Content Creator's Name is the newest mark's author
+and the creation date/time is when the object was made. With no mark left there is one empty
+``MARKS`` layer (a new version that shows the image without marks).
 """
 
 from __future__ import annotations
@@ -83,11 +84,7 @@ def _anchor(mark: Mark) -> tuple[float, float]:
     return float(points[0][0]), float(points[0][1])
 
 
-def build_annotation_gsps(
-    source: Dataset, marks: list[Mark], *, uid_root: str, version: int, content_sha256: str, now: datetime
-) -> Dataset:
-    """The ``MARKS`` layer over ``source`` (its header) with ``marks``, oldest first."""
-    layer = GraphicLayer(layer_name=LAYER, order=1, description="Specialist marks (xray-triage teleconsult)")
+def _objects(marks: list[Mark], uid_root: str, content_sha256: str) -> tuple[list[GraphicObject], list[TextObject]]:
     graphics: list[GraphicObject] = []
     texts: list[TextObject] = []
     for mark in marks:
@@ -112,8 +109,30 @@ def build_annotation_gsps(
                     anchor_point_visible=mark.kind == "text",
                 )
             )
-    annotations = []
-    if graphics or texts:
+    return graphics, texts
+
+
+def build_annotation_gsps(
+    source: Dataset, marks: list[Mark], *, uid_root: str, version: int, content_sha256: str, now: datetime
+) -> Dataset:
+    """The marks over ``source`` (its header), oldest first: one layer per author (``MARKS``,
+    ``MARKS2``... in the order of each author's first mark), described as "Marks by <author>,
+    <time of their newest mark>" (PS3.3 C.10.7: the layer description is free text)."""
+    by_author: dict[str, list[Mark]] = {}
+    for mark in marks:
+        by_author.setdefault(mark.author, []).append(mark)
+    layers: list[GraphicLayer] = []
+    annotations: list[GraphicAnnotation] = []
+    for order, (author, own) in enumerate(by_author.items(), start=1):
+        newest_at = max((m.updated_at for m in own if m.updated_at is not None), default=None)
+        when = f", {newest_at.strftime('%Y-%m-%d %H:%M')}" if newest_at is not None else ""
+        layer = GraphicLayer(
+            layer_name=LAYER if order == 1 else f"{LAYER}{order}",
+            order=order,
+            description=f"Marks by {author or 'unknown'}{when}"[:64],
+        )
+        layers.append(layer)
+        graphics, texts = _objects(own, uid_root, content_sha256)
         annotations.append(
             GraphicAnnotation(
                 referenced_images=[source],
@@ -122,6 +141,8 @@ def build_annotation_gsps(
                 text_objects=texts or None,
             )
         )
+    if not layers:
+        layers.append(GraphicLayer(layer_name=LAYER, order=1, description="Specialist marks (none left)"))
     authors = [m for m in marks if m.author]
     newest = max(authors, key=lambda m: (m.updated_at is not None, m.updated_at or now, m.id), default=None)
     gsps = presentation_state(
@@ -137,7 +158,7 @@ def build_annotation_gsps(
         content_label="SPECIALIST_MARKS",
         content_description="Specialist marks from the teleconsult",
         graphic_annotations=annotations or None,
-        graphic_layers=[layer],
+        graphic_layers=layers,
         content_creator_name=person_name(newest.author) if newest else None,
         institution_name=source.get("InstitutionName") or None,
         series_description=SERIES_DESCRIPTIONS[KIND],

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 CONSUMER = "results"  # the outbox cursor's name; never rename it (the consumer would start over)
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+def local_now() -> datetime:
+    """The server's local time: DICOM dates and times are local (the study's, copied from the
+    image, are the station's), so our Content/Presentation Creation times are too."""
+    return datetime.now().astimezone()
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class ResultsConfig:
     data_dir: Path
     card: ModelCard
     uid_root: str = ""
-    clock: Callable[[], datetime] = utc_now
+    clock: Callable[[], datetime] = local_now
 
 
 class CannotBuild(Exception):

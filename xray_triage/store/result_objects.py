@@ -60,3 +60,8 @@ def result_objects_of(session: Session, study_id: int) -> list[ResultObject]:
     return list(
         session.scalars(select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id))
     )
+
+
+def find_result_object(session: Session, sop_instance_uid: str) -> ResultObject | None:
+    """The object with this SOP Instance UID (DICOMweb/WADO and exporters serve it from ``file_path``)."""
+    return session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == sop_instance_uid))
