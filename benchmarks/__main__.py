@@ -31,10 +31,14 @@ from benchmarks.dicom_files import (
 from benchmarks.machine import describe_machine, filesystem_of, load_average
 from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
+from xray_triage_tools.faultproxy import parse_rate
 
-PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb")
+PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb", "delivery")
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle")
-WORKLIST_SEED = SHARED_DICOM / "dev_03_dx_pa_jpeg_lossless_sv1.dcm"  # 1024 px, 0.9 MB: cheap to seed studies with
+WORKLIST_SEED = (
+    SHARED_DICOM / "dev_03_dx_pa_jpeg_lossless_sv1.dcm"
+)  # 1024 px, 0.9 MB: cheap to seed studies with
+DELIVERY_IMAGE = WORKLIST_SEED  # a typical compressed 1024 px station image for the slow-link figures
 QUIET_LOAD = 1.0  # 1-minute load average above which figures are flagged as taken on a busy machine
 
 
@@ -127,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(DETECTOR_VARIANTS),
         default="explicit-le",
         help="which 2800x2800 variant the throughput runs send (default: explicit-le, uncompressed)",
+    )
+    run.add_argument(
+        "--link-rate",
+        type=parse_rate,
+        metavar="RATE",
+        help="the delivery part's link rate through the fault proxy: bytes/s or 2Mbit, 250kB "
+        "(default: 8Mbit quick, 2Mbit full)",
     )
     run.add_argument(
         "--model", type=Path, default=DEFAULT_MODEL_DIR, help="model directory (default: the shipped model)"
@@ -352,6 +363,24 @@ def run(args: argparse.Namespace) -> int:
             _detector_source_ok()
             report["dicomweb"], failures = run_dicomweb(args.model, work, DicomwebPlan.for_mode(args.quick))
             report["failures"] += failures
+        if "delivery" in parts:
+            from benchmarks.delivery import DeliveryPlan, run_delivery, run_orthanc_ack
+
+            require_tools(("storescu", "dcmodify"))
+            delivery_plan = DeliveryPlan.for_mode(args.quick)
+            if args.link_rate:
+                delivery_plan.rate = args.link_rate
+            if args.images is not None:
+                delivery_plan.images = max(1, args.images)
+            report["delivery"], failures = run_delivery(args.model, DELIVERY_IMAGE, work, delivery_plan)
+            report["failures"] += failures
+            report["warnings"] += report["delivery"]["warnings"]
+            ack, failures = run_orthanc_ack(
+                args.model, DELIVERY_IMAGE, work, warmup=plan.warmup, reps=plan.reps
+            )
+            report["delivery"]["orthanc_ack"] = ack
+            report["failures"] += failures
+            report["warnings"] += ack["warnings"]
     except BenchSetupError as exc:
         setup_error = True
         report["failures"].append(f"setup: {exc}")

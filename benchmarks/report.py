@@ -298,7 +298,11 @@ def _worklist_lines(worklist: dict[str, Any]) -> list[str]:
         "",
     ]
     rows = []
-    for label, key in (("burst alone", "burst_alone"), ("users only", "users_only"), ("burst + users", "burst_with_users")):
+    for label, key in (
+        ("burst alone", "burst_alone"),
+        ("users only", "users_only"),
+        ("burst + users", "burst_with_users"),
+    ):
         part = worklist.get(key) or {}
         web = part if key == "users_only" else part.get("worklist") or {}
         stats = web.get("ms") or {}
@@ -338,6 +342,55 @@ def _worklist_lines(worklist: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _delivery_lines(delivery: dict[str, Any]) -> list[str]:
+    plan = delivery["plan"]
+    lines = [
+        "",
+        f"### Delivery over a slow link: {plan['images']} x {delivery['image']} "
+        f"({delivery['bytes'] / 1e6:.1f} MB) through the fault proxy at {plan['rate_mbit_per_s']:g} Mbit/s each way",
+        "",
+    ]
+    rows = [
+        [
+            r["transfer"],
+            _f(r.get("seconds"), 2),
+            _f(r.get("mb_per_s"), 3),
+            _f(r.get("ratio_raw_over_this"), 2),
+            r.get("note", ""),
+        ]
+        for r in delivery["rows"]
+    ]
+    lines += _table(["transfer", "s", "MB/s", "raw s / this s", "note"], rows)
+    lines += [
+        "",
+        "raw = the same bytes through the same proxy into a TCP sink (the link itself); storescu = dcmtk straight "
+        "to the centre through the proxy; edge -> centre = storescu to the edge, whose images destination "
+        "forwards them through the proxy (first spawn -> the centre's last received_at).",
+    ]
+    ack = delivery.get("orthanc_ack") or {}
+    if ack.get("received_to_orthanc_ack_ms"):
+        rows = [
+            [
+                label,
+                str(stats.get("n")),
+                _f(stats.get("p50"), 0),
+                _f(stats.get("p95"), 0),
+                _f(stats.get("max"), 0),
+            ]
+            for label, stats in (
+                ("stored here -> acknowledged by Orthanc", ack["received_to_orthanc_ack_ms"]),
+                ("triage result -> acknowledged by Orthanc", ack["result_to_orthanc_ack_ms"]),
+            )
+        ]
+        lines += [
+            "",
+            f"### Delivery to Orthanc (images destination, no proxy), one {ack.get('image')} at a time, ms",
+            "",
+        ]
+        lines += _table(["interval", "n", "p50", "p95", "max"], rows)
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["## xray-triage benchmark", "", *_machine_lines(report)]
     if report.get("latency"):
@@ -354,6 +407,8 @@ def markdown(report: dict[str, Any]) -> str:
         from benchmarks.dicomweb import markdown_lines
 
         lines += markdown_lines(report["dicomweb"])
+    if report.get("delivery"):
+        lines += _delivery_lines(report["delivery"])
     if report.get("warnings"):
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):

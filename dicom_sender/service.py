@@ -89,7 +89,11 @@ class DestinationSender:
 
     def run_once(self) -> int:
         """Send one batch of due objects; returns how many were tried (0: nothing due)."""
-        found = self._peer()
+        try:
+            found = self._peer()
+        except (OSError, ssl.SSLError) as exc:  # unreadable CA file or client certificate
+            self._peer_failed(f"TLS settings (delivery_tls_*) unusable: {exc}")
+            return 0
         if found is None:
             return 0
         peer, rate = found
@@ -134,22 +138,26 @@ class DestinationSender:
                 before_send=before, should_stop=self.stop_event.is_set,
             )  # fmt: skip
         except PeerUnavailable as exc:
-            with self.db.session() as session:
-                if exc.in_flight is not None:  # it may be what the peer chokes on: let the others pass
+            if exc.in_flight is not None:  # it may be what the peer chokes on: let the others pass
+                with self.db.session() as session:
                     deliveries.mark_failed(
                         session, exc.in_flight.delivery_id, str(exc), self.clock(),
                         initial_s=self.config.retry_initial_s, max_s=self.config.retry_max_s, peer_error=False,
                     )  # fmt: skip
-                when = deliveries.peer_failed(
-                    session, self.destination_id, str(exc), self.clock(),
-                    initial_s=self.config.retry_initial_s, max_s=self.config.retry_max_s,
-                )  # fmt: skip
-            log.warning(
-                "destination unavailable; will retry",
-                extra={"destination": peer.name, "error": str(exc), "retry_at": str(when)},
-            )
+            self._peer_failed(str(exc))
             return max(tried, 1)
         return tried
+
+    def _peer_failed(self, error: str) -> None:
+        with self.db.session() as session:
+            when = deliveries.peer_failed(
+                session, self.destination_id, error, self.clock(),
+                initial_s=self.config.retry_initial_s, max_s=self.config.retry_max_s,
+            )  # fmt: skip
+        log.warning(
+            "destination unavailable; will retry",
+            extra={"destination_id": self.destination_id, "error": error, "retry_at": str(when)},
+        )
 
     def _wait_s(self) -> float:
         with self.db.read_session() as session:

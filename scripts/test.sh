@@ -10,12 +10,15 @@ cd "$(dirname "$0")/.."
 if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ]; then
   echo "== installing orthanc (Debian package; its service is not started) =="
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  ORTHANC_POLICY_MADE=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d
+    ORTHANC_POLICY_MADE=1
   fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null
+  if [ -n "$ORTHANC_POLICY_MADE" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and

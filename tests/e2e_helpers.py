@@ -781,6 +781,11 @@ def assert_store_consistent(data_dir: Path) -> None:
         "FROM instances i JOIN series s ON s.id = i.series_id JOIN studies st ON st.id = s.study_id",
     )
     known = {r["file_path"] for r in rows}
+    # The DICOM objects the server makes (AI SR/GSPS, specialist GSPS/SR) lie beside the images.
+    made = {r["file_path"] for r in query(data_dir, "SELECT file_path FROM result_objects")} if scalar(
+        data_dir, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'result_objects'"
+    ) else set()
+    files -= made
     for r in rows:
         expected = f"dicom/{r['study_instance_uid']}/{r['series_instance_uid']}/{r['sop_instance_uid']}.dcm"
         if r["file_path"] != expected:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,13 @@ class Orthanc:
         if not self.receipts_path.exists():
             return Counter()
         return Counter(line for line in self.receipts_path.read_text(encoding="utf-8").splitlines() if line)
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A running Orthanc for one test (import it into a test module: ``from orthanc_helpers import orthanc``)."""
+    pacs = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    try:
+        yield pacs
+    finally:
+        pacs.stop()

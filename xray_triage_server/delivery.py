@@ -48,7 +48,7 @@ def sender_config(settings: Settings) -> SenderConfig:
     )
 
 
-class Delivery:
+class DeliveryRuntime:
     """The consumer and the senders of one server process."""
 
     def __init__(self, settings: Settings, db: Database) -> None:
@@ -81,4 +81,4 @@ class Delivery:
         self.service.stop(timeout_s)
 
 
-__all__ = ["CONSUMER_NAME", "Delivery", "DestinationError"]
+__all__ = ["CONSUMER_NAME", "DeliveryRuntime", "DestinationError"]

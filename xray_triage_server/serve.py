@@ -47,7 +47,7 @@ from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
-from xray_triage_server.delivery import Delivery, DestinationError, sender_config
+from xray_triage_server.delivery import DeliveryRuntime, DestinationError, sender_config
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         storage=storage,
     )
     gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
-    delivery = Delivery(settings, db)  # destinations: the queue's consumer and one sender per peer
+    delivery = DeliveryRuntime(settings, db)  # destinations: the queue's consumer and one sender per peer
     results = results_consumer(settings, db, card)
     try:
         if results is not None:

@@ -15,6 +15,7 @@ from consult_web.permissions import sees_all_stations
 from consult_web.templating import render
 from consult_web.worklist import NO_CONSULT, WorklistFilters, WorklistPage, known_findings, query_worklist
 from xray_triage.store.consult_schema import CONSULT_STATUSES
+from xray_triage.store.delivery_backlog import waiting_images
 from xray_triage.store.schema import AI_DONE, AI_FAILED, AI_NOT_APPLICABLE, AI_PENDING
 from xray_triage.store.stations import list_stations
 
@@ -93,6 +94,7 @@ def worklist_page(
             "findings": findings,
             "consult_statuses": (*CONSULT_STATUSES, NO_CONSULT),
             "ai_statuses": AI_STATUSES,
+            "waiting": waiting_images(session),  # an edge station's images not yet at the centre
         },
     )
 

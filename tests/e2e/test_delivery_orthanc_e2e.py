@@ -6,7 +6,10 @@ with ``xray-triage destinations add``, images sent to us with ``storescu``:
 1. they reach Orthanc as received (same UIDs, same transfer syntax) and the queue says sent;
 2. Orthanc stopped mid-queue, more images sent, Orthanc restarted: everything arrives, once;
 3. our server killed with SIGKILL mid-delivery and restarted: nothing is lost, and nothing Orthanc
-   had acknowledged before the kill is sent again (Orthanc counts every C-STORE it receives).
+   had acknowledged before the kill is sent again (Orthanc counts every C-STORE it receives);
+4. (second server) the AI SR and GSPS arrive in the image's study (the SR fetched back from
+   Orthanc passes dciodvfy), then the specialist's GSPS and consult SR once a specialist has marked
+   the image and answered through the web app's routes.
 
 Small retry and poll times (``XRAY_TRIAGE_DELIVERY_*``) keep it quick; every wait is a bounded poll.
 """
@@ -22,9 +25,23 @@ from typing import Any
 
 import pydicom
 import pytest
+from dicom_validators import dciodvfy
 from orthanc_helpers import ORTHANC_AET, Orthanc
+from web_helpers import csrf_of
 
-from e2e_helpers import SHARED_DICOM, check_cli, copy_with_new_uids, http, query, read_uids, store_ok
+from e2e_helpers import (
+    SHARED_DICOM,
+    STATION1,
+    check_cli,
+    copy_with_new_uids,
+    create_users,
+    http,
+    query,
+    read_uids,
+    store_ok,
+    web_login,
+)
+from onnx_factory import write_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +155,102 @@ def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
 
     listed = json.loads(check_cli("destinations", "list", "--json", "--data-dir", server.data_dir).stdout)
     assert [(d["name"], d["sent"], d["queued"], d["state"]) for d in listed] == [("pacs", 8, 0, "ok")], listed
+
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+GRAYSCALE_PS = "1.2.840.10008.5.1.4.1.1.11.1"
+STATION_USER, SPECIALIST, PASSWORD = "st1", "bs.hoa", "a-long-e2e-password"
+
+
+def result_rows(server: Any) -> list[Any]:
+    return query(server.data_dir, "SELECT kind, sop_instance_uid FROM result_objects ORDER BY id")
+
+
+def test_ai_and_specialist_results_reach_orthanc_in_the_study_of_their_image(
+    launch_server: Any, tmp_path: Path
+) -> None:
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        _run_results(launch_server, pacs, tmp_path)
+    finally:
+        pacs.stop()
+
+
+def _run_results(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
+    model = tmp_path / "model"  # every threshold 0: every label flagged, so the objects have findings
+    write_tiny_model_dir(model, thresholds={"Abnormal": 0.0, "Effusion": 0.0, "Pneumothorax": 0.0})
+    server = launch_server.launch("delivery-results", model=model, env=DELIVERY_ENV, start=False)
+    check_cli(
+        "destinations", "add", "pacs", "--ae-title", ORTHANC_AET, "--host", "127.0.0.1",
+        "--port", str(pacs.dicom_port), "--send", "images,ai-results,consult-results", "--data-dir", server.data_dir,
+    )  # fmt: skip
+    create_users(
+        server.data_dir, [(STATION_USER, "station", STATION1, PASSWORD), (SPECIALIST, "specialist", None, PASSWORD)]
+    )
+    server.start()
+
+    def tails() -> str:
+        return f"{server.log_tail()}\n{pacs.log_tail()}\nOrthanc has: {pacs.sop_uids()}"
+
+    def in_orthanc(uid: str) -> set[str]:
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.study_instances(uid)}
+
+    (image,) = copy_with_new_uids([UNCOMPRESSED], tmp_path / "send")
+    uids = read_uids(image)
+    store_ok([image], server.dicom_port)
+
+    # The image, its AI SR and its AI GSPS arrive in the same study in Orthanc.
+    ai = wait_for(lambda: len(rows := result_rows(server)) >= 2 and rows, "the AI objects", on_fail=tails)
+    ai_uids = {r["kind"]: r["sop_instance_uid"] for r in ai}
+    assert set(ai_uids) == {"ai-sr", "ai-gsps"}
+    wait_for(lambda: in_orthanc(uids.study) >= {uids.sop, *ai_uids.values()}, "the AI objects in Orthanc", on_fail=tails)
+    sr_path = tmp_path / "ai-sr-from-orthanc.dcm"
+    sr_path.write_bytes(pacs.instance_file(ai_uids["ai-sr"]))
+    assert dciodvfy(sr_path) == []
+    sr = pydicom.dcmread(sr_path)
+    assert (sr.SOPClassUID, sr.StudyInstanceUID) == (COMPREHENSIVE_SR, uids.study)
+    gsps = pydicom.dcmread(io.BytesIO(pacs.instance_file(ai_uids["ai-gsps"])))
+    assert (gsps.SOPClassUID, gsps.StudyInstanceUID) == (GRAYSCALE_PS, uids.study)
+
+    # A station doctor asks, a specialist marks the image and answers, all through the web app.
+    station = web_login(server.url(""), STATION_USER, PASSWORD)
+    specialist = web_login(server.url(""), SPECIALIST, PASSWORD)
+    for client in (station, specialist):
+        client.headers["X-CSRF-Token"] = csrf_of(client)  # type: ignore[arg-type]
+    asked = station.post(f"/studies/{uids.study}/consults", data={"question": "Tràn dịch?", "urgency": "urgent"})
+    assert asked.status_code == 303, asked.text[:500]
+    [consult] = query(server.data_dir, "SELECT id FROM consults")
+    mark = specialist.post(
+        f"/api/studies/{uids.study}/annotations",
+        json={"instance_uid": uids.sop, "kind": "rect", "geometry": {"x": 100, "y": 120, "w": 200, "h": 150}, "label": "dịch"},
+    )
+    assert mark.status_code == 201, mark.text[:500]
+    for path, form in (
+        (f"/consults/{consult['id']}/claim", {}),
+        (f"/consults/{consult['id']}/messages", {"body": "Tràn dịch màng phổi phải, chuyển viện."}),
+        (f"/consults/{consult['id']}/conclusion", {"conclusion": "refer_hospital"}),
+    ):
+        response = specialist.post(path, data=form)
+        assert response.status_code == 303, (path, response.status_code, response.text[:500])
+
+    # Every event up to the conclusion is worked off by the results consumer: its objects are final.
+    last_event = query(server.data_dir, "SELECT MAX(id) AS id FROM outbox_events")[0]["id"]
+    wait_for(
+        lambda: query(server.data_dir, "SELECT last_id FROM outbox_cursors WHERE consumer = 'results'")[0]["last_id"]
+        >= last_event,
+        "the results consumer to make the specialist's objects",
+        on_fail=tails,
+    )
+    newest = {r["kind"]: r["sop_instance_uid"] for r in result_rows(server)}  # the newest version of each kind
+    assert {"annotation-gsps", "consult-sr"} <= set(newest), newest
+    every_object = {r["sop_instance_uid"] for r in result_rows(server)}
+    wait_for(lambda: in_orthanc(uids.study) >= every_object | {uids.sop}, "every object in Orthanc", on_fail=tails)
+    marks = pydicom.dcmread(io.BytesIO(pacs.instance_file(newest["annotation-gsps"])))
+    assert marks.SOPClassUID == GRAYSCALE_PS and marks.StudyInstanceUID == uids.study
+    report_path = tmp_path / "consult-sr-from-orthanc.dcm"
+    report_path.write_bytes(pacs.instance_file(newest["consult-sr"]))
+    assert dciodvfy(report_path) == []
+    report = pydicom.dcmread(report_path)
+    assert (report.SOPClassUID, report.StudyInstanceUID) == (ENHANCED_SR, uids.study)
+    assert all(n == 1 for n in pacs.receipts().values()), pacs.receipts()

@@ -105,6 +105,7 @@ def scp() -> Iterator[Callable[..., Peer]]:
         ssl_context: ssl.SSLContext | None = None,
     ) -> Peer:
         ae = AE(ae_title="TESTPACS")
+        ae.require_called_aet = True  # an association addressed to another AE title is rejected
         for sop_class in (DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage):
             ae.add_supported_context(sop_class, syntaxes or [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless])
         peer = Peer(port, list(statuses or []), set(abort_on or ()))
@@ -126,9 +127,9 @@ def env(tmp_path: Path) -> WebEnv:
     return make_web_env(tmp_path)
 
 
-def _add(env: WebEnv, name: str, port: int, send: tuple[str, ...] = ("images",), **kwargs) -> int:  # type: ignore[no-untyped-def]
+def _add(env: WebEnv, name: str, port: int, send: tuple[str, ...] = ("images",), ae: str = "TESTPACS", **kwargs) -> int:  # type: ignore[no-untyped-def]
     with env.db.session() as session:
-        return add_destination(session, DestinationSpec(name, "TESTPACS", "127.0.0.1", port, send, **kwargs)).id
+        return add_destination(session, DestinationSpec(name, ae, "127.0.0.1", port, send, **kwargs)).id
 
 
 def _consume(env: WebEnv) -> int:
@@ -269,6 +270,19 @@ def test_a_peer_that_is_down_is_backed_off_then_gets_everything_once_it_is_up(
     assert all(r.state == DELIVERY_SENT for r in _rows(env))
 
 
+def test_a_peer_that_rejects_the_association_is_backed_off_with_its_reason(env: WebEnv, shared_dicom: Path, scp) -> None:  # type: ignore[no-untyped-def]
+    peer = scp()
+    destination = _add(env, "pacs", peer.port, ae="NOT_THE_PACS")
+    store_dicom(env, shared_dicom / DX, "STATION1")
+    _consume(env)
+    _sender(env, destination, FakeClock()).run_once()
+    with env.db.read_session() as session:
+        d = session.get(Destination, destination)
+        assert "rejected the association" in d.last_error and "Called AE" in d.last_error, d.last_error
+        assert d.next_attempt_at == T0 + timedelta(seconds=INITIAL_S)
+    assert peer.received == [] and [r.state for r in _rows(env)] == [DELIVERY_PENDING]
+
+
 def test_an_object_the_peer_aborts_on_does_not_hold_up_the_others(env: WebEnv, shared_dicom: Path, scp) -> None:  # type: ignore[no-untyped-def]
     stored = [store_dicom(env, shared_dicom / DX, "STATION1")[1] for _ in range(2)]
     poison, other = stored
@@ -316,6 +330,10 @@ def test_a_tls_destination_is_reached_over_tls_and_its_certificate_is_checked(
         assert "CERTIFICATE_VERIFY_FAILED" in (session.get(Destination, destination).last_error or "")
     assert peer.received == []
     clock = FakeClock(T0 + timedelta(days=1))
+    _sender(env, destination, clock, ca=tmp_path / "missing-ca.pem").run_once()  # a typo in the settings
+    with env.db.read_session() as session:
+        assert "TLS settings (delivery_tls_*) unusable" in (session.get(Destination, destination).last_error or "")
+    clock.advance(MAX_S)
     assert _sender(env, destination, clock, ca=cert).run_once() == 1
     assert peer.sop_uids() == [sop]
 
@@ -376,3 +394,21 @@ def test_configured_destinations_follow_the_toml_tables(env: WebEnv) -> None:
         sync_configured(session, [])
     with env.db.read_session() as session:
         assert destination_states(session, failing_degraded_s=60) == []
+
+
+def test_the_delivery_consumer_wakes_the_senders_once_its_rows_are_committed(env: WebEnv, shared_dicom: Path) -> None:
+    from xray_triage_server.delivery import DeliveryRuntime
+
+    _add(env, "pacs", 104)
+    delivery = DeliveryRuntime(env.settings, env.db)
+    pending_when_woken: list[int] = []
+
+    def wake() -> None:  # what a sender sees when woken: the rows must already be committed
+        with env.db.read_session() as session:
+            pending_when_woken.append(deliveries.pending_count(session))
+
+    delivery.service.wake = wake  # type: ignore[method-assign]
+    store_dicom(env, shared_dicom / DX, "STATION1")
+    assert delivery.consumer.run_once() == 1
+    assert pending_when_woken == [1]
+    assert delivery.consumer.run_once() == 0 and pending_when_woken == [1]  # nothing new: no wake

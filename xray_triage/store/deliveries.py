@@ -33,7 +33,8 @@ from xray_triage.store.delivery_schema import (
     Destination,
 )
 from xray_triage.store.outbox import StoredEvent
-from xray_triage.store.schema import Instance, Series, Study
+from xray_triage.store.result_objects import ResultObject
+from xray_triage.store.schema import Instance, Study
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,10 @@ def due(session: Session, destination_id: int, now: datetime, limit: int) -> lis
     if destination is None or (destination.next_attempt_at is not None and destination.next_attempt_at > now):
         return []
     rows = session.execute(
-        select(Delivery, Instance, Study.priority_rank)
+        select(Delivery, Instance, ResultObject)
+        .outerjoin(Study, Study.study_instance_uid == Delivery.study_uid)
         .outerjoin(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
-        .outerjoin(Series, Series.id == Instance.series_id)
-        .outerjoin(Study, Study.id == Series.study_id)
+        .outerjoin(ResultObject, ResultObject.sop_instance_uid == Delivery.sop_instance_uid)
         .where(
             Delivery.destination_id == destination_id,
             Delivery.state == DELIVERY_PENDING,
@@ -136,20 +137,22 @@ def due(session: Session, destination_id: int, now: datetime, limit: int) -> lis
         )
         .limit(limit)
     ).all()
-    return [
-        DueObject(
-            delivery_id=row.id,
-            sop_instance_uid=row.sop_instance_uid,
-            study_uid=row.study_uid,
-            category=row.category,
-            attempts=row.attempts,
-            file_path=instance.file_path if instance is not None else None,
-            sop_class_uid=instance.sop_class_uid if instance is not None else None,
-            transfer_syntax_uid=instance.transfer_syntax_uid if instance is not None else None,
-            file_size=instance.file_size if instance is not None else 0,
-        )
-        for row, instance, _rank in rows
-    ]
+    return [_due_object(row, instance or result) for row, instance, result in rows]
+
+
+def _due_object(row: Delivery, stored: Instance | ResultObject | None) -> DueObject:
+    """Where the object is: a received instance or an object we made (``result_objects``)."""
+    return DueObject(
+        delivery_id=row.id,
+        sop_instance_uid=row.sop_instance_uid,
+        study_uid=row.study_uid,
+        category=row.category,
+        attempts=row.attempts,
+        file_path=stored.file_path if stored is not None else None,
+        sop_class_uid=stored.sop_class_uid if stored is not None else None,
+        transfer_syntax_uid=stored.transfer_syntax_uid if stored is not None else None,
+        file_size=(stored.file_size or 0) if stored is not None else 0,
+    )
 
 
 def next_due_at(session: Session, destination_id: int) -> datetime | None:
