@@ -134,9 +134,11 @@ def send_batch(
     try:
         accepted = _accepted(assoc)
         for obj in sendable:
+            if before_send is not None:
+                before_send(obj)  # the rate limit's wait (cut short by a stop)
             if should_stop():
-                break
-            _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed, before_send)
+                break  # this object and the rest stay due
+            _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -180,7 +182,7 @@ def _accepted(assoc) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
     return accepted
 
 
-def _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed, before_send) -> None:  # type: ignore[no-untyped-def]
+def _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed) -> None:  # type: ignore[no-untyped-def]
     syntaxes = accepted.get(str(obj.sop_class_uid), set())
     stored = str(obj.transfer_syntax_uid or ImplicitVRLittleEndian)
     if not syntaxes:
@@ -199,8 +201,6 @@ def _send_one(assoc, accepted, obj, data_dir, on_sent, on_failed, before_send) -
         except Exception as exc:  # noqa: BLE001 - any codec failure: this object fails, the batch goes on
             on_failed(obj, f"peer refused {stored} and object {obj.sop_instance_uid} cannot be decompressed: {exc}")
             return
-    if before_send is not None:
-        before_send(obj)
     try:
         status = assoc.send_c_store(ds)
     except (ValueError, AttributeError, RuntimeError) as exc:  # no matching context, or encoding failed

@@ -7,6 +7,7 @@ with ``xray-triage destinations add``, images sent to us with ``storescu``:
 2. Orthanc stopped mid-queue, more images sent, Orthanc restarted: everything arrives, once;
 3. our server killed with SIGKILL mid-delivery and restarted: nothing is lost, and nothing Orthanc
    had acknowledged before the kill is sent again (Orthanc counts every C-STORE it receives);
+   then stopped with SIGTERM while the rest goes out: it stops cleanly, the next start sends the rest;
 4. (second server) the AI SR and GSPS arrive in the image's study (the SR fetched back from
    Orthanc passes dciodvfy), then the specialist's GSPS and consult SR once a specialist has marked
    the image and answered through the web app's routes.
@@ -134,7 +135,7 @@ def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
     wait_for(lambda: destination_state(server)["state"] == "ok", "the destination to recover", on_fail=tails)
 
     # 3. SIGKILL our server mid-delivery, restart it: nothing lost, nothing acknowledged sent twice.
-    batch = copy_with_new_uids([UNCOMPRESSED] * 4, tmp_path / "kill")
+    batch = copy_with_new_uids([UNCOMPRESSED] * 6, tmp_path / "kill")
     store_ok(batch, server.dicom_port)
     batch_uids = {read_uids(p).sop for p in batch}
     wait_for(lambda: sent_uids(server) & batch_uids, "one image of the batch sent", on_fail=tails)
@@ -145,8 +146,13 @@ def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
     assert len(acknowledged - recorded_sent) <= 1  # at most the object in flight at the kill
     assert recorded_sent != batch_uids, "the kill came after the whole batch was sent: not mid-delivery"
     server.start()
+    # 4. SIGTERM while the rest of the queue goes out (rate-limited): a clean, prompt stop; the next
+    #    start sends what is left.
+    wait_for(lambda: len(sent_uids(server) & batch_uids) > len(recorded_sent), "a send after the restart", on_fail=tails)
+    server.stop_cleanly()
+    server.start()
     everything = first_uids | outage_uids | batch_uids
-    wait_for(arrived(everything), "every image in Orthanc after the restart", on_fail=tails)
+    wait_for(arrived(everything), "every image in Orthanc after the restarts", on_fail=tails)
     wait_for(lambda: sent_uids(server) >= everything, "every row sent", on_fail=tails)
     receipts = pacs.receipts()
     assert all(receipts[uid] == 1 for uid in recorded_sent | first_uids | outage_uids), receipts
@@ -154,7 +160,7 @@ def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
     assert resent <= acknowledged - recorded_sent, (resent, acknowledged, recorded_sent)
 
     listed = json.loads(check_cli("destinations", "list", "--json", "--data-dir", server.data_dir).stdout)
-    assert [(d["name"], d["sent"], d["queued"], d["state"]) for d in listed] == [("pacs", 8, 0, "ok")], listed
+    assert [(d["name"], d["sent"], d["queued"], d["state"]) for d in listed] == [("pacs", 10, 0, "ok")], listed
 
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
