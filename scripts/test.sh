@@ -5,65 +5,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Delivery to PACS is tested against Debian's orthanc, started by the tests as a plain process
-# (tests/orthanc_helpers.py); the policy-rc.d keeps its service from starting at install.
-if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ]; then
-  echo "== installing orthanc (Debian package; its service is not started) =="
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  ORTHANC_POLICY_MADE=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod +x /usr/sbin/policy-rc.d
-    ORTHANC_POLICY_MADE=1
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc >/dev/null
-  if [ -n "$ORTHANC_POLICY_MADE" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
-fi
-
-# Debian packages: dcmtk (storescu/echoscu send DICOM in the end-to-end tests) and
-# chromium (the browser tests drive /usr/bin/chromium; no browser is ever downloaded),
-# libpango (WeasyPrint renders the consult report PDF with it), poppler-utils (pdftotext and
-# pdftoppm read the report back in the tests) and DejaVu fonts (Vietnamese glyphs).
-if ! command -v storescu >/dev/null || ! command -v dcmodify >/dev/null || [ ! -x /usr/bin/chromium ] \
-  || ! dpkg -s libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null 2>&1; then
-  echo "== installing dcmtk, chromium, pango and poppler-utils (Debian packages) =="
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk chromium fonts-dejavu-core \
-    libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 poppler-utils >/dev/null
-fi
-
-# Orthanc and its DICOMweb plugin: the DICOMweb test (tests/e2e/test_dicomweb_e2e.py) runs Orthanc
-# as a plain process with our /dicomweb/ as its DICOMweb server. A policy-rc.d that exits 101
-# keeps apt-get from starting Orthanc as a service during the install.
-if [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
-  echo "== installing orthanc and orthanc-dicomweb (Debian packages, no service started) =="
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  POLICY_RC_CREATED=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod +x /usr/sbin/policy-rc.d
-    POLICY_RC_CREATED=1
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
-  if [ -n "$POLICY_RC_CREATED" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
-fi
-
-# dicom3tools: dciodvfy checks the DICOM objects we make (AI SR, GSPS, consult SR) in the tests
-# (dcmtk's dsrdump reads the SRs back). No service may start during the install (policy-rc.d).
-if ! command -v dciodvfy >/dev/null; then
-  echo "== installing dicom3tools (Debian package) =="
+# Debian packages the tests use, installed in one apt-get run when any is missing:
+# - dcmtk: storescu/echoscu/findscu/movescu/getscu/storescp are the DICOM peers of the e2e tests;
+# - chromium: the browser tests drive /usr/bin/chromium (no browser is ever downloaded);
+# - libpango, harfbuzz-subset, DejaVu fonts: WeasyPrint renders the consult report PDF (Vietnamese
+#   glyphs), poppler-utils (pdftotext, pdftoppm) reads it back;
+# - orthanc + orthanc-dicomweb: the PACS the delivery tests send to, and the DICOMweb client of
+#   our /dicomweb (tests/orthanc_helpers.py starts it as a plain process);
+# - dicom3tools: dciodvfy checks the DICOM objects we make (AI SR, GSPS, consult SR).
+# A policy-rc.d that exits 101 keeps apt-get from starting any service (Orthanc's) at install.
+DEBIAN_PACKAGES="dcmtk chromium fonts-dejavu-core libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0
+  poppler-utils orthanc orthanc-dicomweb dicom3tools"
+# shellcheck disable=SC2086
+if ! dpkg -s $DEBIAN_PACKAGES >/dev/null 2>&1; then
+  echo "== installing Debian packages: $(echo $DEBIAN_PACKAGES) (no service is started) =="
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   POLICY_MADE=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
     POLICY_MADE=1
   fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
-  [ -n "$POLICY_MADE" ] && $SUDO rm -f /usr/sbin/policy-rc.d
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEBIAN_PACKAGES >/dev/null
+  if [ -n "$POLICY_MADE" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # The OHIF viewer test serves the prebuilt viewer from npm's @ohif/app (its dist/ folder),
