@@ -13,7 +13,10 @@ from typing import Any
 
 from xray_triage_server.cli_error import CliError
 
-SEND_HELP = "comma list of: images (every stored instance, as received), ai-results, consult-results"
+SEND_HELP = (
+    "comma list of: images (every stored instance, as received), ai-results, consult-results; "
+    "or none (nothing is pushed: a C-MOVE destination only)"
+)
 
 
 def cmd_destinations(args: argparse.Namespace, settings: Any) -> int:
@@ -68,7 +71,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         peer = f"{r['ae_title']}@{r['host']}:{r['port']}" + (" tls" if r["tls"] else "")
         print(
-            f"{r['name']:<16} {peer:<36} {','.join(r['send']):<34} {r['state']:<9} {r['queued']:>6} {r['sent']:>6} "
+            f"{r['name']:<16} {peer:<36} {','.join(r['send']) or 'none':<34} {r['state']:<9} {r['queued']:>6} {r['sent']:>6} "
             f"{r['failed']:>6}  {r['last_success_at'] or '-'} / {r['last_error'] or '-'}"
         )
 

@@ -103,7 +103,7 @@ def site(module_launcher: Any, storescp: tuple[int, Path], samples: list[SampleF
     # each C-MOVE). It gets consult results only, so no image is delivered to it automatically.
     check_cli(
         "destinations", "add", "storescp", "--ae-title", DEST, "--host", "127.0.0.1", "--port", str(port),
-        "--send", "consult-results", "--data-dir", server.data_dir,
+        "--send", "none", "--data-dir", server.data_dir,
     )
     store_ok([one], server.dicom_port, aet=STATION1, ts_flag="-xe")
     store_ok([two], server.dicom_port, aet=STATION2, ts_flag="-xt")

@@ -36,6 +36,7 @@ from xray_triage.store.destinations import (
     DestinationSpec,
     add_destination,
     destination_states,
+    parse_send,
     remove_destination,
     retry_destination,
     sync_configured,
@@ -371,6 +372,11 @@ def test_destinations_are_checked_and_removing_one_drops_its_queue(env: WebEnv, 
         add_destination(session, DestinationSpec("pacs", "X", "h", 104, ("images",)))
     with env.db.session() as session, pytest.raises(DestinationError, match="unknown 'pictures'"):
         add_destination(session, DestinationSpec("other", "X", "h", 104, ("pictures",)))
+    with pytest.raises(DestinationError, match="empty list"):
+        parse_send(" , ")
+    assert parse_send("none") == ()  # a C-MOVE destination only: nothing is pushed to it
+    with env.db.session() as session:
+        add_destination(session, DestinationSpec("mover", "MOVER", "h", 105, parse_send("none")))
     store_dicom(env, shared_dicom / DX, "STATION1")
     _consume(env)
     with env.db.session() as session:

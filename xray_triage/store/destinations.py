@@ -46,13 +46,18 @@ class DestinationSpec:
 
 
 def parse_send(value: str | Iterable[str]) -> tuple[str, ...]:
-    """``"images,ai-results"`` (or a list) -> the categories, checked; DestinationError names a bad one."""
+    """``"images,ai-results"`` (or a list) -> the categories, checked; DestinationError names a bad one.
+
+    ``"none"`` alone -> ``()``: nothing is pushed to the peer, which is only a C-MOVE destination.
+    """
     parts = value.split(",") if isinstance(value, str) else list(value)
     categories = tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if categories == ("none",) or (not categories and not isinstance(value, str)):
+        return ()  # "none", or an already parsed empty tuple (a spec made from "none")
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
         raise DestinationError(
-            f"--send: unknown {', '.join(map(repr, unknown)) or 'empty list'}; use a comma list of {', '.join(CATEGORIES)}"
+            f"--send: unknown {', '.join(map(repr, unknown)) or 'empty list'}; use a comma list of {', '.join(CATEGORIES)}, or none"
         )
     return categories
 
