@@ -161,8 +161,11 @@ class TriageJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)  # "host:pid/n" of the claimant
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # While ``running``: the claim holds until this time, renewed by its live worker; after it,
+    # any worker may take the job over (migration 0002).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
 
 
 class TriageResult(Base):
