@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from db_helpers import db_env
 
 from xray_triage.settings import DEFAULT_MODEL_DIR
 
@@ -95,16 +96,26 @@ def run_cli(
     timeout: float = 120,
     stdin_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    if env is None:
+        env = server_env(_db_env_of_args(args))
     return subprocess.run(
         [*cli_command(), *map(str, args)],
         input=stdin_text,
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=env if env is not None else server_env(),
+        env=env,
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def _db_env_of_args(args: Sequence[str | Path]) -> dict[str, str]:
+    """The test database of the ``--data-dir`` among ``args`` (tests/db_helpers.py), if any."""
+    args = [str(a) for a in args]
+    if "--data-dir" in args and args.index("--data-dir") + 1 < len(args):
+        return db_env(Path(args[args.index("--data-dir") + 1]))
+    return {}
 
 
 def check_cli(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -152,7 +163,7 @@ def add_stations(data_dir: Path, stations: Sequence[tuple[str, str, str | None]]
             capture_output=True,
             text=True,
             encoding="utf-8",
-            env=server_env(),
+            env=server_env(db_env(data_dir)),
             timeout=120,
         )
     assert proc.returncode == 0 and proc.stdout.count("added station") == len(stations), (
@@ -182,7 +193,7 @@ def create_api_user(data_dir: Path) -> str:
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=server_env(),
+        env=server_env(db_env(data_dir)),
         timeout=120,
     )
     token = proc.stdout.strip()
@@ -216,7 +227,7 @@ def create_users(data_dir: Path, users: Sequence[tuple[str, str, str | None, str
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=server_env(),
+        env=server_env(db_env(data_dir)),
         timeout=120,
     )
     assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}{proc.stderr}"
@@ -576,7 +587,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_env(self.env_extra),
+                env=server_env({**db_env(self.data_dir), **self.env_extra}),
                 cwd=self.root,
                 start_new_session=True,
             )
@@ -713,7 +724,35 @@ def connect_db(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
+class _Row(tuple):  # noqa: SLOT001 - like sqlite3.Row: by index or by column name
+    names: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        return super().__getitem__(self.names.index(key) if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
 def query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    """Rows of ``sql`` (``?`` placeholders) on the data directory's database (SQLite or the test PostgreSQL)."""
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+    if url is not None:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                result = conn.exec_driver_sql(sql.replace("?", "%s"), tuple(params))
+                names = tuple(result.keys())
+                rows = []
+                for values in result.fetchall():
+                    row = _Row(tuple(values))
+                    row.names = names
+                    rows.append(row)
+                return rows  # type: ignore[return-value]
+        finally:
+            engine.dispose()
     conn = connect_db(data_dir)
     try:
         return conn.execute(sql, params).fetchall()

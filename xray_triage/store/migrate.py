@@ -29,15 +29,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
+from xray_triage.store.schema_error import SchemaError
+
 log = logging.getLogger(__name__)
 
 UPGRADE_COMMAND = "xray-triage db upgrade"
 EMPTY, CURRENT, OUTDATED, NEWER = "empty", "current", "outdated", "newer"
 MARKER_TABLE = "stations"  # present in every database any version of xray-triage made
-
-
-class SchemaError(RuntimeError):
-    """The database schema does not fit this version of the code; the message says what to do."""
 
 
 @dataclass(frozen=True)
