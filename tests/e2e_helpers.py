@@ -541,6 +541,7 @@ class Server:
     starts: int = 0
     api_token: str = ""  # Bearer token of a specialist (sees every station's studies)
     command: list[str] | None = None  # the xray-triage executable; default cli_command()
+    roles: str | None = None  # --roles; None: all three (the default)
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
@@ -581,6 +582,8 @@ class Server:
         ]
         if self.model_dir is not None:
             args += ["--model", str(self.model_dir)]
+        if self.roles is not None:
+            args += ["--roles", self.roles]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args,
@@ -593,7 +596,8 @@ class Server:
             )
 
     def wait_ready(self, deadline_s: float = SERVER_READY_DEADLINE_S, echo_aet: str = STATION1) -> None:
-        """Until GET /healthz answers 200 and a C-ECHO succeeds; raise with the log tail."""
+        """Until GET /healthz answers 200 and a C-ECHO succeeds (a worker-only process: until its
+        log says the workers started); raise with the log tail."""
         deadline = time.monotonic() + deadline_s
         last = "nothing tried yet"
         while time.monotonic() < deadline:
@@ -602,6 +606,12 @@ class Server:
                 raise ServerExited(
                     f"server exited with {self.proc.returncode} before it was ready\n{self.log_tail()}"
                 )
+            if self.roles is not None and "web" not in self.roles:
+                if "triage workers started" in self.log():
+                    return
+                last = "no 'triage workers started' in the log yet"
+                time.sleep(0.2)
+                continue
             try:
                 response = http.get(self.url("/healthz"), timeout=5)
                 if response.status_code == 200:
