@@ -182,3 +182,20 @@ def test_a_table_that_does_not_match_the_baseline_is_not_stamped(database_url: s
         assert migrate.schema_state(db.engine).current is None
     finally:
         db.dispose()
+
+
+def test_the_migrations_build_exactly_the_models_schema(database_url: str) -> None:
+    """A table or column added to the models without a migration shows up here (autogenerate diff)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from xray_triage.store.db import metadata
+
+    db = Database(database_url)
+    try:
+        db.create_schema()
+        with db.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata())
+        assert diff == []
+    finally:
+        db.dispose()
