@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from web_helpers import (
     WebEnv,
     add_station_row,
@@ -134,12 +133,9 @@ def test_events_are_stored_in_order_typed_and_json(env: WebEnv, shared_dicom: Pa
     assert events[4] == ReplyPosted(uid, "STATION1", consult.id, message.id, specialist.id, "answered")
     assert {e.station_ae for e in events} == {"STATION1"}
     # The payload is plain JSON in the table (what another process or language reads).
-    conn = sqlite3.connect(env.settings.data_dir / "xray-triage.db")
-    try:
-        ids, types = zip(*conn.execute("SELECT id, type FROM outbox_events ORDER BY id"), strict=True)
-        payload = conn.execute("SELECT json_extract(payload, '$.sop_instance_uid') FROM outbox_events").fetchone()
-    finally:
-        conn.close()
+    with env.db.engine.connect() as conn:  # SQLite or PostgreSQL, as configured
+        ids, types = zip(*conn.execute(text("SELECT id, type FROM outbox_events ORDER BY id")), strict=True)
+        payload = tuple(conn.execute(select(outbox.OutboxEvent.payload["sop_instance_uid"].as_string())).first())
     assert list(ids) == sorted(ids) and types[:2] == ("instance.stored", "triage.completed")
     assert payload == (sop,)
     # Reading in pages gives the same events, and where to continue.
@@ -234,13 +230,14 @@ def test_event_types_are_unique_and_stable() -> None:
 
 def test_a_database_from_before_the_outbox_gains_its_tables(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    open_database(settings).dispose()
-    conn = sqlite3.connect(settings.data_dir / "xray-triage.db")
-    conn.execute("DROP TABLE outbox_events")
-    conn.execute("DROP TABLE outbox_cursors")
-    conn.commit()
-    conn.close()
-    db = open_database(settings)  # what `serve` does at start-up (create_schema)
+    db = open_database(settings)
+    with db.engine.begin() as conn:  # as an unversioned build from before the outbox left it
+        conn.execute(text("DROP TABLE outbox_events"))
+        conn.execute(text("DROP TABLE outbox_cursors"))
+        conn.execute(text("DROP TABLE alembic_version"))
+    db.upgrade_schema()  # `xray-triage db upgrade`: the baseline migration adds what is missing
+    db.dispose()
+    db = open_database(settings)
     try:
         with db.session() as session:
             assert outbox.latest_id(session) == 0 and outbox.cursor(session, "x") == 0

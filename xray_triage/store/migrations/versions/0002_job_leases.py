@@ -20,6 +20,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    columns = {column["name"] for column in sa.inspect(op.get_bind()).get_columns("triage_jobs")}
+    if "lease_expires_at" in columns:  # an unversioned database made by code that already had it
+        return
     with op.batch_alter_table("triage_jobs") as batch:
         batch.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True))
         batch.create_index("ix_triage_jobs_lease_expires_at", ["lease_expires_at"], unique=False)
