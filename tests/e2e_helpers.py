@@ -770,6 +770,27 @@ def query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.
         conn.close()
 
 
+def execute(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> int:
+    """Run one changing statement (``?`` placeholders) on the data directory's database, committed;
+    returns the row count (SQLite or the test PostgreSQL)."""
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+    if url is None:
+        conn = connect_db(data_dir)
+        try:
+            with conn:
+                return conn.execute(sql, params).rowcount
+        finally:
+            conn.close()
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            return conn.exec_driver_sql(sql.replace("?", "%s"), tuple(params)).rowcount
+    finally:
+        engine.dispose()
+
+
 def scalar(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> Any:
     rows = query(data_dir, sql, params)
     return rows[0][0] if rows else None
