@@ -143,6 +143,10 @@ class StorageRecovery:
         except (SQLAlchemyError, OSError) as exc:
             self.storage.set_degraded(_storage_problem(exc))
             return False
+        except SchemaError as exc:  # readable only now, and older than the code: stay degraded, say why
+            log.error("database schema does not fit this version", extra={"error": str(exc)})
+            self.storage.set_degraded("database schema: run xray-triage db upgrade")
+            return False
         self.storage.clear_degraded()
         return True
 

@@ -22,7 +22,7 @@ from web_helpers import (
     triage_all,
 )
 
-from consult_web.routes.live import Change, LivePoller
+from consult_web.routes.live import Change, ChangeFeed, LivePoller
 from xray_triage.consults import rules
 from xray_triage.events import (
     ConsultAnswered,
@@ -333,3 +333,54 @@ def test_outbox_consumer_handles_each_event_once_in_order_and_a_failure_repeats_
     assert consumer.run_once() == 0
     with env.db.read_session() as session:
         assert outbox.cursor(session, "test-consumer") == second
+
+
+def test_the_live_feed_sees_what_another_process_commits(env: WebEnv) -> None:
+    """Several `serve` processes (roles): a worker process's TriageCompleted reaches this web process."""
+    import subprocess
+
+    from e2e_helpers import python_command
+
+    feed = ChangeFeed(env.db)
+    script = (
+        "import sys\n"
+        "from xray_triage.events import TriageCompleted\n"
+        "from xray_triage.store import outbox\n"
+        "from xray_triage.store.db import Database\n"
+        "db = Database(sys.argv[1])\n"
+        "with db.session() as session:\n"
+        "    outbox.record(session, TriageCompleted('1.2.3', 'STATION1', '1.2.3.4', 7, 'urgent', ('Effusion',)))\n"
+        "db.dispose()\n"
+    )
+    done = subprocess.run(
+        [python_command(), "-c", script, env.settings.resolved_database_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert feed.poll() == [Change("study", "1.2.3", "STATION1")]
+
+
+def test_concurrent_writers_never_make_the_live_feed_skip_an_event(env: WebEnv) -> None:
+    """Ids follow commit order (the one SQLite writer; the table lock of ``outbox.record`` on
+    PostgreSQL), so a reader that remembers "up to id N" while others commit misses nothing."""
+    import threading
+
+    from xray_triage.events import TriageCompleted
+
+    feed = ChangeFeed(env.db)
+    writers, per_writer = 4, 25
+    seen: list[Change] = []
+
+    def write(n: int) -> None:
+        for k in range(per_writer):
+            with env.db.session() as session:
+                outbox.record(session, TriageCompleted(f"1.{n}.{k}", "STATION1", f"1.{n}.{k}.1", k, "normal", ()))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        seen.extend(feed.poll())
+    for thread in threads:
+        thread.join()
+    seen.extend(feed.poll())
+    assert sorted(c.study_uid for c in seen) == sorted(f"1.{n}.{k}" for n in range(writers) for k in range(per_writer))
