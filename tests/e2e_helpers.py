@@ -734,6 +734,13 @@ def connect_db(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
+def _pg_statement(sql: str, params: Any) -> tuple[str, Any]:
+    """sqlite3's ``?`` / ``:name`` placeholders as psycopg's ``%s`` / ``%(name)s``."""
+    if isinstance(params, dict):
+        return re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql), params
+    return sql.replace("?", "%s"), tuple(params)
+
+
 class _Row(tuple):  # noqa: SLOT001 - like sqlite3.Row: by index or by column name
     names: tuple[str, ...] = ()
 
@@ -753,7 +760,7 @@ def query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.
         engine = create_engine(url)
         try:
             with engine.connect() as conn:
-                result = conn.exec_driver_sql(sql.replace("?", "%s"), tuple(params))
+                result = conn.exec_driver_sql(*_pg_statement(sql, params))
                 names = tuple(result.keys())
                 rows = []
                 for values in result.fetchall():
@@ -786,7 +793,7 @@ def execute(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> int:
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
-            return conn.exec_driver_sql(sql.replace("?", "%s"), tuple(params)).rowcount
+            return conn.exec_driver_sql(*_pg_statement(sql, params)).rowcount
     finally:
         engine.dispose()
 
@@ -871,7 +878,7 @@ def assert_store_consistent(data_dir: Path) -> None:
         "triage results without an instance": "SELECT COUNT(*) FROM triage_results r WHERE NOT EXISTS "
         "(SELECT 1 FROM instances i WHERE i.id = r.instance_id)",
         "instances with more than one result": "SELECT COUNT(*) FROM (SELECT instance_id FROM triage_results "
-        "GROUP BY instance_id HAVING COUNT(*) > 1)",
+        "GROUP BY instance_id HAVING COUNT(*) > 1) AS repeated",
         "done instances without a result": "SELECT COUNT(*) FROM instances i WHERE i.ai_status = 'done' AND NOT EXISTS "
         "(SELECT 1 FROM triage_results r WHERE r.instance_id = i.id)",
     }
@@ -883,10 +890,7 @@ def assert_store_consistent(data_dir: Path) -> None:
 
 
 def quarantined_rows(data_dir: Path) -> set[str]:
-    """File paths of quarantined instances (none when the table does not exist yet)."""
-    exists = scalar(data_dir, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'quarantined_instances'")
-    if not exists:
-        return set()
+    """File paths of quarantined instances (the table is in every schema since the baseline migration)."""
     return {r[0] for r in query(data_dir, "SELECT file_path FROM quarantined_instances")}
 
 
