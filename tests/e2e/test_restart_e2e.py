@@ -49,7 +49,7 @@ def test_queued_and_interrupted_jobs_are_triaged_after_restart(
     server.stop_cleanly()
 
     # Simulate a crash in the middle of a job: it was claimed, never finished.
-    # It has no lease (as a job of 0.1.0's), so the restarted worker takes it over at once.
+    # It has no lease (as a job of 0.1.0's): the restart re-queues it.
     changed = execute(
         server.data_dir,
         "UPDATE triage_jobs SET state = 'running', worker = 'worker-0', attempts = 1, "
@@ -67,7 +67,7 @@ def test_queued_and_interrupted_jobs_are_triaged_after_restart(
         assert counts_for_sop(server.data_dir, u.sop) == (1, 1, 1)
     jobs = query(server.data_dir, "SELECT state FROM triage_jobs")
     assert [j["state"] for j in jobs] == ["done"] * 3
-    assert "took over a triage job whose lease expired" in server.log(), server.log_tail()
+    assert "re-queued jobs interrupted" in server.log(), server.log_tail()
     assert_store_consistent(server.data_dir)
 
 

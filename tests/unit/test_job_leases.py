@@ -76,3 +76,12 @@ def test_start_up_requeues_only_jobs_of_dead_processes_on_this_host(db: Database
         states = dict(session.execute(select(TriageJob.id, TriageJob.state)).all())
         workers = dict(session.execute(select(TriageJob.id, TriageJob.worker)).all())
     assert states == {1: "queued", 2: "running"} and workers[2] == alive
+
+
+def test_start_up_requeues_a_job_left_running_without_a_lease(db: Database) -> None:
+    """A job a version before leases left running (its process crashed) is re-queued, as that version did."""
+    with db.session() as session:
+        session.execute(TriageJob.__table__.update().where(TriageJob.id == 1).values(state="running", worker="worker-0"))
+    assert jobs.recover_dead_local(db) == 1
+    with db.read_session() as session:
+        assert session.get(TriageJob, 1).state == "queued"

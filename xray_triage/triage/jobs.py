@@ -9,7 +9,8 @@ holds the job until ``lease_expires_at`` and renews the lease while it works, so
 a worker that died (kill -9, power cut, lost machine) is taken over by another worker once
 the lease has run out, while nothing ever requeues the job of a worker that is alive. At
 start-up a process re-queues at once only the jobs of *dead processes on its own host*
-(their pid no longer exists), which is what a single-process site restarting needs.
+(their pid no longer exists), which is what a single-process site restarting needs, and jobs
+left running without a lease by a version before leases.
 
 The result row, the instance's AI status, the job's state and the study summary change in one
 transaction, and ``triage_results.instance_id`` is unique: exactly one result per instance,
@@ -85,7 +86,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def recover_dead_local(db: Database, *, host: str | None = None) -> int:
-    """Re-queue ``running`` jobs claimed by processes on this host that no longer exist.
+    """Re-queue ``running`` jobs claimed by processes on this host that no longer exist, and
+    ``running`` jobs without a lease (left by a version before leases, which re-queued them here).
 
     Jobs of live processes (this host or any other) are left alone; jobs of other hosts are
     taken over only when their lease expires (``claim_next``). Returns how many were re-queued.
@@ -93,6 +95,11 @@ def recover_dead_local(db: Database, *, host: str | None = None) -> int:
     host = host if host is not None else socket.gethostname()[:40]
     requeued = 0
     with db.session() as session:
+        requeued += session.execute(
+            update(TriageJob)
+            .where(TriageJob.state == JOB_RUNNING, TriageJob.lease_expires_at.is_(None))
+            .values(state=JOB_QUEUED, worker=None)
+        ).rowcount or 0
         rows = session.execute(
             select(TriageJob.id, TriageJob.worker).where(
                 TriageJob.state == JOB_RUNNING, TriageJob.worker.like(f"{host}:%")

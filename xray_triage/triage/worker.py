@@ -61,7 +61,7 @@ class TriageWorkers:
     def start(self) -> None:
         recovered = jobs.recover_dead_local(self.db)
         if recovered:
-            log.info("re-queued jobs of a process on this host that is gone", extra={"jobs": recovered})
+            log.info("re-queued jobs interrupted by a process that is gone (shutdown or crash)", extra={"jobs": recovered})
         for n in range(self.count):
             name = f"{self.worker_id}/{n}"
             thread = threading.Thread(target=self._loop, name=f"triage-worker-{n}", args=(name,), daemon=True)
