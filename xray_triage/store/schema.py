@@ -207,8 +207,8 @@ class QuarantinedInstance(Base):
     """An acknowledged instance kept apart: stored and recorded, in no study, never triaged.
 
     A separate table (not a flag on ``instances``) so that no study view, worklist
-    or API query can show it by accident, and so that a 0.1.0 database gains it
-    through ``create_schema`` without a migration. Admins see these on ``/admin``.
+    or API query can show it by accident. Admins see these on ``/admin``. (Schema changes
+    are Alembic migrations: ``store/migrations``.)
     """
 
     __tablename__ = "quarantined_instances"
