@@ -47,6 +47,17 @@ if [ ! -f "test-artifacts/ohif/$OHIF_VERSION/package/dist/index.html" ]; then
   (cd "test-artifacts/ohif/$OHIF_VERSION" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null \
     && tar xzf "ohif-app-$OHIF_VERSION.tgz" && rm "ohif-app-$OHIF_VERSION.tgz")
 fi
+# PostgreSQL 15 (the second pytest pass runs on a throwaway cluster, scripts/pg-test-cluster.sh).
+# policy-rc.d exiting 101 keeps Debian from starting the system cluster as a service.
+if [ "${XRAY_TRIAGE_PG_TESTS:-1}" != "0" ] && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+  echo "== installing postgresql (Debian package) =="
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
 
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv =="
@@ -62,8 +73,19 @@ echo "== ruff =="
 echo "== import contracts (lint-imports) =="
 .venv/bin/lint-imports
 
-echo "== pytest =="
+echo "== pytest (SQLite) =="
 .venv/bin/python -m pytest "$@"
+
+# The same suite on PostgreSQL: a throwaway cluster in a temporary directory, run as a non-root
+# user; each test gets its own database (tests/db_helpers.py). XRAY_TRIAGE_PG_TESTS=0 skips it.
+if [ "${XRAY_TRIAGE_PG_TESTS:-1}" != "0" ]; then
+  echo "== pytest (PostgreSQL) =="
+  eval "$(scripts/pg-test-cluster.sh start)"
+  trap 'scripts/pg-test-cluster.sh stop "$PG_TEST_DIR"' EXIT
+  .venv/bin/python -m pytest "$@"
+  scripts/pg-test-cluster.sh stop "$PG_TEST_DIR"; trap - EXIT
+  unset XRAY_TRIAGE_TEST_DATABASE_URL
+fi
 
 # The model-export parity test needs torch + torchxrayvision, which the server never
 # needs: it runs in its own virtualenv. XRAY_TRIAGE_EXPORT_TESTS=0 skips this stage.

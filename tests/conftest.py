@@ -136,3 +136,38 @@ def module_launcher(
     launcher = ServerLauncher(tmp_path_factory, tiny_model)
     yield launcher
     launcher.close()
+
+
+# -- the database: SQLite, or PostgreSQL with XRAY_TRIAGE_TEST_DATABASE_URL (tests/db_helpers.py) --
+
+
+@pytest.fixture(autouse=True)
+def _test_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """On PostgreSQL: every in-process ``Settings`` of this test uses a database of its own."""
+    import db_helpers
+
+    if not db_helpers.on_postgres():
+        yield
+        return
+    url = db_helpers.create_database()
+    monkeypatch.setenv("XRAY_TRIAGE_DATABASE_URL", url)
+    yield
+    db_helpers.drop_database(url)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh database URL for one test: SQLite under tmp_path, or a new PostgreSQL database."""
+    import db_helpers
+
+    url = db_helpers.database_url(tmp_path)
+    yield url
+    if db_helpers.on_postgres():
+        db_helpers.drop_database(url)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import db_helpers
+
+    if db_helpers.on_postgres():
+        db_helpers.drop_data_dir_databases()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from db_helpers import db_env
 
 from xray_triage.settings import DEFAULT_MODEL_DIR
 
@@ -95,16 +96,26 @@ def run_cli(
     timeout: float = 120,
     stdin_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    if env is None:
+        env = server_env(_db_env_of_args(args))
     return subprocess.run(
         [*cli_command(), *map(str, args)],
         input=stdin_text,
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=env if env is not None else server_env(),
+        env=env,
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def _db_env_of_args(args: Sequence[str | Path]) -> dict[str, str]:
+    """The test database of the ``--data-dir`` among ``args`` (tests/db_helpers.py), if any."""
+    args = [str(a) for a in args]
+    if "--data-dir" in args and args.index("--data-dir") + 1 < len(args):
+        return db_env(Path(args[args.index("--data-dir") + 1]))
+    return {}
 
 
 def check_cli(*args: str | Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -152,7 +163,7 @@ def add_stations(data_dir: Path, stations: Sequence[tuple[str, str, str | None]]
             capture_output=True,
             text=True,
             encoding="utf-8",
-            env=server_env(),
+            env=server_env(db_env(data_dir)),
             timeout=120,
         )
     assert proc.returncode == 0 and proc.stdout.count("added station") == len(stations), (
@@ -182,7 +193,7 @@ def create_api_user(data_dir: Path) -> str:
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=server_env(),
+        env=server_env(db_env(data_dir)),
         timeout=120,
     )
     token = proc.stdout.strip()
@@ -216,7 +227,7 @@ def create_users(data_dir: Path, users: Sequence[tuple[str, str, str | None, str
         capture_output=True,
         text=True,
         encoding="utf-8",
-        env=server_env(),
+        env=server_env(db_env(data_dir)),
         timeout=120,
     )
     assert proc.returncode == 0, f"{proc.returncode}\n{proc.stdout}{proc.stderr}"
@@ -538,6 +549,7 @@ class Server:
     starts: int = 0
     api_token: str = ""  # Bearer token of a specialist (sees every station's studies)
     command: list[str] | None = None  # the xray-triage executable; default cli_command()
+    roles: str | None = None  # --roles; None: all three (the default)
 
     def __post_init__(self) -> None:
         self.data_dir = self.root / "data"
@@ -578,19 +590,22 @@ class Server:
         ]
         if self.model_dir is not None:
             args += ["--model", str(self.model_dir)]
+        if self.roles is not None:
+            args += ["--roles", self.roles]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 args,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=server_env(self.env_extra),
+                env=server_env({**db_env(self.data_dir), **self.env_extra}),
                 cwd=self.root,
                 start_new_session=True,
             )
 
     def wait_ready(self, deadline_s: float = SERVER_READY_DEADLINE_S, echo_aet: str = STATION1) -> None:
-        """Until GET /healthz answers 200 and a C-ECHO succeeds; raise with the log tail."""
+        """Until GET /healthz answers 200 and a C-ECHO succeeds (a worker-only process: until its
+        log says the workers started); raise with the log tail."""
         deadline = time.monotonic() + deadline_s
         last = "nothing tried yet"
         while time.monotonic() < deadline:
@@ -599,6 +614,12 @@ class Server:
                 raise ServerExited(
                     f"server exited with {self.proc.returncode} before it was ready\n{self.log_tail()}"
                 )
+            if self.roles is not None and "web" not in self.roles:
+                if "triage workers started" in self.log():
+                    return
+                last = "no 'triage workers started' in the log yet"
+                time.sleep(0.2)
+                continue
             try:
                 response = http.get(self.url("/healthz"), timeout=5)
                 if response.status_code == 200:
@@ -721,12 +742,68 @@ def connect_db(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
+def _pg_statement(sql: str, params: Any) -> tuple[str, Any]:
+    """sqlite3's ``?`` / ``:name`` placeholders as psycopg's ``%s`` / ``%(name)s``."""
+    if isinstance(params, dict):
+        return re.sub(r"(?<!:):(\w+)", r"%(\1)s", sql), params
+    return sql.replace("?", "%s"), tuple(params)
+
+
+class _Row(tuple):  # noqa: SLOT001 - like sqlite3.Row: by index or by column name
+    names: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        return super().__getitem__(self.names.index(key) if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
 def query(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    """Rows of ``sql`` (``?`` placeholders) on the data directory's database (SQLite or the test PostgreSQL)."""
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+    if url is not None:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                result = conn.exec_driver_sql(*_pg_statement(sql, params))
+                names = tuple(result.keys())
+                rows = []
+                for values in result.fetchall():
+                    row = _Row(tuple(values))
+                    row.names = names
+                    rows.append(row)
+                return rows  # type: ignore[return-value]
+        finally:
+            engine.dispose()
     conn = connect_db(data_dir)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+def execute(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> int:
+    """Run one changing statement (``?`` placeholders) on the data directory's database, committed;
+    returns the row count (SQLite or the test PostgreSQL)."""
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+    if url is None:
+        conn = connect_db(data_dir)
+        try:
+            with conn:
+                return conn.execute(sql, params).rowcount
+        finally:
+            conn.close()
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            return conn.exec_driver_sql(*_pg_statement(sql, params)).rowcount
+    finally:
+        engine.dispose()
 
 
 def scalar(data_dir: Path, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -814,7 +891,7 @@ def assert_store_consistent(data_dir: Path) -> None:
         "triage results without an instance": "SELECT COUNT(*) FROM triage_results r WHERE NOT EXISTS "
         "(SELECT 1 FROM instances i WHERE i.id = r.instance_id)",
         "instances with more than one result": "SELECT COUNT(*) FROM (SELECT instance_id FROM triage_results "
-        "GROUP BY instance_id HAVING COUNT(*) > 1)",
+        "GROUP BY instance_id HAVING COUNT(*) > 1) AS repeated",
         "done instances without a result": "SELECT COUNT(*) FROM instances i WHERE i.ai_status = 'done' AND NOT EXISTS "
         "(SELECT 1 FROM triage_results r WHERE r.instance_id = i.id)",
     }
@@ -826,10 +903,7 @@ def assert_store_consistent(data_dir: Path) -> None:
 
 
 def quarantined_rows(data_dir: Path) -> set[str]:
-    """File paths of quarantined instances (none when the table does not exist yet)."""
-    exists = scalar(data_dir, "SELECT COUNT(*) FROM sqlite_master WHERE name = 'quarantined_instances'")
-    if not exists:
-        return set()
+    """File paths of quarantined instances (the table is in every schema since the baseline migration)."""
     return {r[0] for r in query(data_dir, "SELECT file_path FROM quarantined_instances")}
 
 

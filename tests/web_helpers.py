@@ -9,6 +9,7 @@ DICOM is skipped (the end-to-end tests use dcmtk for that).
 from __future__ import annotations
 
 import io
+import os
 import re
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from db_helpers import db_env
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
@@ -51,8 +53,15 @@ class WebEnv:
 
 
 def make_web_env(tmp_path: Path, model_dir: Path | None = None, **overrides: Any) -> WebEnv:
-    """A web app on a fresh SQLite database under ``tmp_path``; ``model_dir`` is the card's model."""
-    settings = Settings(data_dir=tmp_path / "data", **overrides)
+    """A web app on a fresh database (SQLite under ``tmp_path``, or PostgreSQL: tests/db_helpers.py);
+    ``model_dir`` is the card's model."""
+    data_dir = tmp_path / "data"
+    if "database_url" not in overrides and not os.environ.get("XRAY_TRIAGE_DATABASE_URL"):
+        # A module-scoped fixture runs before the per-test database is set: one for this data directory.
+        url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+        if url is not None:
+            overrides["database_url"] = url
+    settings = Settings(data_dir=data_dir, **overrides)
     db = open_database(settings)
     card = load_card(model_dir) if model_dir is not None else None
     return WebEnv(create_app(db, card, {}, settings), db, settings, model_dir)

@@ -43,6 +43,7 @@ DEFAULT_MODEL_DIR = shipped_model_dir()
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ROLES = ("gateway", "worker", "web")  # of a `serve` process; all three by default
 
 
 class DestinationSettings(BaseModel):
@@ -277,6 +278,25 @@ class Settings(BaseSettings):
         "of its objects; empty: pydicom's root 1.2.826.0.1.3680043.8.498",
     )
 
+    # Process roles and several processes on one database (README "Several processes")
+    roles: str = Field(
+        "gateway,worker,web",
+        description="what this `serve` process runs, comma-separated: gateway (DICOM), worker (triage), "
+        "web (HTTP). Several processes share database_url and data_dir (shared storage)",
+    )
+    job_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="a claimed triage job is held this long and renewed every third of it while its worker "
+        "lives; a job whose lease ran out (its worker died) is taken over by another worker",
+    )
+    leftover_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="start-up clean-up removes unreferenced files (and .part files) only when older than this, "
+        "so files another process is writing or about to commit are never deleted",
+    )
+
     # Logging
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_format: str = Field("text", pattern="^(text|json)$")
@@ -315,6 +335,20 @@ class Settings(BaseSettings):
 
         python_codec(value)  # ValueError says what is accepted
         return value.strip()
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_ok(cls, value: str) -> str:
+        roles = [r.strip().lower() for r in value.split(",") if r.strip()]
+        unknown = [r for r in roles if r not in ROLES]
+        if not roles or unknown:
+            raise ValueError(f"roles must be a comma-separated subset of {','.join(ROLES)} (got {value!r})")
+        return ",".join(r for r in ROLES if r in roles)
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        """The roles of this process: a subset of ``ROLES``."""
+        return frozenset(self.roles.split(","))
 
     @model_validator(mode="after")
     def _slots_ok(self) -> Settings:

@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_dir=args.model,
         model_variant=args.variant,
         ae_title=args.ae_title,
+        roles=args.roles,
     )
     configure_logging(settings.log_level, settings.log_format)
     return run_server(settings)
@@ -355,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="our AE title (default XRAY_TRIAGE)")
     serve.add_argument("--model", type=Path, help="model directory or card (default: the shipped demo model)")
     serve.add_argument("--variant", choices=VARIANT_CHOICES, help="model_variant: which card in the model directory")
+    serve.add_argument(
+        "--roles",
+        help="what this process runs, comma-separated: gateway,worker,web (default: all three); "
+        "several processes share one database and data directory",
+    )
     serve.set_defaults(func=cmd_serve)
 
     stations = sub.add_parser("stations", help="register the X-ray machines allowed to send")
@@ -426,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_triage_server.cli_destinations import register as register_destination_commands
 
     register_destination_commands(sub, common, _settings)
+    from xray_triage_server.cli_db import register as register_db_commands
+
+    register_db_commands(sub, common, _settings)
     register_plugin_commands(CommandGroups(top=sub, models=md_sub, common=common))
     return parser
 
@@ -470,13 +479,14 @@ def register_plugin_commands(groups: CommandGroups) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from xray_triage.inference.card import ModelCardError
+    from xray_triage.store.schema_error import SchemaError
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (CliError, SettingsError, ModelCardError) as exc:
+    except (CliError, SettingsError, ModelCardError, SchemaError) as exc:
         print(f"xray-triage: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

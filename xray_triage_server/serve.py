@@ -1,4 +1,10 @@
-"""``xray-triage serve``: DICOM gateway, triage workers and HTTP app in one process.
+"""``xray-triage serve``: DICOM gateway, triage workers and HTTP app, in one process or split.
+
+``roles`` (``--roles gateway,worker,web``, all three by default) says which parts this
+process runs; several processes on the same or other machines share the database
+(PostgreSQL for more than one machine) and the data directory (shared storage). The triage
+queue's job leases (``xray_triage/triage/jobs.py``) let any number of worker processes
+share the work; live updates go through the outbox table, so every web process sees them.
 
 Start-up order is chosen so that nothing is acknowledged that cannot be
 processed: the model is loaded, checked against its card's sha256 and warmed up
@@ -20,6 +26,8 @@ import logging
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +47,14 @@ from xray_triage.move_destinations import move_resolver
 from xray_triage.outbox_consumer import OutboxConsumer
 from xray_triage.results import producer as results_producer
 from xray_triage.settings import Settings
+from xray_triage.store import migrate
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.files import clean_incoming, quarantined_files, remove_file, stored_files
 from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, QuarantinedInstance
+from xray_triage.store.schema_error import SchemaError
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
 from xray_triage_server.delivery import DeliveryRuntime, DestinationError, sender_config
@@ -52,17 +62,28 @@ from xray_triage_server.delivery import DeliveryRuntime, DestinationError, sende
 log = logging.getLogger(__name__)
 
 
-def reconcile_files(settings: Settings, db: Database) -> None:
+def reconcile_files(settings: Settings, db: Database, *, clock: Callable[[], float] = time.time) -> None:
     """Remove what a crash left between writing a file and committing its row.
 
     Such files were never acknowledged to the modality (it will resend them),
-    so removing them loses nothing and keeps "no file without a row" true.
+    so removing them loses nothing and keeps "no file without a row" true. Only files
+    older than ``leftover_grace_s`` go: another process sharing the data directory may be
+    writing a ``.part`` file or be about to commit the row of a file it has just renamed.
     """
-    parts = clean_incoming(settings.data_dir)
+    older_than = clock() - settings.leftover_grace_s
+    parts = clean_incoming(settings.data_dir, older_than=older_than)
     with db.read_session() as session:
         known = set(session.scalars(select(Instance.file_path))) | set(session.scalars(select(ResultObject.file_path)))
         kept_apart = set(session.scalars(select(QuarantinedInstance.file_path)))
-    orphans = (stored_files(settings.data_dir) - known) | (quarantined_files(settings.data_dir) - kept_apart)
+    candidates = (stored_files(settings.data_dir) - known) | (quarantined_files(settings.data_dir) - kept_apart)
+    orphans = {p for p in candidates if _modified_before(settings.data_dir / p, older_than)}
+    if orphans:  # a row may have been committed since we read them: check again before deleting
+        with db.read_session() as session:
+            known_now = set(session.scalars(select(Instance.file_path).where(Instance.file_path.in_(orphans))))
+            known_now |= set(
+                session.scalars(select(QuarantinedInstance.file_path).where(QuarantinedInstance.file_path.in_(orphans)))
+            )
+        orphans -= known_now
     for relpath in orphans:
         remove_file(settings.data_dir, Path(relpath))
     missing = len(known - stored_files(settings.data_dir)) if known else 0
@@ -72,14 +93,24 @@ def reconcile_files(settings: Settings, db: Database) -> None:
         log.error("instances whose DICOM file is missing from the data directory", extra={"count": missing})
 
 
-def prepare_storage(settings: Settings, db: Database, workers: TriageWorkers) -> None:
-    """The start-up storage work: schema, leftovers of a crash, interrupted jobs (then the workers).
+def _modified_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime < when
+    except FileNotFoundError:
+        return False
 
-    Raises SQLAlchemyError or OSError when it cannot be written (e.g. the disk is full).
+
+def prepare_storage(settings: Settings, db: Database, workers: TriageWorkers | None) -> None:
+    """The start-up storage work: schema, leftovers of a crash (gateway role), then the workers.
+
+    Raises SQLAlchemyError or OSError when it cannot be written (e.g. the disk is full),
+    SchemaError when the schema is not this code's.
     """
     db.create_schema()
-    reconcile_files(settings, db)
-    workers.start()  # re-queues interrupted jobs before any worker thread starts
+    if "gateway" in settings.role_set:
+        reconcile_files(settings, db)
+    if workers is not None:
+        workers.start()  # re-queues the jobs of dead local processes before any worker thread starts
 
 
 class StorageRecovery:
@@ -93,7 +124,7 @@ class StorageRecovery:
         self,
         settings: Settings,
         db: Database,
-        workers: TriageWorkers,
+        workers: TriageWorkers | None,
         storage: StorageGuard,
         stop: threading.Event,
     ) -> None:
@@ -120,6 +151,10 @@ class StorageRecovery:
             prepare_storage(self.settings, self.db, self.workers)
         except (SQLAlchemyError, OSError) as exc:
             self.storage.set_degraded(_storage_problem(exc))
+            return False
+        except SchemaError as exc:  # readable only now, and older than the code: stay degraded, say why
+            log.error("database schema does not fit this version", extra={"error": str(exc)})
+            self.storage.set_degraded("database schema: run xray-triage db upgrade")
             return False
         self.storage.clear_degraded()
         return True
@@ -220,7 +255,8 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 
 def run_server(settings: Settings) -> int:
-
+    if "web" not in settings.role_set:
+        return _run(settings, None)
     http_socket = bind_http(settings.http_host, settings.http_port)  # first: a busy port starts nothing
     try:
         return _run(settings, http_socket)
@@ -228,77 +264,116 @@ def run_server(settings: Settings) -> int:
         http_socket.close()
 
 
-def _run(settings: Settings, http_socket: socket.socket) -> int:
+def check_schema(db: Database) -> None:
+    """Refuse to start on a schema older (or newer) than the code; an empty database is fine
+    (``prepare_storage`` creates it). A database that cannot be read now is left to the
+    storage recovery, which retries."""
+    try:
+        state = migrate.schema_state(db.engine)
+    except SQLAlchemyError:
+        return
+    if state.state in (migrate.OUTDATED, migrate.NEWER):
+        try:
+            migrate.ensure_schema(db.engine)
+        except SchemaError as exc:
+            raise CliError(str(exc)) from exc
+
+
+def _run(settings: Settings, http_socket: socket.socket | None) -> int:
     import uvicorn
 
-    tls = tls_config(settings)
+    roles = settings.role_set
+    tls = tls_config(settings) if "gateway" in roles else None
     if tls is not None:
         try:
             server_context(tls)  # a bad certificate, key or CA file stops start-up with one line, before anything
         except TlsConfigError as exc:
             raise CliError(str(exc)) from exc
     card = load_card(settings.model_dir, variant=settings.model_variant)  # sha256 checked: a bad model stops start-up
-    runner = ModelRunner(
-        card,
-        providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
-        batch_max_size=settings.batch_max_size,
-        batch_max_wait_ms=settings.batch_max_wait_ms,
-    )
-    if runner.batcher is not None and settings.triage_workers < settings.batch_max_size:
-        log.warning(
-            "batch_max_size > triage_workers: batches can never fill, each waits batch_max_wait_ms",
-            extra={"batch_max_size": settings.batch_max_size, "triage_workers": settings.triage_workers},
+    runner = None
+    if "worker" in roles:
+        runner = ModelRunner(
+            card,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            batch_max_size=settings.batch_max_size,
+            batch_max_wait_ms=settings.batch_max_wait_ms,
         )
+        if runner.batcher is not None and settings.triage_workers < settings.batch_max_size:
+            log.warning(
+                "batch_max_size > triage_workers: batches can never fill, each waits batch_max_wait_ms",
+                extra={"batch_max_size": settings.batch_max_size, "triage_workers": settings.triage_workers},
+            )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
     log.info(
         "starting",
-        extra={"data_dir": str(settings.data_dir.resolve()), "database": db.engine.url.render_as_string(hide_password=True)},
+        extra={
+            "data_dir": str(settings.data_dir.resolve()),
+            "database": db.engine.url.render_as_string(hide_password=True),
+            "roles": settings.roles,
+        },
     )
-    workers = TriageWorkers(
-        db,
-        runner,
-        settings.data_dir,
-        count=settings.triage_workers,
-        max_attempts=settings.max_job_attempts,
-        reduced_decode=settings.j2k_reduced_decode,
-        max_frame_pixels=settings.max_frame_pixels,
-    )
-    db.events.register(InstanceStored, lambda event: workers.notify() if event.triage_queued else None)
+    workers = None
+    if runner is not None:
+        workers = TriageWorkers(
+            db,
+            runner,
+            settings.data_dir,
+            count=settings.triage_workers,
+            max_attempts=settings.max_job_attempts,
+            reduced_decode=settings.j2k_reduced_decode,
+            max_frame_pixels=settings.max_frame_pixels,
+            lease_s=settings.job_lease_s,
+        )
+        in_process = workers
+        db.events.register(InstanceStored, lambda event: in_process.notify() if event.triage_queued else None)
     metrics = Metrics(db).attach()  # before the gateway and workers commit anything
     storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
-    health: dict[str, Any] = {"dicom_gateway": "starting"}
+    health: dict[str, Any] = {"dicom_gateway": "starting"} if "gateway" in roles else {}
     stop_requested = threading.Event()
-    recovery = StorageRecovery(settings, db, workers, storage, stop_requested)
-    recovery.start()
-    ingestor = Ingestor(
-        settings.data_dir,
-        db,
-        TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
-        default_character_set=settings.default_character_set,
-        storage=storage,
-    )
-    gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
-    delivery = DeliveryRuntime(settings, db)  # destinations: the queue's consumer and one sender per peer
-    results = results_consumer(settings, db, card)
+    gateway = None
+    recovery: StorageRecovery | None = None
+    ingestor: Ingestor | None = None
+    # The outbox consumers that send to PACS and make the result objects run in the gateway's
+    # process: a site runs one of it (it binds the DICOM port), so each destination has one sender.
+    delivery = DeliveryRuntime(settings, db) if "gateway" in roles else None
+    results = results_consumer(settings, db, card) if "gateway" in roles else None
     try:
+        check_schema(db)
+        recovery = StorageRecovery(settings, db, workers, storage, stop_requested)
+        recovery.start()
         if results is not None:
             results.start()
-        try:
-            delivery.start()
-        except DestinationError as exc:
-            raise CliError(f"[[destinations]]: {exc}") from exc
-        try:
-            gateway.start()
-        except OSError as exc:
-            reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            raise CliError(
-                f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}"
-                f"{f' / TLS {settings.dicom_tls_port}' if settings.dicom_tls_port is not None else ''}: {reason} "
-                "(set dicom_port or --dicom-port, dicom_tls_port)"
-            ) from exc
-        health["dicom_gateway"] = "ok"
+        if delivery is not None:
+            try:
+                delivery.start()
+            except DestinationError as exc:
+                raise CliError(f"[[destinations]]: {exc}") from exc
+        if "gateway" in roles:
+            ingestor = Ingestor(
+                settings.data_dir,
+                db,
+                TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
+                default_character_set=settings.default_character_set,
+                storage=storage,
+            )
+            gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
+            try:
+                gateway.start()
+            except OSError as exc:
+                reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise CliError(
+                    f"cannot listen for DICOM on {settings.dicom_host}:{settings.dicom_port}"
+                    f"{f' / TLS {settings.dicom_tls_port}' if settings.dicom_tls_port is not None else ''}: {reason} "
+                    "(set dicom_port or --dicom-port, dicom_tls_port)"
+                ) from exc
+            health["dicom_gateway"] = "ok"
+        if http_socket is None:  # no web role: run until SIGTERM / SIGINT
+            _install_quiet_signal_handlers(stop_requested)
+            log.info("running without the HTTP app", extra={"roles": settings.roles})
+            stop_requested.wait()
+            return 0
         app = create_app(db, card, health, settings, storage=storage, metrics=metrics, ingestor=ingestor)
         config = uvicorn.Config(
             app,
@@ -320,15 +395,21 @@ def _run(settings: Settings, http_socket: socket.socket) -> int:
         return 0
     finally:
         log.info("shutting down")
-        health["dicom_gateway"] = "stopping"
+        if gateway is not None:
+            health["dicom_gateway"] = "stopping"
         stop_requested.set()
-        gateway.stop(settings.shutdown_grace_s)
-        recovery.join()
-        delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
-        workers.stop()
+        if gateway is not None:
+            gateway.stop(settings.shutdown_grace_s)
+        if recovery is not None:
+            recovery.join()
+        if delivery is not None:
+            delivery.stop(settings.shutdown_grace_s)  # the object in flight finishes; the rest stays queued
+        if workers is not None:
+            workers.stop()
         if results is not None:
             results.stop()
-        runner.close()
+        if runner is not None:
+            runner.close()
         db.dispose()
         log.info("stopped")
 

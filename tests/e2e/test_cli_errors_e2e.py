@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from db_helpers import db_env
 
 from e2e_helpers import PROJECT_ROOT, free_port, run_cli, server_env
 
@@ -63,7 +64,9 @@ def test_readme_token_example_works_as_written(tmp_path: Path) -> None:
     lines = [line for line in block.splitlines() if "users add reader" in line or "tokens create reader" in line]
     assert len(lines) == 2, lines
     script = "set -e\n" + "\n".join(lines) + '\nprintf "%s" "$TOKEN" > "$TOKEN_FILE"\n'
-    env = server_env({"XRAY_TRIAGE_DATA_DIR": str(tmp_path / "d"), "TOKEN_FILE": str(tmp_path / "token")})
+    env = server_env(
+        {"XRAY_TRIAGE_DATA_DIR": str(tmp_path / "d"), "TOKEN_FILE": str(tmp_path / "token"), **db_env(tmp_path / "d")}
+    )
     proc = subprocess.run(
         ["bash", "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
@@ -76,10 +79,16 @@ def test_readme_token_example_works_as_written(tmp_path: Path) -> None:
     from xray_triage.settings import load_settings
     from xray_triage.store.db import open_database
 
-    db = open_database(load_settings(None, data_dir=tmp_path / "d"))
+    db = open_database(load_settings(None, data_dir=tmp_path / "d", **_db_override(tmp_path / "d")))
     try:
         client = TestClient(create_app(db, None))
         answer = client.get("/api/studies?limit=50&offset=0", headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200 and answer.json()["studies"] == []
     finally:
         db.dispose()
+
+
+def _db_override(data_dir: Path) -> dict[str, str]:
+    """The data directory's test database (PostgreSQL pass), as a settings override."""
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
+    return {"database_url": url} if url else {}

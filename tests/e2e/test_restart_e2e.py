@@ -13,10 +13,10 @@ from e2e_helpers import (
     SampleFile,
     assert_store_consistent,
     assert_triaged,
-    connect_db,
     copy_with_new_uids,
     counts_for_sop,
     dataset_bytes,
+    execute,
     model_labels,
     port_open,
     query,
@@ -49,15 +49,12 @@ def test_queued_and_interrupted_jobs_are_triaged_after_restart(
     server.stop_cleanly()
 
     # Simulate a crash in the middle of a job: it was claimed, never finished.
-    conn = connect_db(server.data_dir)
-    try:
-        with conn:
-            changed = conn.execute(
-                "UPDATE triage_jobs SET state = 'running', worker = 'worker-0', attempts = 1, "
-                "started_at = CURRENT_TIMESTAMP WHERE id = (SELECT MIN(id) FROM triage_jobs)"
-            ).rowcount
-    finally:
-        conn.close()
+    # It has no lease (as a job of 0.1.0's): the restart re-queues it.
+    changed = execute(
+        server.data_dir,
+        "UPDATE triage_jobs SET state = 'running', worker = 'worker-0', attempts = 1, "
+        "started_at = CURRENT_TIMESTAMP WHERE id = (SELECT MIN(id) FROM triage_jobs)",
+    )
     assert changed == 1
 
     server.start(env_extra={})  # normal settings: one triage worker

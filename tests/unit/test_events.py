@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from web_helpers import (
     WebEnv,
     add_station_row,
@@ -23,7 +22,7 @@ from web_helpers import (
     triage_all,
 )
 
-from consult_web.routes.live import Change, LivePoller
+from consult_web.routes.live import Change, ChangeFeed, LivePoller
 from xray_triage.consults import rules
 from xray_triage.events import (
     ConsultAnswered,
@@ -134,12 +133,9 @@ def test_events_are_stored_in_order_typed_and_json(env: WebEnv, shared_dicom: Pa
     assert events[4] == ReplyPosted(uid, "STATION1", consult.id, message.id, specialist.id, "answered")
     assert {e.station_ae for e in events} == {"STATION1"}
     # The payload is plain JSON in the table (what another process or language reads).
-    conn = sqlite3.connect(env.settings.data_dir / "xray-triage.db")
-    try:
-        ids, types = zip(*conn.execute("SELECT id, type FROM outbox_events ORDER BY id"), strict=True)
-        payload = conn.execute("SELECT json_extract(payload, '$.sop_instance_uid') FROM outbox_events").fetchone()
-    finally:
-        conn.close()
+    with env.db.engine.connect() as conn:  # SQLite or PostgreSQL, as configured
+        ids, types = zip(*conn.execute(text("SELECT id, type FROM outbox_events ORDER BY id")), strict=True)
+        payload = tuple(conn.execute(select(outbox.OutboxEvent.payload["sop_instance_uid"].as_string())).first())
     assert list(ids) == sorted(ids) and types[:2] == ("instance.stored", "triage.completed")
     assert payload == (sop,)
     # Reading in pages gives the same events, and where to continue.
@@ -234,13 +230,14 @@ def test_event_types_are_unique_and_stable() -> None:
 
 def test_a_database_from_before_the_outbox_gains_its_tables(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    open_database(settings).dispose()
-    conn = sqlite3.connect(settings.data_dir / "xray-triage.db")
-    conn.execute("DROP TABLE outbox_events")
-    conn.execute("DROP TABLE outbox_cursors")
-    conn.commit()
-    conn.close()
-    db = open_database(settings)  # what `serve` does at start-up (create_schema)
+    db = open_database(settings)
+    with db.engine.begin() as conn:  # as an unversioned build from before the outbox left it
+        conn.execute(text("DROP TABLE outbox_events"))
+        conn.execute(text("DROP TABLE outbox_cursors"))
+        conn.execute(text("DROP TABLE alembic_version"))
+    db.upgrade_schema()  # `xray-triage db upgrade`: the baseline migration adds what is missing
+    db.dispose()
+    db = open_database(settings)
     try:
         with db.session() as session:
             assert outbox.latest_id(session) == 0 and outbox.cursor(session, "x") == 0
@@ -336,3 +333,54 @@ def test_outbox_consumer_handles_each_event_once_in_order_and_a_failure_repeats_
     assert consumer.run_once() == 0
     with env.db.read_session() as session:
         assert outbox.cursor(session, "test-consumer") == second
+
+
+def test_the_live_feed_sees_what_another_process_commits(env: WebEnv) -> None:
+    """Several `serve` processes (roles): a worker process's TriageCompleted reaches this web process."""
+    import subprocess
+
+    from e2e_helpers import python_command
+
+    feed = ChangeFeed(env.db)
+    script = (
+        "import sys\n"
+        "from xray_triage.events import TriageCompleted\n"
+        "from xray_triage.store import outbox\n"
+        "from xray_triage.store.db import Database\n"
+        "db = Database(sys.argv[1])\n"
+        "with db.session() as session:\n"
+        "    outbox.record(session, TriageCompleted('1.2.3', 'STATION1', '1.2.3.4', 7, 'urgent', ('Effusion',)))\n"
+        "db.dispose()\n"
+    )
+    done = subprocess.run(
+        [python_command(), "-c", script, env.settings.resolved_database_url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert feed.poll() == [Change("study", "1.2.3", "STATION1")]
+
+
+def test_concurrent_writers_never_make_the_live_feed_skip_an_event(env: WebEnv) -> None:
+    """Ids follow commit order (the one SQLite writer; the table lock of ``outbox.record`` on
+    PostgreSQL), so a reader that remembers "up to id N" while others commit misses nothing."""
+    import threading
+
+    from xray_triage.events import TriageCompleted
+
+    feed = ChangeFeed(env.db)
+    writers, per_writer = 4, 25
+    seen: list[Change] = []
+
+    def write(n: int) -> None:
+        for k in range(per_writer):
+            with env.db.session() as session:
+                outbox.record(session, TriageCompleted(f"1.{n}.{k}", "STATION1", f"1.{n}.{k}.1", k, "normal", ()))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    for thread in threads:
+        thread.start()
+    while any(t.is_alive() for t in threads):
+        seen.extend(feed.poll())
+    for thread in threads:
+        thread.join()
+    seen.extend(feed.poll())
+    assert sorted(c.study_uid for c in seen) == sorted(f"1.{n}.{k}" for n in range(writers) for k in range(per_writer))

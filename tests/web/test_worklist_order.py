@@ -46,7 +46,10 @@ def test_worklist_puts_open_emergency_consults_first_and_says_why(env: WebEnv, u
     assert [(names[uid], tier) for uid, tier in ROWS.findall(page.text)] == EXPECTED
 
 
-def test_api_and_cli_use_the_same_order_and_why(env: WebEnv, capsys: pytest.CaptureFixture[str]) -> None:
+def test_api_and_cli_use_the_same_order_and_why(
+    env: WebEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XRAY_TRIAGE_DATABASE_URL", env.settings.resolved_database_url)  # the module's database
     client, _ = client_for(env, "spec")
     names = _names(env)
     studies = client.get("/api/studies?limit=100").json()["studies"]
@@ -65,8 +68,9 @@ def test_api_and_cli_use_the_same_order_and_why(env: WebEnv, capsys: pytest.Capt
 
 
 def test_findings_are_the_flagged_ones_with_threshold_and_urgent_mark(
-    env: WebEnv, capsys: pytest.CaptureFixture[str]
+    env: WebEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("XRAY_TRIAGE_DATABASE_URL", env.settings.resolved_database_url)  # the module's database
     uid = env.uids["ai_urgent_3"]  # type: ignore[attr-defined]
     client, _ = client_for(env, "spec")
     study = next(s for s in client.get("/api/studies?limit=100").json()["studies"] if s["study_uid"] == uid)

@@ -22,13 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from xray_triage.events import EventHandlers
 from xray_triage.store import (
     consult_schema,  # noqa: F401  (registers the consult tables on Base)
     delivery_schema,  # noqa: F401  (registers the destinations and deliveries tables on Base)
+    migrate,
     outbox,  # registers the outbox tables on Base, and the after-commit dispatch
     result_objects,  # noqa: F401  (registers the table of the DICOM objects we make)
 )
@@ -56,11 +57,17 @@ class Database:
         self._read_sessions = sessionmaker(self.read_engine, expire_on_commit=False, info=info)
 
     def create_schema(self) -> None:
-        """Create missing tables, and missing indexes on existing tables (create_all skips those)."""
-        Base.metadata.create_all(self.engine)
-        for table in Base.metadata.sorted_tables:
-            for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+        """Create the schema of an empty database (Alembic ``upgrade head``); check any other.
+
+        Raises ``migrate.SchemaError`` (naming ``xray-triage db upgrade``) when the schema is
+        older or newer than this code's. Schema changes are Alembic migrations
+        (``store/migrations``), never ``create_all``.
+        """
+        migrate.ensure_schema(self.engine)
+
+    def upgrade_schema(self) -> migrate.SchemaState:
+        """Apply every pending migration (``xray-triage db upgrade``)."""
+        return migrate.upgrade(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -89,6 +96,11 @@ class Database:
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()
+
+
+def metadata() -> MetaData:
+    """Every table the code knows (what Alembic's autogenerate compares the database with)."""
+    return Base.metadata
 
 
 def make_engine(url: str, *, immediate: bool = True) -> Engine:

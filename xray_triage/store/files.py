@@ -82,11 +82,20 @@ def remove_file(data_dir: Path, relpath: Path) -> None:
         log.error("could not remove uncommitted file", extra={"path": str(path), "error": str(exc)})
 
 
-def clean_incoming(data_dir: Path) -> int:
-    """Delete ``.part`` files left by a crash mid-write (never acknowledged)."""
+def clean_incoming(data_dir: Path, *, older_than: float | None = None) -> int:
+    """Delete ``.part`` files left by a crash mid-write (never acknowledged).
+
+    ``older_than`` (a ``time.time()`` value): only files last modified before it, so a
+    ``.part`` another process sharing the data directory is writing right now is kept.
+    """
     removed = 0
     for part in (data_dir / "incoming").glob("*.part"):
-        part.unlink(missing_ok=True)
+        try:
+            if older_than is not None and part.stat().st_mtime >= older_than:
+                continue
+            part.unlink()
+        except FileNotFoundError:
+            continue
         removed += 1
     return removed
 

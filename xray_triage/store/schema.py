@@ -162,8 +162,11 @@ class TriageJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)  # "host:pid/n" of the claimant
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # While ``running``: the claim holds until this time, renewed by its live worker; after it,
+    # any worker may take the job over (migration 0002).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
 
 
 class TriageResult(Base):
@@ -205,8 +208,8 @@ class QuarantinedInstance(Base):
     """An acknowledged instance kept apart: stored and recorded, in no study, never triaged.
 
     A separate table (not a flag on ``instances``) so that no study view, worklist
-    or API query can show it by accident, and so that a 0.1.0 database gains it
-    through ``create_schema`` without a migration. Admins see these on ``/admin``.
+    or API query can show it by accident. Admins see these on ``/admin``. (Schema changes
+    are Alembic migrations: ``store/migrations``.)
     """
 
     __tablename__ = "quarantined_instances"

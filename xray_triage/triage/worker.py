@@ -1,8 +1,10 @@
 """Triage worker threads: take jobs from the durable queue and run the model.
 
 Workers are woken at once when the gateway queues a job (``notify``) and also
-poll every second, so jobs queued by another process or recovered after a
-crash are never stranded.
+poll every second, so jobs queued by another process (``serve --roles gateway``
+elsewhere) or left by a dead worker are never stranded. Each thread claims under
+the id ``host:pid/n``; one renewer thread extends the leases of the jobs in hand
+every third of ``job_lease_s`` (``jobs.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TriageWorkers:
         max_attempts: int = 3,
         reduced_decode: bool = True,
         max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+        lease_s: float = jobs.DEFAULT_LEASE_S,
     ) -> None:
         self.db = db
         self.reduced_decode = reduced_decode
@@ -46,24 +49,48 @@ class TriageWorkers:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.lease_s = lease_s
+        self.worker_id = jobs.process_worker_id()
+        self._in_hand: dict[str, jobs.ClaimedJob] = {}
+        self._in_hand_lock = threading.Lock()
 
     def notify(self) -> None:
         """Called by the gateway when a job was queued."""
         self._wake.set()
 
     def start(self) -> None:
-        recovered = jobs.recover_interrupted(self.db)
+        recovered = jobs.recover_dead_local(self.db)
         if recovered:
-            log.info("re-queued jobs interrupted by a previous shutdown or crash", extra={"jobs": recovered})
+            log.info("re-queued jobs interrupted by a process that is gone (shutdown or crash)", extra={"jobs": recovered})
         for n in range(self.count):
-            thread = threading.Thread(target=self._loop, name=f"triage-worker-{n}", args=(f"worker-{n}",), daemon=True)
+            name = f"{self.worker_id}/{n}"
+            thread = threading.Thread(target=self._loop, name=f"triage-worker-{n}", args=(name,), daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.count:
+            renewer = threading.Thread(target=self._renew_loop, name="triage-lease-renewer", daemon=True)
+            renewer.start()
+            self._threads.append(renewer)
         self._wake.set()
         if self.count == 0:
             log.warning("triage_workers = 0: images are stored and queued but not triaged")
         else:
-            log.info("triage workers started", extra={"workers": self.count, "model": self.runner.card.model_version})
+            log.info(
+                "triage workers started",
+                extra={"workers": self.count, "worker_id": self.worker_id, "model": self.runner.card.model_version},
+            )
+
+    def _renew_loop(self) -> None:
+        """Keep the leases of the jobs in hand alive while their threads work on them."""
+        while not self._stop.wait(self.lease_s / 3):
+            with self._in_hand_lock:
+                in_hand = list(self._in_hand.values())
+            for job in in_hand:
+                try:
+                    if not jobs.renew_lease(self.db, job, lease_s=self.lease_s):
+                        log.warning("lost the lease of a job in hand", extra={"job_id": job.job_id})
+                except Exception:
+                    log.exception("could not renew a triage lease; retrying")
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the job in hand, then stop. Unstarted jobs stay queued in the database."""
@@ -90,9 +117,18 @@ class TriageWorkers:
 
     def run_one(self, name: str = "worker") -> bool:
         """Process one queued job; return False when the queue is empty."""
-        job = jobs.claim_next(self.db, name)
+        job = jobs.claim_next(self.db, name, lease_s=self.lease_s)
         if job is None:
             return False
+        with self._in_hand_lock:
+            self._in_hand[name] = job
+        try:
+            return self._process(job)
+        finally:
+            with self._in_hand_lock:
+                self._in_hand.pop(name, None)
+
+    def _process(self, job: jobs.ClaimedJob) -> bool:
         path = self.data_dir / job.file_path
         label = image_label(job.sop_instance_uid)
         try:
