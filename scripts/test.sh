@@ -13,9 +13,12 @@ cd "$(dirname "$0")/.."
 # - orthanc + orthanc-dicomweb: the PACS the delivery tests send to, and the DICOMweb client of
 #   our /dicomweb (tests/orthanc_helpers.py starts it as a plain process);
 # - dicom3tools: dciodvfy checks the DICOM objects we make (AI SR, GSPS, consult SR).
-# A policy-rc.d that exits 101 keeps apt-get from starting any service (Orthanc's) at install.
+# A policy-rc.d that exits 101 keeps apt-get from starting any service (Orthanc's, PostgreSQL's) at install.
+# - postgresql: the second pytest pass runs on a throwaway cluster (scripts/pg-test-cluster.sh);
+#   XRAY_TRIAGE_PG_TESTS=0 skips that pass and this package.
 DEBIAN_PACKAGES="dcmtk chromium fonts-dejavu-core libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0
   poppler-utils orthanc orthanc-dicomweb dicom3tools"
+if [ "${XRAY_TRIAGE_PG_TESTS:-1}" != "0" ]; then DEBIAN_PACKAGES="$DEBIAN_PACKAGES postgresql"; fi
 # shellcheck disable=SC2086
 if ! dpkg -s $DEBIAN_PACKAGES >/dev/null 2>&1; then
   echo "== installing Debian packages: $(echo $DEBIAN_PACKAGES) (no service is started) =="
@@ -47,18 +50,6 @@ if [ ! -f "test-artifacts/ohif/$OHIF_VERSION/package/dist/index.html" ]; then
   (cd "test-artifacts/ohif/$OHIF_VERSION" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null \
     && tar xzf "ohif-app-$OHIF_VERSION.tgz" && rm "ohif-app-$OHIF_VERSION.tgz")
 fi
-# PostgreSQL 15 (the second pytest pass runs on a throwaway cluster, scripts/pg-test-cluster.sh).
-# policy-rc.d exiting 101 keeps Debian from starting the system cluster as a service.
-if [ "${XRAY_TRIAGE_PG_TESTS:-1}" != "0" ] && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
-  echo "== installing postgresql (Debian package) =="
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
-fi
-
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv =="
   python3 -m venv .venv

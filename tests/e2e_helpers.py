@@ -859,10 +859,14 @@ def assert_store_consistent(data_dir: Path) -> None:
     )
     known = {r["file_path"] for r in rows}
     # The DICOM objects the server makes (AI SR/GSPS, specialist GSPS/SR) lie beside the images.
-    made = {r["file_path"] for r in query(data_dir, "SELECT file_path FROM result_objects")} if scalar(
-        data_dir, "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'result_objects'"
-    ) else set()
-    files -= made
+    # A running server's results consumer commits an object's row just after its file is in place,
+    # so a file not yet known is looked for again until its row appears (bounded).
+    deadline = time.monotonic() + 30
+    while True:
+        files -= {r["file_path"] for r in query(data_dir, "SELECT file_path FROM result_objects")}
+        if not (files - known) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     for r in rows:
         expected = f"dicom/{r['study_instance_uid']}/{r['series_instance_uid']}/{r['sop_instance_uid']}.dcm"
         if r["file_path"] != expected:
