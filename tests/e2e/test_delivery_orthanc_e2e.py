@@ -125,10 +125,13 @@ def _run(launch_server: Any, pacs: Orthanc, tmp_path: Path) -> None:
     outage = copy_with_new_uids([UNCOMPRESSED, UNCOMPRESSED], tmp_path / "outage")
     store_ok(outage, server.dicom_port)  # we keep acknowledging images while the PACS is down
     outage_uids = {read_uids(p).sop for p in outage}
+    # Both images queued (the delivery consumer may enqueue the second after the first send failed).
     failing = wait_for(
-        lambda: (s := destination_state(server))["state"] != "ok" and s, "the destination to fail", on_fail=tails
+        lambda: (s := destination_state(server))["state"] != "ok" and s["queued"] == 2 and s,
+        "the destination to fail with both images queued",
+        on_fail=tails,
     )
-    assert failing["queued"] == 2 and failing["last_error"], failing
+    assert failing["last_error"], failing
     pacs.start()
     wait_for(arrived(first_uids | outage_uids), "the outage's images in Orthanc", on_fail=tails)
     assert all(pacs.receipts()[uid] == 1 for uid in first_uids | outage_uids), pacs.receipts()

@@ -36,7 +36,9 @@ from e2e_helpers import (
     echoscu,
     free_port,
     http,
+    query,
     read_uids,
+    scalar,
     store_ok,
     storescu,
     web_login,
@@ -128,7 +130,7 @@ def test_no_certificate_or_another_ca_fails_the_handshake(server: Server, pki: d
         assert run.returncode != 0 and "Success" not in run.store_responses, run.describe()
     assert "TLS handshake failed" in server.log(), server.log_tail()
     sop = read_uids(path).sop
-    assert server.db().execute("SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (sop,)).fetchone()[0] == 0
+    assert scalar(server.data_dir, "SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (sop,)) == 0
 
 
 def test_certificate_must_belong_to_the_calling_ae_title(server: Server, pki: dict[str, object]) -> None:
@@ -180,6 +182,10 @@ def test_stalled_or_plain_clients_are_closed_and_hold_no_slot(server: Server, pk
     finally:
         stalled.close()
         plain.close()
+    # The server closes the connection, then logs why: wait for the line (bounded).
+    deadline = time.monotonic() + 30
+    while "TLS handshake not completed in time" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "TLS handshake not completed in time" in server.log(), server.log_tail()
 
 
@@ -218,7 +224,7 @@ def test_metrics_after_tls_traffic_triage_and_a_consult(server: Server, pki: dic
         data={"question": "Khó thở, sốt", "urgency": "emergency", "csrf_token": _csrf(doctor, f"/studies/{uids.study}")},
     )
     assert asked.status_code == 303, asked.text[:500]
-    (consult_id,) = [r[0] for r in server.db().execute("SELECT c.id FROM consults c JOIN studies s ON s.id = c.study_id WHERE s.study_instance_uid = ?", (uids.study,))]
+    (consult_id,) = [r[0] for r in query(server.data_dir, "SELECT c.id FROM consults c JOIN studies s ON s.id = c.study_id WHERE s.study_instance_uid = ?", (uids.study,))]
     expert = web_login(server.url(""), "expert1", passwords["expert1"])
     csrf = _csrf(expert, f"/studies/{uids.study}")
     for action, data in (("claim", {}), ("conclusion", {"conclusion": "urgent_transfer"})):
@@ -266,18 +272,16 @@ def test_server_delivers_images_to_another_servers_tls_port(
     deadline = time.monotonic() + 120
     rows: list[object] = []
     while time.monotonic() < deadline and not rows:
-        rows = server.db().execute(
-            "SELECT calling_ae, file_path FROM instances WHERE sop_instance_uid = ?", (uids.sop,)
-        ).fetchall()
+        rows = query(server.data_dir, "SELECT calling_ae, file_path FROM instances WHERE sop_instance_uid = ?", (uids.sop,))
         time.sleep(0.2)
     assert rows, f"not delivered over TLS\n{sender.log_tail()}\n{server.log_tail()}"
     assert rows[0][0] == SENDER, rows
     assert dataset_bytes(server.data_dir / rows[0][1]) == dataset_bytes(path), "the data set changed on the way"
-    sent = sender.db().execute("SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,)).fetchall()
+    sent = query(sender.data_dir, "SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and [r[0] for r in sent] != ["sent"]:
         time.sleep(0.2)
-        sent = sender.db().execute("SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,)).fetchall()
+        sent = query(sender.data_dir, "SELECT state FROM deliveries WHERE sop_instance_uid = ?", (uids.sop,))
     assert [r[0] for r in sent] == ["sent"], sent
     after = _scrape(sender, sender_tokens["metrics-admin"])
     assert after[("xray_triage_destination_backlog", (("destination", "central"),))] == 0, after

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset
-from sqlalchemy import create_engine, inspect, text, true
+from sqlalchemy import inspect, true
 
 from xray_triage.store import dicomweb_query as Q
 from xray_triage.store.db import Database
@@ -163,16 +163,17 @@ def test_matching_on_real_sqlite(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_create_schema_adds_the_qido_indexes_to_an_older_database(tmp_path: Path) -> None:
+def test_db_upgrade_adds_the_qido_indexes_to_an_older_database(tmp_path: Path) -> None:
+    """A database at the schema before the QIDO indexes (migration 0002) gets them from ``db upgrade``."""
+    from xray_triage.store import migrate
+
     url = f"sqlite:///{tmp_path / 'old.db'}"
     db = Database(url)
-    db.create_schema()
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP INDEX ix_studies_patient_id"))
-        conn.execute(text("DROP INDEX ix_studies_accession_number"))
-    db.create_schema()
-    names = {i["name"] for i in inspect(engine).get_indexes("studies")}
-    assert {"ix_studies_patient_id", "ix_studies_accession_number", "ix_studies_study_date"} <= names
-    engine.dispose()
+    migrate.upgrade(db.engine, "0002_job_leases")
+    names = {i["name"] for i in inspect(db.engine).get_indexes("studies")}
+    assert "ix_studies_patient_id" not in names
+    assert migrate.schema_state(db.engine).state == migrate.OUTDATED
+    db.upgrade_schema()  # `xray-triage db upgrade`
+    names = {i["name"] for i in inspect(db.engine).get_indexes("studies")}
+    assert {"ix_studies_patient_id", "ix_studies_accession_number", "ix_studies_study_date", "ix_studies_patient_name"} <= names
     db.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +42,9 @@ def test_filed_object_is_recorded_and_survives_the_startup_cleanup(tmp_path: Pat
         orphan = settings.data_dir / "dicom" / "1.2" / "3.4" / "5.6.dcm"  # a file whose row never committed
         orphan.parent.mkdir(parents=True)
         orphan.write_bytes(b"x")
+        old = time.time() - settings.leftover_grace_s - 60  # past the grace another process's file gets
+        os.utime(orphan, (old, old))
+        os.utime(settings.data_dir / relpath, (old, old))  # a filed object is kept however old
         reconcile_files(settings, db)
         assert (settings.data_dir / relpath).is_file() and not orphan.exists()
         assert pydicom.dcmread(settings.data_dir / relpath).SOPInstanceUID == gsps.SOPInstanceUID
