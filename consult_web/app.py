@@ -91,6 +91,7 @@ def create_app(
     app.state.health = health if health is not None else {}
     app.state.storage = storage or StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     app.state.limiter = LoginLimiter(
+        db,
         settings.login_max_failures,
         settings.login_lockout_s,
         backoff_s=settings.login_backoff_s,
