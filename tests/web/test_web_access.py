@@ -403,6 +403,28 @@ def test_a_users_own_network_is_remembered_across_a_restart(env: WebEnv) -> None
     assert attempt(restarted, "198.51.100.201", "wrong-password") == 429
 
 
+def test_two_apps_on_one_database_share_the_login_limit(env: WebEnv) -> None:
+    """Two web processes (two apps on one database): failed logins spread over both lock the name on both."""
+    from consult_web.app import create_app
+
+    def attempt(app, password: str) -> int:  # type: ignore[no-untyped-def]
+        client = TestClient(app, client=("203.0.113.50", 50000))
+        token = re.search(r'name="login_csrf" value="([^"]*)"', client.get("/login").text).group(1)  # type: ignore[union-attr]
+        data = {"username": "spec", "password": password, "login_csrf": token}
+        return client.post("/login", data=data, follow_redirects=False).status_code
+
+    other = create_app(env.db, None, {}, env.settings)
+    limit = env.settings.login_max_failures
+    try:
+        for n in range(limit):  # alternately through each process: neither sees the limit on its own
+            assert attempt(env.app if n % 2 else other, "wrong-password") == 401
+        assert attempt(env.app, PASSWORD) == 429
+        assert attempt(other, PASSWORD) == 429
+    finally:
+        env.app.state.limiter.reset()
+    assert attempt(other, PASSWORD) == 303
+
+
 def test_healthz_is_json_when_degraded(env: WebEnv) -> None:
     client = TestClient(env.app)
     env.app.state.health["dicom_gateway"] = "stopping"
