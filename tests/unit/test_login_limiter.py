@@ -158,3 +158,27 @@ def test_a_network_learned_by_another_process_exempts_it_from_the_back_off(db: D
         first.failed("bs.hoa", f"198.51.100.{n}")
     assert first.retry_after("bs.hoa", "198.51.100.250") > 0  # a stranger's next address waits
     assert first.retry_after("bs.hoa", "2001:db8:77:1::9") == 0  # her home /64, learned from the audit log
+
+
+def test_checking_and_a_clean_login_never_wait_for_the_sqlite_write_lock(db: Database) -> None:
+    """While another process holds SQLite's write lock (a long ingest transaction), checking the
+    limit and a successful login with no failures to clear still answer: they only read."""
+    import sqlite3
+
+    from db_helpers import on_postgres
+
+    if on_postgres():
+        pytest.skip("SQLite's database-wide write lock only")
+    clock = FakeClock()
+    limiter = LoginLimiter(db, max_failures=2, window_s=60, clock=clock)
+    limiter.failed("an", "10.0.0.2")
+    writer = sqlite3.connect(db.engine.url.database, timeout=0, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the write lock, held by "another process"
+    try:
+        assert limiter.retry_after("an", "10.0.0.2") == 0
+        limiter.succeeded("bs.hoa", "10.20.0.5")  # nothing to clear: no write
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    limiter.succeeded("an", "10.0.0.2")  # something to clear: written once the lock is free
+    assert _rows(db) == []
