@@ -91,6 +91,7 @@ def create_app(
     app.state.health = health if health is not None else {}
     app.state.storage = storage or StorageGuard(settings.data_dir, settings.min_free_disk_mb)
     app.state.limiter = LoginLimiter(
+        db,
         settings.login_max_failures,
         settings.login_lockout_s,
         backoff_s=settings.login_backoff_s,
@@ -101,7 +102,9 @@ def create_app(
     except SQLAlchemyError as exc:  # e.g. a full disk at start-up: the server starts degraded instead
         log.warning("could not read users' known login networks; they are learned again at each login: %s", exc)
     app.state.live = live.make_hub(db, settings)  # one change poller and the stream limits
-    app.state.token_use = {}  # API token -> when this process last recorded its use
+    # API token -> when this process last recorded its use (a throttle of that write: per process is
+    # right; N web processes write a token's last use at most N times a minute, the value stays true).
+    app.state.token_use = {}
     app.state.disclaimer = DISCLAIMER
     # Operators' metrics (/metrics): the composition root's registry, or one of this app's own.
     app.state.metrics = metrics if metrics is not None else Metrics(db).attach()

@@ -16,17 +16,18 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import Request
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from xray_triage.store.consult_schema import AuditEvent
+from xray_triage.store.consult_schema import AuditEvent, LoginFailure
 from xray_triage.store.db import Database
 from xray_triage.store.schema import utcnow
 from xray_triage.store.users import AuthUser, record_api_token_use, user_for_api_token, user_for_session
@@ -36,7 +37,7 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 TOKEN_USE_INTERVAL_S = 60.0
-SWEEP_AT = 1024  # failed-login keys kept before expired ones are swept
+SWEEP_AT = 1024  # user names whose audit-log look-up time is kept before the table is cleared
 
 
 class NotAuthenticated(Exception):
@@ -124,7 +125,8 @@ async def _check_csrf(request: Request, user: AuthUser) -> None:
 
 
 class LoginLimiter:
-    """Failed-login limits (in memory) that slow a guesser without letting a stranger lock a user out.
+    """Failed-login limits, shared through the database, that slow a guesser without letting a
+    stranger lock a user out.
 
     Addresses are grouped into networks: an IPv4 address is its own network, an IPv6
     address counts as its /``ipv6_prefix`` (default /64, what one subscriber gets), so
@@ -144,31 +146,44 @@ class LoginLimiter:
       specialist out of her own hospital's network.
 
     A lock or back-off lasts until the failures behind it leave the window. A successful
-    login clears the (name, network) counter only: clearing the name's counter would let
-    a guesser reset the back-off whenever the real user logs in. ``clock`` (seconds,
-    monotonic) is injectable so tests need no sleeps. Kept in memory on purpose: the web
-    app runs in one process, and a restart giving a fresh window is harmless.
+    login clears the (name, network) failures only: clearing the name's failures would let
+    a guesser reset the back-off whenever the real user logs in.
+
+    Several web processes (``serve --roles web``, on one or more machines) share one count:
+    each failure is a row of ``login_failures`` (``failed`` inserts it and prunes the rows
+    that left the window, in one short write transaction, or in the caller's ``session``),
+    and ``retry_after`` counts them with a read that never takes SQLite's write lock. A
+    successful login writes only when that (name, network) has failures to clear. Known
+    networks are cached per process; one this process has not seen is looked up in the
+    audit log (at most once per ``KNOWN_REFRESH_S`` per name, and only for a name past the
+    spread limit), so a login through another process exempts its network here too.
+
+    ``clock`` (seconds) is injectable so tests need no sleeps; the default is the wall clock
+    (``time.time``), which processes on several machines agree on, unlike a monotonic one.
     """
 
     SPREAD_FACTOR = 4
     KNOWN_NETWORKS = 8
+    KNOWN_REFRESH_S = 10.0
 
     def __init__(
         self,
+        db: Database,
         max_failures: int,
         window_s: float,
         *,
         backoff_s: float = 1.0,
         ipv6_prefix: int = 64,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.db = db
         self.max_failures = max_failures
         self.window_s = window_s
         self.backoff_s = backoff_s
         self.ipv6_prefix = ipv6_prefix
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
         self._known: dict[str, OrderedDict[str, None]] = {}  # user name -> networks of successful logins
+        self._known_looked_up: dict[str, float] = {}  # user name -> when the audit log was last read for it
         self._lock = threading.Lock()
 
     def network(self, ip: str) -> str:
@@ -176,77 +191,111 @@ class LoginLimiter:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
-            return ip  # not an address (a test client's name): counted as itself
+            return ip[:64]  # not an address (a test client's name): counted as itself
         if isinstance(address, ipaddress.IPv6Address):
             if address.ipv4_mapped is not None:
                 return str(address.ipv4_mapped)
             return str(ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False))
         return str(address)
 
-    def _keys(self, username: str, ip: str) -> tuple[str, str, str]:
-        name, net = username.lower(), self.network(ip)
-        return f"u+net:{name}\n{net}", f"net:{net}", f"u:{name}"
-
-    def _recent(self, key: str, now: float) -> int:
-        """Failures of ``key`` inside the window; keys with none left are forgotten (bounded memory)."""
-        entries = self._failures.get(key)
-        if entries is None:
-            return 0
-        while entries and entries[0] <= now - self.window_s:
-            entries.popleft()
-        if not entries:
-            del self._failures[key]
-        return len(entries)
+    def _names(self, username: str, ip: str) -> tuple[str, str]:
+        return username.lower()[:64], self.network(ip)
 
     def retry_after(self, username: str, ip: str) -> float:
         """Seconds until a login for ``username`` from ``ip`` may be tried again; 0 when allowed."""
         now = self.clock()
-        pair, net, name = self._keys(username, ip)
+        name, net = self._names(username, ip)
+        since = now - self.window_s
         spread = self.SPREAD_FACTOR * self.max_failures
-        waits = []
-        with self._lock:
-            for key, limit in ((pair, self.max_failures), (net, spread)):
-                if self._recent(key, now) >= limit:
-                    waits.append(self._failures[key][0] + self.window_s - now)
-            over = self._recent(name, now) - spread
-            if over >= 0 and self.network(ip) not in self._known.get(username.lower(), {}):
+        recent = LoginFailure.at > since
+        with self.db.read_session() as session:
+
+            def count(*where: Any) -> tuple[int, float | None, float | None]:
+                row = session.execute(
+                    select(func.count(), func.min(LoginFailure.at), func.max(LoginFailure.at)).where(recent, *where)
+                ).one()
+                return int(row[0]), row[1], row[2]
+
+            pair = count(LoginFailure.username == name, LoginFailure.network == net)
+            by_net = count(LoginFailure.network == net)
+            by_name = count(LoginFailure.username == name)
+            waits = [
+                oldest + self.window_s - now
+                for (failures, oldest, _), limit in ((pair, self.max_failures), (by_net, spread))
+                if failures >= limit and oldest is not None
+            ]
+            over = by_name[0] - spread
+            if over >= 0 and by_name[2] is not None and not self._is_known(session, name, net, now):
                 delay = min(self.backoff_s * 2.0**over, self.window_s)
-                waits.append(self._failures[name][-1] + delay - now)
+                waits.append(by_name[2] + delay - now)
         return max([w for w in waits if w > 0], default=0.0)
 
-    def failed(self, username: str, ip: str) -> None:
-        now = self.clock()
+    def _is_known(self, session: Session, name: str, net: str, now: float) -> bool:
+        """Whether ``name`` has logged in from ``net``: this process's cache, else (rarely) the audit log."""
         with self._lock:
-            if len(self._failures) >= SWEEP_AT:  # a spray of names or addresses: drop what expired
-                for key in list(self._failures):
-                    self._recent(key, now)
-            for key in self._keys(username, ip):
-                self._recent(key, now)
-                self._failures.setdefault(key, deque()).append(now)
+            if net in self._known.get(name, {}):
+                return True
+            looked_up = self._known_looked_up.get(name)
+            if looked_up is not None and now - looked_up < self.KNOWN_REFRESH_S:
+                return False
+            if len(self._known_looked_up) >= SWEEP_AT:
+                self._known_looked_up.clear()
+            self._known_looked_up[name] = now
+        ips = session.scalars(
+            select(AuditEvent.ip)
+            .where(AuditEvent.action == "login", func.lower(AuditEvent.username) == name, AuditEvent.ip != "")
+            .order_by(AuditEvent.id.desc())
+            .limit(4 * self.KNOWN_NETWORKS)
+        ).all()
+        for ip in reversed(ips):
+            self.remember(name, ip)
+        with self._lock:
+            return net in self._known.get(name, {})
 
-    def succeeded(self, username: str, ip: str) -> None:
-        """Forget the (name, network) failures and remember the network as the user's own."""
-        with self._lock:
-            self._failures.pop(self._keys(username, ip)[0], None)
-            self._remember(username, ip)
+    def failed(self, username: str, ip: str, session: Session | None = None) -> None:
+        """Record a failure (in ``session``, the caller's write transaction, when given)."""
+        if session is None:
+            with self.db.session() as own:
+                self.failed(username, ip, own)
+            return
+        now = self.clock()
+        name, net = self._names(username, ip)
+        session.execute(delete(LoginFailure).where(LoginFailure.at <= now - self.window_s))
+        session.add(LoginFailure(username=name, network=net, at=now))
+        session.flush()
+
+    def succeeded(self, username: str, ip: str, session: Session | None = None) -> None:
+        """Forget the (name, network) failures and remember the network as the user's own.
+
+        Given the caller's write transaction (the login's), the delete rides on it; alone,
+        it writes only when there is something to clear.
+        """
+        name, net = self._names(username, ip)
+        pair = (LoginFailure.username == name, LoginFailure.network == net)
+        if session is not None:
+            session.execute(delete(LoginFailure).where(*pair))
+        else:
+            with self.db.read_session() as reading:
+                found = reading.scalar(select(LoginFailure.id).where(*pair).limit(1))
+            if found is not None:
+                with self.db.session() as writing:
+                    writing.execute(delete(LoginFailure).where(*pair))
+        self.remember(username, ip)
 
     def remember(self, username: str, ip: str) -> None:
         """Mark ``ip``'s network as one where ``username`` logs in (exempt from the name's back-off)."""
-        with self._lock:
-            self._remember(username, ip)
-
-    def _remember(self, username: str, ip: str) -> None:
         net = self.network(ip)
-        known = self._known.setdefault(username.lower(), OrderedDict())
-        known[net] = None
-        known.move_to_end(net)
-        while len(known) > self.KNOWN_NETWORKS:
-            known.popitem(last=False)
+        with self._lock:
+            known = self._known.setdefault(username.lower()[:64], OrderedDict())
+            known[net] = None
+            known.move_to_end(net)
+            while len(known) > self.KNOWN_NETWORKS:
+                known.popitem(last=False)
 
     def reset(self) -> None:
-        """Forget every failure (tests, or an admin after an incident); known networks stay."""
-        with self._lock:
-            self._failures.clear()
+        """Forget every failure, in every process (tests, or an admin after an incident); known networks stay."""
+        with self.db.session() as session:
+            session.execute(delete(LoginFailure))
 
 
 def learn_known_networks(db: Database, limiter: LoginLimiter, *, days: float = 90, rows: int = 5000) -> int:

@@ -604,8 +604,8 @@ class Server:
             )
 
     def wait_ready(self, deadline_s: float = SERVER_READY_DEADLINE_S, echo_aet: str = STATION1) -> None:
-        """Until GET /healthz answers 200 and a C-ECHO succeeds (a worker-only process: until its
-        log says the workers started); raise with the log tail."""
+        """Until GET /healthz answers 200 and a C-ECHO succeeds (a process without the gateway: no
+        C-ECHO; a worker-only process: until its log says the workers started); raise with the log tail."""
         deadline = time.monotonic() + deadline_s
         last = "nothing tried yet"
         while time.monotonic() < deadline:
@@ -622,6 +622,8 @@ class Server:
                 continue
             try:
                 response = http.get(self.url("/healthz"), timeout=5)
+                if response.status_code == 200 and self.roles is not None and "gateway" not in self.roles:
+                    return  # a process without the gateway has no DICOM port to echo
                 if response.status_code == 200:
                     echo = echoscu(self.dicom_port, aet=echo_aet)
                     if echo.returncode == 0:

@@ -20,7 +20,11 @@ caps the streams a browser login and a user may hold open
 (``live_max_streams_per_session``, ``live_max_streams_per_user``): one more is refused
 with HTTP 429 and a translated message rather than closing an older stream, because a
 refused ``EventSource`` stays closed (its page shows "offline") while a closed one
-reconnects after its retry delay and would close the next, forever.
+reconnects after its retry delay and would close the next, forever. The limits count the
+streams of *this* process on purpose, with several web processes too: an open stream costs
+the process that holds it (a connection, a task, a queue), so each process guards its own
+resources, and a browser's streams to N processes are bounded by N times the limit, which a
+load balancer with sticky sessions keeps at one process per browser.
 """
 
 from __future__ import annotations

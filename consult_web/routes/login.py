@@ -95,14 +95,14 @@ def login(
     with db.session() as session:
         if user_id is None:
             audit(session, None, "login.failed", request=request, username=username)
+            limiter.failed(username, ip, session)  # shared with every web process, in this transaction
         else:
             user = record_login(session, user_id, password)
             token = create_session(session, user, lifetime=timedelta(hours=settings.session_hours), ip=ip)
             audit(session, None, "login", request=request, username=user.username)
+            limiter.succeeded(username, ip, session)
     if user_id is None:
-        limiter.failed(username, ip)
         return _login_page(request, next_url, "login.failed", 401, username)
-    limiter.succeeded(username, ip)
     response = RedirectResponse(next_url, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from xray_triage.store.schema import Base, UTCDateTime, utcnow
@@ -149,3 +149,23 @@ class Annotation(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     author: Mapped[User] = relationship()
+
+
+class LoginFailure(Base):
+    """One failed login (``consult_web.auth.LoginLimiter``), shared by every web process.
+
+    ``at`` is the limiter's clock in seconds (wall-clock epoch seconds in a server, so that
+    processes on several machines agree); rows older than the limiter's window are pruned
+    whenever a failure is recorded, so the table holds only the current window's failures.
+    """
+
+    __tablename__ = "login_failures"
+    __table_args__ = (
+        Index("ix_login_failures_username_at", "username", "at"),
+        Index("ix_login_failures_network_at", "network", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), nullable=False)  # lower-cased
+    network: Mapped[str] = mapped_column(String(64), nullable=False)  # an IPv4 address or an IPv6 prefix
+    at: Mapped[float] = mapped_column(Float, nullable=False, index=True)
