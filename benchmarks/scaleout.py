@@ -139,7 +139,7 @@ class SqlResultsDB(ResultsDB):
 
         from benchmarks.common import parse_db_time
 
-        sql = text(_LOOKUP_SQL.format(marks=":uids")).bindparams(bindparam("uids", expanding=True))
+        sql = text(_LOOKUP_SQL.replace("IN ({marks})", "IN :uids")).bindparams(bindparam("uids", expanding=True))
         found: dict[str, InstanceRecord] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(sop_uids), 500):
