@@ -105,6 +105,30 @@ def per_image_e2e_s(sent_at: Mapping[str, float], committed_at: Mapping[str, flo
     return [done - sent_at[uid] for uid, done in committed_at.items() if done is not None and uid in sent_at]
 
 
+def cpu_split(
+    before: Mapping[str, float], mid: Mapping[str, float], after: Mapping[str, float]
+) -> dict[str, Any]:
+    """CPU seconds per process (user + system) while images arrived (``before`` -> ``mid``) and after
+    (``mid`` -> ``after``, triage catching up); a process missing from a reading is left out."""
+    return {
+        name: {
+            "during_ingest_s": round(mid[name] - before[name], 2),
+            "after_ingest_s": round(after[name] - mid[name], 2),
+        }
+        for name in before
+        if name in mid and name in after
+    }
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, from ``/proc/PID/stat`` (None if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stage_medians(records: Sequence[InstanceRecord]) -> dict[str, float | None]:
     """Median ms of every server stage timer (``timings_ms``) plus the gateway's receive/store timers."""
     keys = sorted({k for r in records for k, v in r.timings_ms.items() if isinstance(v, int | float)})
@@ -139,7 +163,9 @@ class SqlResultsDB(ResultsDB):
 
         from benchmarks.common import parse_db_time
 
-        sql = text(_LOOKUP_SQL.replace("IN ({marks})", "IN :uids")).bindparams(bindparam("uids", expanding=True))
+        sql = text(_LOOKUP_SQL.replace("IN ({marks})", "IN :uids")).bindparams(
+            bindparam("uids", expanding=True)
+        )
         found: dict[str, InstanceRecord] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(sop_uids), 500):
@@ -259,6 +285,11 @@ class Deployment:
     def alive(self) -> bool:
         return all(p.alive() for p in self.processes)
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each process, by its name (``scaleout0-0-all``, ``...-1-worker``)."""
+        readings = {p.name.split("-", 1)[1]: proc_cpu_s(p.pid) for p in self.processes}
+        return {name: value for name, value in readings.items() if value is not None}
+
     def start(self) -> None:
         env = {"XRAY_TRIAGE_DATABASE_URL": self.database_url} if self.database_url else {}
         for i, roles in enumerate(self.layout):
@@ -322,9 +353,12 @@ def ingest(
     uids = [sop_instance_uid(p) for p in files]
     timeout_s = 120.0 + 10.0 * len(files)
     os.sync()
+    cpu_before = dep.cpu_s()
     sends = send_all(shares, info.storescu_flag, dep.gateway.dicom_port, SERVER_AE, timeout_s)
+    cpu_mid = dep.cpu_s()
     t0, t1 = min(s.started_at for s in sends), max(s.exited_at for s in sends)
     records, _ = db.wait_settled(uids, time.monotonic() + timeout_s, 0.1, dep.alive)
+    cpu_after = dep.cpu_s()
     failures = [
         f"scaleout {label}: storescu exited {s.returncode}: {s.output[-300:]}" for s in sends if not s.ok
     ]
@@ -342,6 +376,7 @@ def ingest(
         "all_triaged_s": round(last - t0, 3) if last else None,
         "e2e_s": summarize(e2e, 3),
         "stages_ms_median": stage_medians(triaged),
+        "cpu_s": cpu_split(cpu_before, cpu_mid, cpu_after),
     }, failures
 
 
@@ -530,6 +565,17 @@ def markdown_lines(scaleout: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['layout']} | {r['database']} | " + " | ".join(f(s.get(k), 0) for k in stages) + " |"
         )
+    lines += [
+        "",
+        "CPU seconds per process (user + system) while the images arrived / after, until all were triaged:",
+        "",
+    ]
+    for r in scaleout.get("rows", []):
+        cpu = ", ".join(
+            f"{name} {v['during_ingest_s']:.1f} / {v['after_ingest_s']:.1f}"
+            for name, v in r.get("cpu_s", {}).items()
+        )
+        lines.append(f"- {r['layout']} ({r['database']}): {cpu}")
     web = scaleout.get("web")
     if web:
         t = web["target"]

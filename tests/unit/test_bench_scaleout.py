@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 
-from benchmarks.scaleout import per_image_e2e_s, rates, stage_medians, target
+from benchmarks.scaleout import cpu_split, per_image_e2e_s, proc_cpu_s, rates, stage_medians, target
 from benchmarks.server import InstanceRecord
 
 
-def _record(uid: str, timings: dict[str, float], receive: float | None, store: float | None) -> InstanceRecord:
+def _record(
+    uid: str, timings: dict[str, float], receive: float | None, store: float | None
+) -> InstanceRecord:
     return InstanceRecord(
         sop_uid=uid,
         ai_status="done",
@@ -69,3 +71,24 @@ def test_stage_medians_take_every_timer_and_the_gateways_own() -> None:
     assert medians["receive"] == 10.0
     assert medians["store"] == 30.0
     assert not any(isinstance(v, float) and math.isnan(v) for v in medians.values())
+
+
+def test_cpu_split_is_per_process_during_and_after_ingest() -> None:
+    before = {"0-gateway": 10.0, "1-worker": 5.0, "2-worker": 1.0}
+    mid = {"0-gateway": 14.5, "1-worker": 6.0, "2-worker": 1.5}
+    after = {"0-gateway": 15.0, "1-worker": 9.25}  # 2-worker gone: left out, not a negative figure
+    assert cpu_split(before, mid, after) == {
+        "0-gateway": {"during_ingest_s": 4.5, "after_ingest_s": 0.5},
+        "1-worker": {"during_ingest_s": 1.0, "after_ingest_s": 3.25},
+    }
+
+
+def test_proc_cpu_s_reads_this_process_and_none_for_a_missing_one() -> None:
+    import os
+
+    start = proc_cpu_s(os.getpid())
+    assert start is not None and start >= 0
+    sum(i * i for i in range(200_000))  # some CPU so the counter cannot go backwards
+    later = proc_cpu_s(os.getpid())
+    assert later is not None and later >= start
+    assert proc_cpu_s(2**22 + 12345) is None
