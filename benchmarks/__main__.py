@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="Benchmarks of xray-triage: end-to-end latency, ingest throughput vs dcmtk storescp, "
         "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm, worklist latency under load, DICOMweb "
-        "QIDO-RS latency and WADO-RS MB/s. Starts its own server on free ports "
+        "QIDO-RS latency and WADO-RS MB/s, scale-out with process roles (one process vs gateway + workers, web busy vs idle). Starts its own server on free ports "
         "in a temporary directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every figure and the machine description here",
     )
     run.add_argument(
-        "--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)"
+        "--only",
+        choices=PARTS,
+        action="append",
+        help="run only this part (repeatable; default: all, with --quick all but scaleout)",
     )
     run.add_argument("--reps", type=int, help="timed sends per latency case (default: 5 quick, 20 full)")
     run.add_argument(
