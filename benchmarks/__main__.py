@@ -33,7 +33,10 @@ from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
 from xray_triage_tools.faultproxy import parse_rate
 
-PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb", "delivery")
+PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb", "delivery", "scaleout")
+# --quick without --only leaves out the parts that cannot be made small: scaleout starts 12
+# server processes (each loads the model) and takes ~2-3 min even with 8 images.
+NOT_IN_QUICK_DEFAULT = ("scaleout",)
 DCMTK_TOOLS = ("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle")
 WORKLIST_SEED = (
     SHARED_DICOM / "dev_03_dx_pa_jpeg_lossless_sv1.dcm"
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="Benchmarks of xray-triage: end-to-end latency, ingest throughput vs dcmtk storescp, "
         "inference overhead, memory, viewer rendering vs dcmtk dcmj2pnm, worklist latency under load, DICOMweb "
-        "QIDO-RS latency and WADO-RS MB/s. Starts its own server on free ports "
+        "QIDO-RS latency and WADO-RS MB/s, scale-out with process roles (one process vs gateway + workers, web busy vs idle). Starts its own server on free ports "
         "in a temporary directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -113,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write every figure and the machine description here",
     )
     run.add_argument(
-        "--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)"
+        "--only",
+        choices=PARTS,
+        action="append",
+        help="run only this part (repeatable; default: all, with --quick all but scaleout)",
     )
     run.add_argument("--reps", type=int, help="timed sends per latency case (default: 5 quick, 20 full)")
     run.add_argument(
@@ -281,7 +287,7 @@ def _server_parts(
 
 def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
-    parts = set(args.only or PARTS)
+    parts = set(args.only or (p for p in PARTS if not (args.quick and p in NOT_IN_QUICK_DEFAULT)))
     started = time.monotonic()
     machine = describe_machine()
     report: dict[str, Any] = {
@@ -357,6 +363,25 @@ def run(args: argparse.Namespace) -> int:
                 args.model, seed, burst, work, LoadPlan.for_mode(args.quick)
             )
             report["failures"] += failures
+        if "scaleout" in parts:
+            from benchmarks.scaleout import ScalePlan, run_scaleout
+
+            require_tools(("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle"))
+            _detector_source_ok()
+            if variants is None:
+                progress("scaleout: making the 2800x2800 variants (dcmdjpls, dcmcjpeg, dcmcrle)")
+                variants = make_detector_variants(DETECTOR_SOURCE, work / "images", have_gdcm=False)
+            burst = {v.name: v for v in variants}.get(args.throughput_image)
+            if burst is None:
+                raise BenchSetupError(f"scaleout image {args.throughput_image} could not be made")
+            scale_plan = ScalePlan.for_mode(args.quick)
+            if args.images is not None:
+                scale_plan.images = max(1, args.images)
+            report["scaleout"], failures = run_scaleout(
+                args.model, burst, image_info(WORKLIST_SEED.stem, WORKLIST_SEED), work, scale_plan
+            )
+            report["failures"] += failures
+            report["warnings"] += report["scaleout"]["warnings"]
         if "dicomweb" in parts:
             from benchmarks.dicomweb import DicomwebPlan, run_dicomweb
 

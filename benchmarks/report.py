@@ -409,11 +409,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += markdown_lines(report["dicomweb"])
     if report.get("delivery"):
         lines += _delivery_lines(report["delivery"])
+    if report.get("scaleout"):
+        from benchmarks.scaleout import markdown_lines as scaleout_lines
+
+        lines += scaleout_lines(report["scaleout"])
     if report.get("warnings"):
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):
         lines += ["", f"FAILED ({len(report['failures'])}):", *(f"- {f}" for f in report["failures"])]
-    elif report.get("latency") or report.get("throughput") or report.get("worklist"):
+    elif report.get("latency") or report.get("throughput") or report.get("worklist") or report.get("scaleout"):
         lines += ["", "Every image sent was stored and triaged."]
     else:
         lines += ["", "No failures."]
@@ -436,6 +440,11 @@ def collect_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     dicomweb = report.get("dicomweb") or {}
     if dicomweb.get("target"):
         targets.append({"where": "DICOMweb QIDO-RS worst p95", **dicomweb["target"]})
+    scaleout = report.get("scaleout") or {}
+    for r in scaleout.get("rows", []):
+        targets.append({"where": f"scaleout {r['layout']} ({r['database']})", **r["target"]})
+    if (scaleout.get("web") or {}).get("target"):
+        targets.append({"where": "scaleout web busy vs idle", **scaleout["web"]["target"]})
     return targets
 
 

@@ -193,9 +193,16 @@ class TriageServer:
         name: str = "server",
         extra_env: dict[str, str] | None = None,
         start_timeout_s: float = 180.0,
+        roles: str | None = None,
+        data_dir: Path | None = None,
+        register_station: bool = True,
     ) -> None:
         self.name = name
-        self.data_dir = work_dir / f"{name}-data"
+        # roles: ``--roles`` (None: all three); data_dir: shared with other processes of one
+        # deployment (the scale-out part), which then registers the station only once.
+        self.roles = roles
+        self.register_station = register_station
+        self.data_dir = data_dir if data_dir is not None else work_dir / f"{name}-data"
         self.log_path = work_dir / f"{name}.log"
         self.model_dir = model_dir
         self.extra_env = extra_env or {}
@@ -225,6 +232,11 @@ class TriageServer:
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.register_station:
+            self._add_station()
+        self._spawn_and_wait()
+
+    def _add_station(self) -> None:
         add = subprocess.run(
             [
                 *cli_command(),
@@ -245,6 +257,17 @@ class TriageServer:
             raise BenchSetupError(
                 f"xray-triage stations add failed: {add.stderr.strip() or add.stdout.strip()}"
             )
+
+    def _ready_without_web(self) -> bool:
+        """A process without the web role has no /healthz: its log says when it is ready."""
+        assert self.roles is not None
+        marker = "triage workers started" if "worker" in self.roles else "DICOM gateway listening"
+        try:
+            return marker in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+
+    def _spawn_and_wait(self) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
@@ -264,6 +287,7 @@ class TriageServer:
                 HOST,
                 "--model",
                 str(self.model_dir),
+                *(["--roles", self.roles] if self.roles is not None else []),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -275,12 +299,16 @@ class TriageServer:
                 raise BenchSetupError(
                     f"xray-triage serve exited {self.proc.returncode} at start-up:\n{self.log_tail()}"
                 )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
+            if self.roles is not None and "web" not in self.roles:
+                if self._ready_without_web():
+                    break
+            else:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
             if time.monotonic() - started > self.start_timeout_s:
                 self.stop()
                 raise BenchSetupError(

@@ -117,12 +117,12 @@ class WebUser:
             pass
 
 
-def _add_users(data_dir: Path, count: int) -> list[str]:
+def _add_users(data_dir: Path, count: int, database_url: str | None = None) -> list[str]:
     from xray_triage.settings import Settings
     from xray_triage.store.db import open_database
     from xray_triage.store.users import add_user
 
-    db = open_database(Settings(data_dir=data_dir))
+    db = open_database(Settings(data_dir=data_dir, database_url=database_url))
     names = [f"bench.user{i:02d}" for i in range(count)]
     try:
         with db.session() as session:
