@@ -21,6 +21,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # An unversioned database made by a development build (taken for 0.1.0 by ``store/migrate.py``)
+    # may have the table already: only what is missing.
+    if "login_failures" in sa.inspect(op.get_bind()).get_table_names():
+        return
     op.create_table(
         "login_failures",
         sa.Column("id", sa.Integer(), nullable=False),
