@@ -845,7 +845,11 @@ def assert_store_consistent(data_dir: Path) -> None:
     quarantined: set[str] = set()
     for path in data_dir.rglob("*"):
         rel = path.relative_to(data_dir)
-        if path.is_dir() or rel.parts[0] == "incoming" or (len(rel.parts) == 1 and rel.name in DB_FILES):
+        if (
+            path.is_dir()
+            or rel.parts[0] in ("incoming", ".processes")  # .processes: locks of live servers (store/data_dir_lock.py)
+            or (len(rel.parts) == 1 and rel.name in DB_FILES)
+        ):
             continue
         if rel.parts[0] == "quarantine" and len(rel.parts) == 3 and path.suffix == ".dcm":
             quarantined.add(str(rel))

@@ -52,12 +52,21 @@ class WebEnv:
         return self.settings.data_dir
 
 
+# The per-test PostgreSQL database (XRAY_TRIAGE_DATABASE_URL) belongs to the first data directory
+# a test makes an app on; on SQLite every data directory has its own file anyway.
+_TEST_DATABASE_OWNER: dict[str, Path] = {}
+
+
 def make_web_env(tmp_path: Path, model_dir: Path | None = None, **overrides: Any) -> WebEnv:
     """A web app on a fresh database (SQLite under ``tmp_path``, or PostgreSQL: tests/db_helpers.py);
     ``model_dir`` is the card's model."""
     data_dir = tmp_path / "data"
-    if "database_url" not in overrides and not os.environ.get("XRAY_TRIAGE_DATABASE_URL"):
-        # A module-scoped fixture runs before the per-test database is set: one for this data directory.
+    test_url = os.environ.get("XRAY_TRIAGE_DATABASE_URL")
+    if "database_url" not in overrides and (
+        not test_url or _TEST_DATABASE_OWNER.setdefault(test_url, data_dir.resolve()) != data_dir.resolve()
+    ):
+        # A module-scoped fixture runs before the per-test database is set, and a test may make a
+        # second app on another data directory: each gets a database of its own (as on SQLite).
         url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")
         if url is not None:
             overrides["database_url"] = url

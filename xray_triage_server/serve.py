@@ -48,6 +48,7 @@ from xray_triage.outbox_consumer import OutboxConsumer
 from xray_triage.results import producer as results_producer
 from xray_triage.settings import Settings
 from xray_triage.store import migrate
+from xray_triage.store.data_dir_lock import DataDirLock, other_processes_alive
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.files import clean_incoming, quarantined_files, remove_file, stored_files
@@ -62,15 +63,23 @@ from xray_triage_server.delivery import DeliveryRuntime, DestinationError, sende
 log = logging.getLogger(__name__)
 
 
-def reconcile_files(settings: Settings, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+def reconcile_files(
+    settings: Settings,
+    db: Database,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> None:
     """Remove what a crash left between writing a file and committing its row.
 
     Such files were never acknowledged to the modality (it will resend them),
-    so removing them loses nothing and keeps "no file without a row" true. Only files
-    older than ``leftover_grace_s`` go: another process sharing the data directory may be
-    writing a ``.part`` file or be about to commit the row of a file it has just renamed.
+    so removing them loses nothing and keeps "no file without a row" true. When another live
+    process shares the data directory (``store/data_dir_lock.py``) only files older than
+    ``leftover_grace_s`` go: it may be writing a ``.part`` file or be about to commit the row
+    of a file it has just renamed. Alone, this process removes every leftover at once (it has
+    not started receiving yet: the storage guard refuses stores until this has run).
     """
-    older_than = clock() - settings.leftover_grace_s
+    shared = other_processes_alive(settings.data_dir)
+    older_than = clock() - settings.leftover_grace_s if shared else float("inf")
     parts = clean_incoming(settings.data_dir, older_than=older_than)
     with db.read_session() as session:
         known = set(session.scalars(select(Instance.file_path))) | set(session.scalars(select(ResultObject.file_path)))
@@ -305,6 +314,11 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
                 extra={"batch_max_size": settings.batch_max_size, "triage_workers": settings.triage_workers},
             )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir_lock = DataDirLock(settings.data_dir)  # held until this process exits
+    try:
+        data_dir_lock.acquire()
+    except OSError as exc:  # e.g. a full disk: start anyway (degraded storage is handled below)
+        log.warning("cannot take the data directory's process lock", extra={"error": str(exc)})
     db = Database(settings.resolved_database_url)
     log.info(
         "starting",
@@ -411,6 +425,7 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
         if runner is not None:
             runner.close()
         db.dispose()
+        data_dir_lock.release()
         log.info("stopped")
 
 

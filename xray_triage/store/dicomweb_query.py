@@ -225,10 +225,12 @@ def match_clause(keyword: str, column: Any, value: str) -> ColumnElement[bool]:
         if high:
             parts.append(column <= high + ("\uffff" if keyword == "StudyTime" else ""))
         return and_(*parts)
+    if keyword == "PatientName":  # PN: case-insensitive, on SQLite and PostgreSQL (whose LIKE is not)
+        if "*" in value or "?" in value:
+            return column.ilike(_like_pattern(value), escape="!")
+        return func.lower(column) == value.lower()
     if "*" in value or "?" in value:
         return column.like(_like_pattern(value), escape="!")
-    if keyword == "PatientName":  # PN: case-insensitive, as the wildcard form is
-        return func.lower(column) == value.lower()
     return column == value
 
 

@@ -85,13 +85,14 @@ def _text(identifier: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _wildcard(column: InstrumentedAttribute[str], value: str) -> ColumnElement[bool]:
-    """Single value or ``*``/``?`` wildcard matching (PS3.4 C.2.2.2.1 and C.2.2.2.3)."""
+def _wildcard(column: InstrumentedAttribute[str], value: str, *, ignore_case: bool = False) -> ColumnElement[bool]:
+    """Single value or ``*``/``?`` wildcard matching (PS3.4 C.2.2.2.1 and C.2.2.2.3); ``ignore_case``
+    for PatientName (PN), the same on SQLite and PostgreSQL (whose LIKE is case-sensitive)."""
     if "*" not in value and "?" not in value:
-        return column == value
+        return func.lower(column) == value.lower() if ignore_case else column == value
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     pattern = escaped.replace("*", "%").replace("?", "_")
-    return column.like(pattern, escape="\\")
+    return column.ilike(pattern, escape="\\") if ignore_case else column.like(pattern, escape="\\")
 
 
 def _uid_list(column: InstrumentedAttribute[str], value: str) -> ColumnElement[bool]:
@@ -146,7 +147,7 @@ def _study_clauses(identifier: Dataset) -> list[ColumnElement[bool]]:
     clauses: list[ColumnElement[bool]] = []
     for keyword, column in STUDY_WILDCARD_KEYS.items():
         if value := _text(identifier, keyword):
-            clauses.append(_wildcard(column, value))
+            clauses.append(_wildcard(column, value, ignore_case=keyword == "PatientName"))
     if value := _text(identifier, "StudyInstanceUID"):
         clauses.append(_uid_list(Study.study_instance_uid, value))
     if value := _text(identifier, "StudyDate"):
