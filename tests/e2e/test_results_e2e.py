@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from db_helpers import db_env
 from dicom_validators import dciodvfy
 from sqlalchemy import select
 
@@ -30,7 +31,8 @@ ROOT = "1.2.826.0.1.3680043.10.555"
 
 def _wait_for_objects(data_dir: Path, count: int, deadline_s: float = 60.0) -> tuple[list[ResultObject], list[Any], list[str]]:
     """(result objects, outbox events, instance SOP UIDs) once ``count`` objects are filed (bounded polling)."""
-    db = open_database(load_settings(None, data_dir=data_dir))
+    url = db_env(data_dir).get("XRAY_TRIAGE_DATABASE_URL")  # the server's database (SQLite or PostgreSQL)
+    db = open_database(load_settings(None, data_dir=data_dir, **({"database_url": url} if url else {})))
     try:
         deadline = time.monotonic() + deadline_s
         while True:
