@@ -43,6 +43,7 @@ from benchmarks.server import (
     ReferenceSCP,
     ResultsDB,
     TriageServer,
+    instance_record,
 )
 from benchmarks.storescu import SendResult
 from benchmarks.throughput import send_all, split
@@ -157,11 +158,9 @@ class SqlResultsDB(ResultsDB):
         self.engine.dispose()
 
     def lookup(self, sop_uids: list[str]) -> dict[str, InstanceRecord]:
-        import json
 
         from sqlalchemy import bindparam, text
 
-        from benchmarks.common import parse_db_time
 
         sql = text(_LOOKUP_SQL.replace("IN ({marks})", "IN :uids")).bindparams(
             bindparam("uids", expanding=True)
@@ -170,20 +169,7 @@ class SqlResultsDB(ResultsDB):
         with self.engine.connect() as conn:
             for i in range(0, len(sop_uids), 500):
                 for row in conn.execute(sql, {"uids": sop_uids[i : i + 500]}):
-                    timings = row[8]
-                    found[row[0]] = InstanceRecord(
-                        sop_uid=row[0],
-                        ai_status=row[1],
-                        transfer_syntax=row[2] or "",
-                        file_size=int(row[3] or 0),
-                        received_at=parse_db_time(row[4]),
-                        job_started_at=parse_db_time(row[5]),
-                        job_finished_at=parse_db_time(row[6]),
-                        result_created_at=parse_db_time(row[7]),
-                        timings_ms=json.loads(timings) if isinstance(timings, str) else dict(timings or {}),
-                        receive_ms=row[9],
-                        store_ms=row[10],
-                    )
+                    found[row[0]] = instance_record(row)
         return found
 
 

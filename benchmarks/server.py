@@ -144,20 +144,7 @@ class ResultsDB:
             chunk = sop_uids[i : i + 500]
             sql = _LOOKUP_SQL.format(marks=",".join("?" * len(chunk)))
             for row in self.conn.execute(sql, chunk):
-                timings = row[8]
-                found[row[0]] = InstanceRecord(
-                    sop_uid=row[0],
-                    ai_status=row[1],
-                    transfer_syntax=row[2] or "",
-                    file_size=int(row[3] or 0),
-                    received_at=parse_db_time(row[4]),
-                    job_started_at=parse_db_time(row[5]),
-                    job_finished_at=parse_db_time(row[6]),
-                    result_created_at=parse_db_time(row[7]),
-                    timings_ms=json.loads(timings) if isinstance(timings, str) else dict(timings or {}),
-                    receive_ms=row[9],
-                    store_ms=row[10],
-                )
+                found[row[0]] = instance_record(row)
         return found
 
     def wait_settled(
@@ -422,3 +409,21 @@ class ReferenceSCP:
 def env_overrides() -> dict[str, str]:
     """XRAY_TRIAGE_* variables the server inherits: recorded, since they change what is measured."""
     return {k: v for k, v in os.environ.items() if k.startswith("XRAY_TRIAGE_")}
+
+
+def instance_record(row: Any) -> InstanceRecord:
+    """One row of ``_LOOKUP_SQL`` (SQLite or PostgreSQL) as an ``InstanceRecord``."""
+    timings = row[8]
+    return InstanceRecord(
+        sop_uid=row[0],
+        ai_status=row[1],
+        transfer_syntax=row[2] or "",
+        file_size=int(row[3] or 0),
+        received_at=parse_db_time(row[4]),
+        job_started_at=parse_db_time(row[5]),
+        job_finished_at=parse_db_time(row[6]),
+        result_created_at=parse_db_time(row[7]),
+        timings_ms=json.loads(timings) if isinstance(timings, str) else dict(timings or {}),
+        receive_ms=row[9],
+        store_ms=row[10],
+    )
