@@ -160,7 +160,11 @@ class PendingGate:
                 {"peer": entry.address, "timeout_s": self.limits.request_timeout_s},
             )
         elif outcome == "invalid":
-            self._log("not_a_request", "connection dropped: first PDU is not an A-ASSOCIATE-RQ", {"peer": entry.address})
+            self._log(
+                "not_a_request",
+                "connection dropped: first PDU is not an A-ASSOCIATE-RQ",
+                {"peer": entry.address},
+            )
         elif outcome == "closed":
             self._log(
                 "closed_by_peer",
@@ -229,7 +233,9 @@ class PendingGate:
             )
         elif outcome == "tls":
             # No or untrusted client certificate, or not TLS at all (plain DICOM on the TLS port).
-            self._log("tls_failed", "TLS handshake failed: connection closed", {"peer": entry.address, "why": why})
+            self._log(
+                "tls_failed", "TLS handshake failed: connection closed", {"peer": entry.address, "why": why}
+            )
         return None
 
     def _log(self, kind: str, message: str, extra: dict[str, object], level: int = logging.WARNING) -> None:
@@ -321,7 +327,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
     block_on_close = False  # server_close must not wait for connection threads; stop() ends them
     daemon_threads = True
 
-    def __init__(self, *args: object, gate: PendingGate, tls_context: ssl.SSLContext | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, gate: PendingGate, tls_context: ssl.SSLContext | None = None, **kwargs: object
+    ) -> None:
         self.gate = gate
         # DICOM TLS: our own context, not pynetdicom's ssl_context, whose get_request
         # would run each handshake in the accept loop, where one slow client stalls all.

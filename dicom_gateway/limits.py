@@ -25,7 +25,9 @@ class SlotLimits:
     per_address: int  # one peer IP address
     reserved_for_registered: int  # slots unknown stations may never take
 
-    def refusal(self, live: list[tuple[str, str, bool]], calling_ae: str, address: str, registered: bool) -> str | None:
+    def refusal(
+        self, live: list[tuple[str, str, bool]], calling_ae: str, address: str, registered: bool
+    ) -> str | None:
         """Why one more association from ``calling_ae`` at ``address`` does not fit, or None.
 
         ``live`` holds ``(calling_ae, address, registered)`` of every association

@@ -111,7 +111,9 @@ class QueryRetrieveSCP:
         try:
             scope = self.scope_for(calling_ae)
             if scope is None:
-                log.warning("C-FIND refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
+                log.warning(
+                    "C-FIND refused", extra={"calling_ae": calling_ae, "why": "not a registered station"}
+                )
                 yield _status(STATUS_NOT_AUTHORISED, "calling AE title may not query"), None
                 return
             identifier = event.identifier
@@ -129,7 +131,14 @@ class QueryRetrieveSCP:
             log.exception("C-FIND failed", extra={"calling_ae": calling_ae})
             yield _status(STATUS_UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
             return
-        log.info("C-FIND", extra={"calling_ae": calling_ae, "level": identifier.get("QueryRetrieveLevel", ""), "matches": len(matches)})
+        log.info(
+            "C-FIND",
+            extra={
+                "calling_ae": calling_ae,
+                "level": identifier.get("QueryRetrieveLevel", ""),
+                "matches": len(matches),
+            },
+        )
         for match in matches:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
@@ -155,15 +164,29 @@ class QueryRetrieveSCP:
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         calling_ae = _calling_ae(event.assoc)
-        destination_ae = str(event.move_destination, "ascii", "replace") if isinstance(event.move_destination, bytes) else str(event.move_destination)
+        destination_ae = (
+            str(event.move_destination, "ascii", "replace")
+            if isinstance(event.move_destination, bytes)
+            else str(event.move_destination)
+        )
         destination_ae = destination_ae.strip()
         try:
             destination = self.config.resolve_move_destination(destination_ae)
         except Exception as exc:  # e.g. the database is unreachable: answered as unknown, logged
-            log.error("cannot look up the move destination", extra={"move_destination": destination_ae, "error": str(exc)})
+            log.error(
+                "cannot look up the move destination",
+                extra={"move_destination": destination_ae, "error": str(exc)},
+            )
             destination = None
         if destination is None:
-            log.warning("C-MOVE refused", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "why": "unknown move destination"})
+            log.warning(
+                "C-MOVE refused",
+                extra={
+                    "calling_ae": calling_ae,
+                    "move_destination": destination_ae,
+                    "why": "unknown move destination",
+                },
+            )
             yield None, None  # pynetdicom answers 0xA801 Move destination unknown
             return
         tls_args = None
@@ -173,7 +196,14 @@ class QueryRetrieveSCP:
                     raise ValueError("no client TLS configured")
                 tls_args = (self.config.tls_context(), destination.host)
             except (OSError, ValueError, ssl.SSLError) as exc:
-                log.error("C-MOVE refused", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "why": f"TLS: {exc}"})
+                log.error(
+                    "C-MOVE refused",
+                    extra={
+                        "calling_ae": calling_ae,
+                        "move_destination": destination_ae,
+                        "why": f"TLS: {exc}",
+                    },
+                )
                 yield None, None
                 return
         found = self._retrieve_list(event, calling_ae, "C-MOVE")
@@ -193,7 +223,15 @@ class QueryRetrieveSCP:
             yield 1
             yield found, None
             return
-        log.info("C-MOVE", extra={"calling_ae": calling_ae, "move_destination": destination_ae, "destination": destination.name, "instances": len(found)})
+        log.info(
+            "C-MOVE",
+            extra={
+                "calling_ae": calling_ae,
+                "move_destination": destination_ae,
+                "destination": destination.name,
+                "instances": len(found),
+            },
+        )
         yield len(found)
         accepted = [cx for cx in (captured[0].accepted_contexts if captured else []) if cx.as_scu]
         yield from self._send(found, accepted, event)
@@ -205,7 +243,9 @@ class QueryRetrieveSCP:
         try:
             scope = self.scope_for(calling_ae)
             if scope is None:
-                log.warning(f"{what} refused", extra={"calling_ae": calling_ae, "why": "not a registered station"})
+                log.warning(
+                    f"{what} refused", extra={"calling_ae": calling_ae, "why": "not a registered station"}
+                )
                 return _status(STATUS_NOT_AUTHORISED, "calling AE title may not retrieve")
             with self.db.read_session() as session:
                 found = instances_to_retrieve(session, event.identifier, scope)
@@ -219,7 +259,9 @@ class QueryRetrieveSCP:
             return _status(STATUS_OUT_OF_RESOURCES_SUBOPS, f"more than {MAX_SUBOPERATIONS} instances")
         return found
 
-    def _send(self, found: list[StoredInstance], accepted: list[Any], event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+    def _send(
+        self, found: list[StoredInstance], accepted: list[Any], event: evt.Event
+    ) -> Iterator[tuple[Any, Dataset | None]]:
         for item in found:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
@@ -238,7 +280,10 @@ class QueryRetrieveSCP:
         try:
             ds = dcmread(self.config.data_dir / item.file_path)
         except (OSError, ValueError) as exc:
-            log.error("cannot read a stored instance for retrieve", extra={"sop_uid": item.sop_instance_uid, "error": type(exc).__name__})
+            log.error(
+                "cannot read a stored instance for retrieve",
+                extra={"sop_uid": item.sop_instance_uid, "error": type(exc).__name__},
+            )
             return _placeholder(item)
         stored = UID(item.transfer_syntax_uid or str(ds.file_meta.TransferSyntaxUID))
         syntaxes = {str(cx.transfer_syntax[0]) for cx in accepted if cx.abstract_syntax == item.sop_class_uid}
@@ -248,9 +293,15 @@ class QueryRetrieveSCP:
             try:
                 # Same instance in another transfer syntax: keep its UID (PS3.5 8.2, lossless change).
                 ds.decompress(generate_instance_uid=False)
-                log.info("decompressed for a peer without the stored transfer syntax", extra={"sop_uid": item.sop_instance_uid, "stored": stored.name})
+                log.info(
+                    "decompressed for a peer without the stored transfer syntax",
+                    extra={"sop_uid": item.sop_instance_uid, "stored": stored.name},
+                )
             except Exception as exc:
-                log.error("cannot decompress for retrieve", extra={"sop_uid": item.sop_instance_uid, "error": str(exc)})
+                log.error(
+                    "cannot decompress for retrieve",
+                    extra={"sop_uid": item.sop_instance_uid, "error": str(exc)},
+                )
                 return _placeholder(item)
         return ds
 

@@ -5,8 +5,10 @@ list) happens on EVT_REQUESTED, before any presentation context is accepted,
 so an unknown station gets a proper A-ASSOCIATE-RJ "calling AE title not
 recognised"; a request addressed to another called AE title is rejected with
 "called AE title not recognised" (pynetdicom's ``require_called_aet``). Each
-C-STORE is handed to :class:`xray_triage.store.ingest.Ingestor`, which answers
-Success only once the file is fsync'ed and its row committed.
+C-STORE data set is received straight to a file in the data directory
+(:mod:`dicom_gateway.receive_to_disk`) and handed to
+:class:`xray_triage.store.ingest.Ingestor`, which answers Success only once the file is
+fsync'ed and its row committed (group commit: concurrent associations share commits).
 
 DICOM TLS (issue 15): an optional second listener on ``GatewayConfig.tls.port``
 (:mod:`dicom_gateway.tls`); both listeners share the gate, the slot table and
@@ -39,18 +41,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
+from dicom_gateway import receive_to_disk
 from dicom_gateway.connections import GatedAssociationServer, PendingGate, PendingLimits, force_close
 from dicom_gateway.limits import SlotLimits, SlotTable
 from dicom_gateway.qr import QR_SOP_CLASSES, QueryRetrieveSCP
 from dicom_gateway.tls import TlsConfig, peer_certificate, server_context
 from xray_triage.store.db import Database
-from xray_triage.store.ingest import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, Ingestor
+from xray_triage.store.ingest import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Ingestor,
+    IngestOutcome,
+)
 from xray_triage.store.station_certs import check_certificate
 from xray_triage.store.stations import admit
 
@@ -189,6 +199,11 @@ class DicomGateway:
         self._reaper: threading.Thread | None = None
 
     @property
+    def incoming_dir(self) -> Path:
+        """Where C-STORE data sets are received to (renamed into the store from there)."""
+        return self.ingestor.data_dir / "incoming"
+
+    @property
     def port(self) -> int:
         """The bound plain port (useful when configured as 0)."""
         bound = self._server.port("plain") if self._server else None
@@ -242,6 +257,7 @@ class DicomGateway:
                 server.server_close()
             raise
         self._server = listeners
+        receive_to_disk.enable(self.incoming_dir)
         for kind, server in listeners.by_kind.items():
             threading.Thread(target=server.serve_forever, name=f"dicom-accept-{kind}", daemon=True).start()
         self._reaper_stop.clear()
@@ -291,6 +307,7 @@ class DicomGateway:
         if self._reaper is not None:
             self._reaper.join(timeout=5)
         self._server = None
+        receive_to_disk.disable(self.incoming_dir)
         log.info(
             "DICOM gateway stopped",
             extra={"aborted": len(remaining), "pending_dropped": dropped, "connections_cut": cut},
@@ -407,14 +424,20 @@ class DicomGateway:
             # pynetdicom (require_called_aet) answers A-ASSOCIATE-RJ "called AE title not recognised".
             log.warning(
                 "association rejected",
-                extra={"calling_ae": calling_ae, "peer": peer, "why": f"called AE title {called_ae!r} is not ours"},
+                extra={
+                    "calling_ae": calling_ae,
+                    "peer": peer,
+                    "why": f"called AE title {called_ae!r} is not ours",
+                },
             )
             return
         sock = _raw_socket(assoc)
         over_tls = isinstance(sock, ssl.SSLSocket)
         try:
             with self.db.session() as session:
-                decision = admit(session, calling_ae, peer, accept_unknown=self.config.accept_unknown_stations)
+                decision = admit(
+                    session, calling_ae, peer, accept_unknown=self.config.accept_unknown_stations
+                )
                 cert_problem = (
                     check_certificate(session, calling_ae, over_tls=over_tls, peer=peer_certificate(sock))
                     if decision.accepted
@@ -426,11 +449,15 @@ class DicomGateway:
             return
         if not decision.accepted:
             reason = REASON_CALLING_AE_NOT_RECOGNISED if decision.calling_ae_unknown else REASON_NO_REASON
-            log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason})
+            log.warning(
+                "association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason}
+            )
             self._reject(assoc, REJECT_PERMANENT, reason)
             return
         if cert_problem is not None:
-            log.warning("association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": cert_problem})
+            log.warning(
+                "association rejected", extra={"calling_ae": calling_ae, "peer": peer, "why": cert_problem}
+            )
             self._reject(assoc, REJECT_PERMANENT, REASON_CALLING_AE_NOT_RECOGNISED)
             return
         full = self.slots.try_take(assoc, calling_ae, peer, decision.registered)
@@ -439,7 +466,8 @@ class DicomGateway:
             self._reject(assoc, REJECT_TRANSIENT, REASON_LOCAL_LIMIT_EXCEEDED, SOURCE_PROVIDER_PRESENTATION)
             return
         log.info(
-            "association requested", extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason, "tls": over_tls}
+            "association requested",
+            extra={"calling_ae": calling_ae, "peer": peer, "why": decision.reason, "tls": over_tls},
         )
 
     def _reject(self, assoc: object, result: int, reason: int, source: int = SOURCE_SERVICE_USER) -> None:
@@ -498,7 +526,11 @@ class DicomGateway:
         if over:
             log.warning(
                 "data set larger than max_dataset_bytes: association aborted, nothing stored",
-                extra={"calling_ae": _calling_ae(assoc), "peer": _peer(assoc), "max_dataset_bytes": self.config.max_dataset_bytes},
+                extra={
+                    "calling_ae": _calling_ae(assoc),
+                    "peer": _peer(assoc),
+                    "max_dataset_bytes": self.config.max_dataset_bytes,
+                },
             )
             self._abort(assoc)
 
@@ -522,38 +554,67 @@ class DicomGateway:
         # Receive time: from association accept / previous response to a complete dataset.
         receive_ms = round((time.perf_counter() - self._mark_activity(assoc)) * 1000, 2)
         request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        try:
+            path = event.dataset_path  # received to disk (receive_to_disk)
+        except AttributeError:
+            path = None  # pynetdicom's in-memory mode (receive_to_disk not enabled)
+        try:
+            if path is not None:
+                outcome = self.ingestor.ingest_file(
+                    Path(path),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    calling_ae=calling_ae,
+                    peer_address=assoc.requestor.address,
+                    receive_ms=receive_ms,
+                    sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                    sop_instance_uid=sop_uid,
+                )
+            else:
+                outcome = self._ingest_in_memory(event, calling_ae, receive_ms)
+        except Exception as exc:
+            log.exception("unexpected error storing instance", extra={"sop_uid": sop_uid})
+            return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {exc}")
+        finally:
+            self._mark_activity(assoc)
+        fields = {
+            "calling_ae": calling_ae,
+            "sop_uid": sop_uid,
+            "status": f"0x{outcome.status:04X}",
+            "why": outcome.message,
+        }
+        if outcome.ok:
+            log.info("C-STORE stored" if not outcome.duplicate else "C-STORE duplicate", extra=fields)
+            return outcome.status
+        log.warning("C-STORE refused", extra=fields)
+        return _failure(outcome.status, outcome.message)
+
+    def _ingest_in_memory(self, event: evt.Event, calling_ae: str, receive_ms: float) -> IngestOutcome:
+        """The C-STORE data set as pynetdicom holds it in memory (not received to disk)."""
+        request = event.request
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
             encoded = event.encoded_dataset(include_meta=True)
         except Exception as exc:
             log.warning("cannot decode dataset", extra={"calling_ae": calling_ae, "error": str(exc)})
-            return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}")
-        sop_uid = str(request.AffectedSOPInstanceUID or "")
-        if str(ds.get("SOPInstanceUID", "")) != sop_uid:
-            return _failure(0xA900, "SOP Instance UID in the dataset differs from the C-STORE request")
-        if str(ds.get("SOPClassUID", "")) != str(request.AffectedSOPClassUID):
-            return _failure(0xA900, "SOP Class UID in the dataset differs from the C-STORE request")
-        try:
-            outcome = self.ingestor.ingest(
-                ds,
-                encoded,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae=calling_ae,
-                peer_address=assoc.requestor.address,
-                receive_ms=receive_ms,
+            return IngestOutcome(STATUS_CANNOT_UNDERSTAND, f"cannot decode dataset: {exc}")
+        if str(ds.get("SOPInstanceUID", "")) != str(request.AffectedSOPInstanceUID or ""):
+            return IngestOutcome(
+                STATUS_DATASET_MISMATCH, "SOP Instance UID in the dataset differs from the C-STORE request"
             )
-        except Exception as exc:
-            log.exception("unexpected error storing instance", extra={"sop_uid": sop_uid})
-            return _failure(STATUS_OUT_OF_RESOURCES, f"internal error: {exc}")
-        finally:
-            self._mark_activity(assoc)
-        fields = {"calling_ae": calling_ae, "sop_uid": sop_uid, "status": f"0x{outcome.status:04X}", "why": outcome.message}
-        if outcome.ok:
-            log.info("C-STORE stored" if not outcome.duplicate else "C-STORE duplicate", extra=fields)
-            return outcome.status
-        log.warning("C-STORE refused", extra=fields)
-        return _failure(outcome.status, outcome.message)
+        if str(ds.get("SOPClassUID", "")) != str(request.AffectedSOPClassUID):
+            return IngestOutcome(
+                STATUS_DATASET_MISMATCH, "SOP Class UID in the dataset differs from the C-STORE request"
+            )
+        return self.ingestor.ingest(
+            ds,
+            encoded,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae=calling_ae,
+            peer_address=event.assoc.requestor.address,
+            receive_ms=receive_ms,
+        )
 
 
 def _reject(assoc: object, result: int, reason: int, source: int = SOURCE_SERVICE_USER) -> None:
@@ -651,7 +712,9 @@ def _make_ae(config: GatewayConfig, query_retrieve: bool = False) -> AE:
     # (PS3.4 C.4.3, PS3.7 D.3.3.4); a station that proposes none keeps the default roles.
     roles = {"scu_role": True, "scp_role": True} if query_retrieve else {}
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, transfer_syntaxes_for(context.abstract_syntax), **roles)
+        ae.add_supported_context(
+            context.abstract_syntax, transfer_syntaxes_for(context.abstract_syntax), **roles
+        )
     return ae
 
 

@@ -52,7 +52,9 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
             raise TlsConfigError(f"cannot load the DICOM TLS CA file {config.ca_file}: {_why(exc)}") from exc
         context.verify_mode = ssl.CERT_REQUIRED if config.require_client_cert else ssl.CERT_OPTIONAL
     elif config.require_client_cert:
-        raise TlsConfigError("dicom_tls_require_client_cert needs dicom_tls_ca_file (the CA of the stations' certificates)")
+        raise TlsConfigError(
+            "dicom_tls_require_client_cert needs dicom_tls_ca_file (the CA of the stations' certificates)"
+        )
     return context
 
 

@@ -263,4 +263,3 @@ class EventHandlers:
                         log.exception(
                             "event handler failed", extra={"event": event.type, "study_uid": event.study_uid}
                         )
-

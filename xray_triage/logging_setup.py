@@ -33,7 +33,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        payload.update({k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in _fields(record).items()})
+        payload.update(
+            {
+                k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                for k, v in _fields(record).items()
+            }
+        )
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)

@@ -50,7 +50,18 @@ PREFIX = "xray_triage"
 # Seconds. Triage: a 2800 px image takes ~0.1-0.3 s on a CPU; a queue behind a burst, minutes.
 TRIAGE_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 # Seconds. Consults are answered in minutes to days.
-CONSULT_TURNAROUND_BUCKETS = (300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0, 172800.0, 604800.0)
+CONSULT_TURNAROUND_BUCKETS = (
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
+    172800.0,
+    604800.0,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,9 @@ def destination_backlog(session: Session) -> dict[str, tuple[int, datetime | Non
     """Per destination (by name, every configured one): objects not yet sent, and the oldest's queueing time."""
     rows = session.execute(
         select(Destination.name, func.count(Delivery.id), func.min(Delivery.created_at))
-        .outerjoin(Delivery, (Delivery.destination_id == Destination.id) & (Delivery.state == DELIVERY_PENDING))
+        .outerjoin(
+            Delivery, (Delivery.destination_id == Destination.id) & (Delivery.state == DELIVERY_PENDING)
+        )
         .group_by(Destination.name)
     ).all()
     return {name: (count, oldest) for name, count, oldest in rows}
@@ -96,7 +109,9 @@ class DatabaseCollector(Collector):
         return []  # unchecked collector: its families depend on the backlogs registered
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily(f"{PREFIX}_database_up", "1 when the scrape-time queries of the database succeeded")
+        up = GaugeMetricFamily(
+            f"{PREFIX}_database_up", "1 when the scrape-time queries of the database succeeded"
+        )
         try:
             with self.db.read_session() as session:
                 families = list(self._collect(session))
@@ -112,7 +127,9 @@ class DatabaseCollector(Collector):
     def _collect(self, session: Session) -> Iterator[GaugeMetricFamily]:
         now = self.clock()
         depth = GaugeMetricFamily(
-            f"{PREFIX}_triage_queue_depth", "triage jobs not finished, by state (queued, running)", labels=["state"]
+            f"{PREFIX}_triage_queue_depth",
+            "triage jobs not finished, by state (queued, running)",
+            labels=["state"],
         )
         rows = dict(
             session.execute(
@@ -134,7 +151,9 @@ class DatabaseCollector(Collector):
         age.add_metric([], _age_s(now, oldest))
         yield age
         for backlog in self.backlogs:
-            count = GaugeMetricFamily(f"{PREFIX}_{backlog.name}_backlog", backlog.help, labels=[backlog.label])
+            count = GaugeMetricFamily(
+                f"{PREFIX}_{backlog.name}_backlog", backlog.help, labels=[backlog.label]
+            )
             backlog_age = GaugeMetricFamily(
                 f"{PREFIX}_{backlog.name}_backlog_oldest_age_seconds",
                 f"age of the oldest item of {backlog.name}_backlog (0 when empty)",
@@ -180,7 +199,10 @@ class Metrics:
             registry=self.registry,
         )
         self.triage_completed = Counter(
-            f"{PREFIX}_triage_completed", "triage results committed, by priority", ["priority"], registry=self.registry
+            f"{PREFIX}_triage_completed",
+            "triage results committed, by priority",
+            ["priority"],
+            registry=self.registry,
         )
         self.triage_failures = Counter(
             f"{PREFIX}_triage_job_failures",
@@ -233,6 +255,10 @@ class Metrics:
 
     def on_consult_answered(self, event: ConsultAnswered) -> None:
         with self.db.read_session() as session:
-            row = session.execute(select(Consult.created_at, Consult.urgency).where(Consult.id == event.consult_id)).first()
+            row = session.execute(
+                select(Consult.created_at, Consult.urgency).where(Consult.id == event.consult_id)
+            ).first()
         if row is not None:
-            self.consult_turnaround.labels(urgency=row.urgency or "routine").observe(_age_s(self.clock(), row.created_at))
+            self.consult_turnaround.labels(urgency=row.urgency or "routine").observe(
+                _age_s(self.clock(), row.created_at)
+            )

@@ -35,7 +35,9 @@ def resolve_move_destination(session: Session, ae_title: str) -> MoveDestination
     """The destination whose AE title is ``ae_title`` (compared without padding, case sensitively,
     PS3.8 9.3.2); None when there is none. Several with that AE title (other hosts): the first
     one registered is used, and a warning says so."""
-    rows = session.scalars(select(Destination).where(Destination.ae_title == ae_title.strip()).order_by(Destination.id)).all()
+    rows = session.scalars(
+        select(Destination).where(Destination.ae_title == ae_title.strip()).order_by(Destination.id)
+    ).all()
     if not rows:
         return None
     if len({(r.host, r.port) for r in rows}) > 1:

@@ -92,13 +92,20 @@ class Settings(BaseSettings):
     dicom_port: int = Field(11112, ge=0, le=65535)
     accept_unknown_stations: bool = False
     max_associations: int = Field(32, ge=1, description="concurrent associations, all stations together")
-    max_associations_per_station: int = Field(8, ge=1, description="concurrent associations of one calling AE title")
-    max_associations_per_address: int = Field(16, ge=1, description="concurrent associations from one IP address")
+    max_associations_per_station: int = Field(
+        8, ge=1, description="concurrent associations of one calling AE title"
+    )
+    max_associations_per_address: int = Field(
+        16, ge=1, description="concurrent associations from one IP address"
+    )
     reserved_station_associations: int = Field(
-        8, ge=0, description="slots only registered stations may use (unknown ones get max_associations minus this)"
+        8,
+        ge=0,
+        description="slots only registered stations may use (unknown ones get max_associations minus this)",
     )
     require_called_ae_title: bool = Field(
-        True, description="reject associations whose Called AE Title is not ae_title (A-ASSOCIATE-RJ, reason 7)"
+        True,
+        description="reject associations whose Called AE Title is not ae_title (A-ASSOCIATE-RJ, reason 7)",
     )
     association_request_timeout_s: float = Field(
         5.0, gt=0, description="a connection must send a complete A-ASSOCIATE-RQ within this, or it is closed"
@@ -142,21 +149,31 @@ class Settings(BaseSettings):
     )
     login_lockout_s: float = Field(900.0, gt=0, description="window and lock-out time for failed logins")
     login_backoff_s: float = Field(
-        1.0, gt=0, description="first wait of a user name's back-off; doubles with each further failure, at most login_lockout_s"
+        1.0,
+        gt=0,
+        description="first wait of a user name's back-off; doubles with each further failure, at most login_lockout_s",
     )
-    login_ipv6_prefix: int = Field(64, ge=32, le=128, description="IPv6 addresses count as one network per this prefix")
+    login_ipv6_prefix: int = Field(
+        64, ge=32, le=128, description="IPv6 addresses count as one network per this prefix"
+    )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="largest request body the web app accepts")
     default_language: Literal["vi", "en"] = "vi"
     default_timezone: str = "Asia/Ho_Chi_Minh"
     render_cache_images: int = Field(4, ge=0, description="decoded images kept in memory for the viewer")
-    live_poll_s: float = Field(1.0, gt=0, description="how often the live-update poller reads new outbox events (one poll for all streams; a commit in this process wakes it after a quarter of this)")
+    live_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often the live-update poller reads new outbox events (one poll for all streams; a commit in this process wakes it after a quarter of this)",
+    )
     live_max_streams_per_session: int = Field(
         6, ge=1, description="open live-update streams (/events) one browser login may hold; more answer 429"
     )
     live_max_streams_per_user: int = Field(
         12, ge=1, description="open live-update streams one user may hold over all logins; more answer 429"
     )
-    worklist_page_size: int = Field(50, ge=1, le=500, description="worklist rows per page (and the JSON API's default limit)")
+    worklist_page_size: int = Field(
+        50, ge=1, le=500, description="worklist rows per page (and the JSON API's default limit)"
+    )
 
     # OHIF viewer (README "OHIF viewer")
     ohif_dist_dir: Path | None = Field(
@@ -172,7 +189,9 @@ class Settings(BaseSettings):
 
     # Model and triage
     model_dir: Path = Field(DEFAULT_MODEL_DIR, description="directory (or .toml card) of the model")
-    providers: list[str] | None = Field(None, description="ONNX Runtime providers; default CUDA if present, else CPU")
+    providers: list[str] | None = Field(
+        None, description="ONNX Runtime providers; default CUDA if present, else CPU"
+    )
     intra_op_threads: int | None = Field(None, ge=1)
     model_variant: Literal["fp32", "int8", "fp16"] = Field(
         "fp32",
@@ -206,44 +225,66 @@ class Settings(BaseSettings):
 
     # DICOM TLS (PS3.15 B.1) and operators' metrics
     dicom_tls_port: int | None = Field(
-        None, ge=0, le=65535, description="port of the DICOM TLS listener (often 2762); unset = no TLS listener"
+        None,
+        ge=0,
+        le=65535,
+        description="port of the DICOM TLS listener (often 2762); unset = no TLS listener",
     )
     dicom_plain_enabled: bool = Field(
         True, description="false = no plain (unencrypted) listener on dicom_port: TLS only"
     )
-    dicom_tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain) of the TLS listener")
+    dicom_tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain) of the TLS listener"
+    )
     dicom_tls_key_file: Path | None = Field(None, description="PEM private key of dicom_tls_cert_file")
     dicom_tls_ca_file: Path | None = Field(
-        None, description="PEM CA certificate(s) that sign the stations' client certificates; unset = none asked for"
+        None,
+        description="PEM CA certificate(s) that sign the stations' client certificates; unset = none asked for",
     )
     dicom_tls_require_client_cert: bool = Field(
         True,
         description="with dicom_tls_ca_file: a peer without a client certificate of that CA fails the TLS handshake "
         "(false: a certificate is asked for but optional)",
     )
-    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at /metrics (admin login or token)")
+    metrics_enabled: bool = Field(
+        True, description="serve Prometheus metrics at /metrics (admin login or token)"
+    )
 
     # Delivery to PACS destinations (dicom_sender/; destinations also via `xray-triage destinations add`)
     destinations: list[DestinationSettings] = Field([], description="[[destinations]] tables: PACS peers")
     delivery_retry_initial_s: float = Field(
         5.0, gt=0, description="first wait after a failed send to a destination; doubles per failure in a row"
     )
-    delivery_retry_max_s: float = Field(300.0, gt=0, description="longest wait between retries (never gives up)")
+    delivery_retry_max_s: float = Field(
+        300.0, gt=0, description="longest wait between retries (never gives up)"
+    )
     delivery_batch_size: int = Field(50, ge=1, le=500, description="objects sent per association")
     delivery_poll_s: float = Field(
-        2.0, gt=0, description="how often senders look for new destinations and queue rows written by other processes"
+        2.0,
+        gt=0,
+        description="how often senders look for new destinations and queue rows written by other processes",
     )
     delivery_timeout_s: float = Field(30.0, gt=0, description="ACSE, DIMSE and network timeout of the sender")
     destination_failing_degraded_s: float = Field(
-        900.0, ge=0, description="/healthz says degraded when a destination has been failing for longer than this"
+        900.0,
+        ge=0,
+        description="/healthz says degraded when a destination has been failing for longer than this",
     )
-    delivery_tls_ca_file: Path | None = Field(None, description="CA bundle that TLS destinations' certificates are checked against (default: the system's)")
-    delivery_tls_cert_file: Path | None = Field(None, description="our client certificate for TLS destinations (PEM)")
-    delivery_tls_key_file: Path | None = Field(None, description="its private key (PEM); default: in the certificate file")
+    delivery_tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle that TLS destinations' certificates are checked against (default: the system's)",
+    )
+    delivery_tls_cert_file: Path | None = Field(
+        None, description="our client certificate for TLS destinations (PEM)"
+    )
+    delivery_tls_key_file: Path | None = Field(
+        None, description="its private key (PEM); default: in the certificate file"
+    )
 
     # Query/retrieve (C-FIND / C-MOVE / C-GET on the DICOM port) and FHIR
     query_retrieve: bool = Field(
-        True, description="offer Study Root C-FIND, C-MOVE and C-GET on the DICOM port (a station sees only its own studies)"
+        True,
+        description="offer Study Root C-FIND, C-MOVE and C-GET on the DICOM port (a station sees only its own studies)",
     )
     qr_all_stations_ae_titles: list[str] = Field(
         [],
@@ -251,13 +292,19 @@ class Settings(BaseSettings):
         "C-MOVE and C-GET see every station's studies",
     )
     qr_max_matches: int = Field(
-        5000, ge=1, description="C-FIND: a query with more matches is refused with 0xA700 (Out of resources); narrow it"
+        5000,
+        ge=1,
+        description="C-FIND: a query with more matches is refused with 0xA700 (Out of resources); narrow it",
     )
-    fhir_max_count: int = Field(100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)")
+    fhir_max_count: int = Field(
+        100, ge=1, le=1000, description="most entries in one FHIR search Bundle (_count is capped to it)"
+    )
 
     # DICOMweb (/dicomweb: QIDO-RS, WADO-RS, STOW-RS)
     dicomweb_max_results: int = Field(
-        1000, ge=1, description="most results one QIDO-RS search returns (a larger limit is capped; page with offset)"
+        1000,
+        ge=1,
+        description="most results one QIDO-RS search returns (a larger limit is capped; page with offset)",
     )
     dicomweb_max_stow_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="largest STOW-RS request body (all instances together)"
@@ -268,7 +315,8 @@ class Settings(BaseSettings):
 
     # Results as DICOM (xray_triage/results/): AI SR + GSPS, specialist GSPS, consult SR
     results_enabled: bool = Field(
-        True, description="make the DICOM result objects (AI SR and GSPS, marks GSPS, consult SR) and file them"
+        True,
+        description="make the DICOM result objects (AI SR and GSPS, marks GSPS, consult SR) and file them",
     )
     uid_root: str = Field(
         "",
@@ -324,7 +372,10 @@ class Settings(BaseSettings):
         if value is None or value.strip() == "":
             return None
         value = value.strip()
-        if not (value.startswith(("http://", "https://")) or (value.startswith("/") and not value.startswith("//"))):
+        if not (
+            value.startswith(("http://", "https://"))
+            or (value.startswith("/") and not value.startswith("//"))
+        ):
             raise ValueError("ohif_url must be a path on this site ('/ohif') or an http(s):// address")
         return value
 
@@ -358,10 +409,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_ok(self) -> Settings:
-        if self.dicom_tls_port is not None and (self.dicom_tls_cert_file is None or self.dicom_tls_key_file is None):
+        if self.dicom_tls_port is not None and (
+            self.dicom_tls_cert_file is None or self.dicom_tls_key_file is None
+        ):
             raise ValueError("dicom_tls_port needs dicom_tls_cert_file and dicom_tls_key_file")
         if not self.dicom_plain_enabled and self.dicom_tls_port is None:
-            raise ValueError("dicom_plain_enabled = false needs dicom_tls_port (the gateway would not listen at all)")
+            raise ValueError(
+                "dicom_plain_enabled = false needs dicom_tls_port (the gateway would not listen at all)"
+            )
         return self
 
     @property
@@ -418,7 +473,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         if not Path(config_file).is_file():
             raise SettingsError(f"{config_file}: configuration file not found")
-        settings_cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+        settings_cls = type(
+            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}}
+        )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         return settings_cls(**overrides)

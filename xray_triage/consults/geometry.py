@@ -96,7 +96,9 @@ def parse_geometry(kind: str, raw: Any) -> Shape:
     try:
         return SHAPES[kind].model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'geometry'}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'geometry'}: {e['msg']}" for e in exc.errors()
+        )
         raise ValueError(f"invalid {kind} geometry: {problems}") from None
 
 

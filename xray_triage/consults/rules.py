@@ -105,12 +105,16 @@ def unanswered_question(consult: Consult, user: AuthUser) -> bool:
 
 def open_consult(session: Session, study: Study) -> Consult | None:
     return session.scalar(
-        select(Consult).where(Consult.study_id == study.id, Consult.status != CONSULT_CLOSED).order_by(Consult.id.desc())
+        select(Consult)
+        .where(Consult.study_id == study.id, Consult.status != CONSULT_CLOSED)
+        .order_by(Consult.id.desc())
     )
 
 
 def consults_of(session: Session, study: Study) -> list[Consult]:
-    return list(session.scalars(select(Consult).where(Consult.study_id == study.id).order_by(Consult.id.desc())))
+    return list(
+        session.scalars(select(Consult).where(Consult.study_id == study.id).order_by(Consult.id.desc()))
+    )
 
 
 def request_consult(session: Session, user: AuthUser, study: Study, question: str, urgency: str) -> Consult:
@@ -151,7 +155,9 @@ def claim(session: Session, user: AuthUser, consult: Consult) -> None:
 def reply(session: Session, user: AuthUser, consult: Consult, body: str) -> ConsultMessage:
     if consult.status == CONSULT_CLOSED:
         raise ConsultRuleError("consult_closed")
-    message = ConsultMessage(consult_id=consult.id, author_id=user.id, body=_clean_text(body, MAX_MESSAGE, "reply"))
+    message = ConsultMessage(
+        consult_id=consult.id, author_id=user.id, body=_clean_text(body, MAX_MESSAGE, "reply")
+    )
     session.add(message)
     if is_specialist(user):
         consult.claimed_by_id = consult.claimed_by_id or user.id

@@ -113,7 +113,9 @@ def read_labelled_set(data_dir: Path) -> list[LabelledImage]:
             if abnormal not in (0, 1):
                 raise EvaluationError(f"{labels_csv}, line {line}: abnormal must be 0 or 1")
             findings = frozenset(
-                normalise_label(x) for x in row["finding_labels"].split("|") if x.strip() and x != "No Finding"
+                normalise_label(x)
+                for x in row["finding_labels"].split("|")
+                if x.strip() and x != "No Finding"
             )
             rows.append(
                 LabelledImage(
@@ -225,7 +227,11 @@ def predict_set(
                 by_label.setdefault(box.label, []).append(box)
             for box_label, boxes in by_label.items():
                 if box_label in model_labels:
-                    own_checks.append(check_boxes(out.heatmaps[0], card, model_labels[box_label], boxes, display.source_shape))
+                    own_checks.append(
+                        check_boxes(
+                            out.heatmaps[0], card, model_labels[box_label], boxes, display.source_shape
+                        )
+                    )
                 label = abnormal_heatmap_label(card, probs)
                 abnormal_checks.append(check_boxes(out.heatmaps[0], card, label, boxes, display.source_shape))
         progress(n, len(images))
@@ -315,7 +321,9 @@ def summarise(
             "operating_point": operating_point_rule(card, label),
         }
     priorities = [score(p, card).priority for p in preds.probabilities]
-    result["urgent_share"] = _round(sum(p == "urgent" for p in priorities) / len(priorities)) if priorities else None
+    result["urgent_share"] = (
+        _round(sum(p == "urgent" for p in priorities) / len(priorities)) if priorities else None
+    )
     if preds.own_label_checks:
         result["heatmap_peak_in_box"] = summarise_box_checks(preds.own_label_checks)
     if preds.abnormal_checks:
@@ -390,10 +398,15 @@ def format_table(result: dict[str, Any]) -> str:
     if "heatmap_peak_in_box" in result or "abnormal_heatmap_peak_in_box" in result:
         lines.append("")
     if "heatmap_peak_in_box" in result:
-        lines.append("Heatmap peak inside the lesion box, boxed label's own heatmap: " + _box_line(result["heatmap_peak_in_box"]))
+        lines.append(
+            "Heatmap peak inside the lesion box, boxed label's own heatmap: "
+            + _box_line(result["heatmap_peak_in_box"])
+        )
     if "abnormal_heatmap_peak_in_box" in result:
         h = result["abnormal_heatmap_peak_in_box"]
-        lines.append(f"Heatmap peak inside the lesion box, abnormal-score heatmap ({h['heatmap']}): " + _box_line(h))
+        lines.append(
+            f"Heatmap peak inside the lesion box, abnormal-score heatmap ({h['heatmap']}): " + _box_line(h)
+        )
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ class CardInfo:
 
     model_version: str  # name@version
     sha256: str
-    label_codes: dict[str, dict[str, str]] | None = None  # label -> a SNOMED/RadLex coding, when the card has one
+    label_codes: dict[str, dict[str, str]] | None = (
+        None  # label -> a SNOMED/RadLex coding, when the card has one
+    )
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ def _load_studies(session: Session, ids: Sequence[int]) -> dict[int, Study]:
     if not ids:
         return {}
     rows = session.scalars(
-        select(Study).where(Study.id.in_(ids)).options(selectinload(Study.series).selectinload(Series.instances))
+        select(Study)
+        .where(Study.id.in_(ids))
+        .options(selectinload(Study.series).selectinload(Series.instances))
     )
     return {s.id: s for s in rows}
 
@@ -95,7 +99,10 @@ def study_row(study: Study) -> fr.StudyRow:
                 series_number=s.series_number,
                 description=s.description,
                 body_part=s.body_part,
-                instances=[fr.InstanceRow(i.sop_instance_uid, i.sop_class_uid, i.instance_number) for i in s.instances],
+                instances=[
+                    fr.InstanceRow(i.sop_instance_uid, i.sop_class_uid, i.instance_number)
+                    for i in s.instances
+                ],
             )
             for s in study.series
         ],
@@ -154,7 +161,11 @@ def diagnostic_reports(session: Session, user: AuthUser, search: Search, card: C
         answered = (
             select(Consult.id)
             .join(Study, Consult.study_id == Study.id)
-            .where(*study_clauses, Consult.status.in_((CONSULT_ANSWERED, CONSULT_CLOSED)), _has_specialist_answer())
+            .where(
+                *study_clauses,
+                Consult.status.in_((CONSULT_ANSWERED, CONSULT_CLOSED)),
+                _has_specialist_answer(),
+            )
         )
         if consult_ids:
             answered = answered.where(Consult.id.in_(consult_ids))
@@ -273,7 +284,9 @@ def service_requests(session: Session, user: AuthUser, search: Search) -> Page:
     if wanted:
         numbers = [v.removeprefix("consult-") for v in wanted]
         clauses.append(Consult.id.in_([int(n) for n in numbers if n.isdigit()] or [-1]))
-    statement = select(Consult.id).join(Study, Consult.study_id == Study.id).where(*clauses).order_by(Consult.id)
+    statement = (
+        select(Consult.id).join(Study, Consult.study_id == Study.id).where(*clauses).order_by(Consult.id)
+    )
     ids, total = _page_ids(session, statement, search)
     consults = _load_consults(session, ids)
     return Page([fr.service_request(consults[i]) for i in ids if i in consults], total)

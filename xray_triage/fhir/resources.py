@@ -193,7 +193,9 @@ def patient(study: StudyRow) -> dict[str, Any]:
     """The contained Patient (id ``patient``) from the study's DICOM patient module."""
     resource: dict[str, Any] = {"resourceType": "Patient", "id": "patient"}
     if study.patient_id:
-        resource["identifier"] = [{"system": f"{PATIENT_ID_SYSTEM}:{study.station_ae}", "value": study.patient_id}]
+        resource["identifier"] = [
+            {"system": f"{PATIENT_ID_SYSTEM}:{study.station_ae}", "value": study.patient_id}
+        ]
     if study.patient_name:
         family, _, given = study.patient_name.split("=")[0].partition("^")
         name: dict[str, Any] = {"text": " ".join(p for p in study.patient_name.split("=")[0].split("^") if p)}
@@ -307,12 +309,20 @@ def ai_report(row: AiResultRow) -> DiagnosticReport:
             "code": {"coding": coding, "text": finding.label},
             "subject": {"reference": "#patient"},
             "derivedFrom": [study_reference(study.study_instance_uid)],
-            "valueQuantity": {"value": round(finding.probability, 6), "unit": "probability", "system": UCUM, "code": "1"},
+            "valueQuantity": {
+                "value": round(finding.probability, 6),
+                "unit": "probability",
+                "system": UCUM,
+                "code": "1",
+            },
             "interpretation": [
                 {"coding": [{"system": V3_INTERPRETATION, "code": "POS" if finding.flagged else "NEG"}]}
             ],
             "referenceRange": [
-                {"high": {"value": round(finding.threshold, 6), "system": UCUM, "code": "1"}, "text": "decision threshold"}
+                {
+                    "high": {"value": round(finding.threshold, 6), "system": UCUM, "code": "1"},
+                    "text": "decision threshold",
+                }
             ],
         }
         if row.model is not None:
@@ -371,14 +381,24 @@ def consult_report(row: ConsultRow) -> DiagnosticReport:
     text = row.specialist_text.strip()
     if row.conclusion:
         label = CONCLUSION_TEXT.get(row.conclusion, row.conclusion)
-        resource["conclusionCode"] = [{"coding": [{"system": CONCLUSION_SYSTEM, "code": row.conclusion, "display": label}], "text": label}]
+        resource["conclusionCode"] = [
+            {
+                "coding": [{"system": CONCLUSION_SYSTEM, "code": row.conclusion, "display": label}],
+                "text": label,
+            }
+        ]
         text = f"{label}. {text}" if text else label
     if text:
         resource["conclusion"] = text
     return DiagnosticReport.model_validate(resource)
 
 
-SERVICE_REQUEST_STATUS = {"requested": "active", "in_review": "active", "answered": "active", "closed": "completed"}
+SERVICE_REQUEST_STATUS = {
+    "requested": "active",
+    "in_review": "active",
+    "answered": "active",
+    "closed": "completed",
+}
 
 
 def service_request(row: ConsultRow) -> ServiceRequest:
@@ -405,7 +425,9 @@ def service_request(row: ConsultRow) -> ServiceRequest:
     return ServiceRequest.model_validate(resource)
 
 
-def searchset(resources: Iterable[Any], total: int, self_url: str, base_url: str, next_url: str | None = None) -> Bundle:
+def searchset(
+    resources: Iterable[Any], total: int, self_url: str, base_url: str, next_url: str | None = None
+) -> Bundle:
     """A ``searchset`` Bundle of ``resources`` (each a match), with self and next links."""
     links = [{"relation": "self", "url": self_url}]
     if next_url:
@@ -419,12 +441,21 @@ def searchset(resources: Iterable[Any], total: int, self_url: str, base_url: str
         for r in resources
     ]
     return Bundle.model_validate(
-        {"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries or None}
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": total,
+            "link": links,
+            "entry": entries or None,
+        }
     )
 
 
 def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> OperationOutcome:
     """An OperationOutcome with one issue (``code`` from the R4 issue-type value set)."""
     return OperationOutcome.model_validate(
-        {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}]}
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
+        }
     )

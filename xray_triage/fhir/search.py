@@ -27,7 +27,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-KNOWN = {"patient", "patient.identifier", "patient:identifier", "_id", "identifier", "study", "date", "_count", "_offset", "_format"}
+KNOWN = {
+    "patient",
+    "patient.identifier",
+    "patient:identifier",
+    "_id",
+    "identifier",
+    "study",
+    "date",
+    "_count",
+    "_offset",
+    "_format",
+}
 DATE = re.compile(r"^(eq|ge|gt|le|lt)?(\d{4}-\d{2}-\d{2})$")
 
 
@@ -57,7 +68,9 @@ def parse(params: Iterable[tuple[str, str]], default_count: int, max_count: int)
     for name, raw in params:
         raw = raw.strip()
         if name not in KNOWN:
-            raise SearchError(f"unsupported search parameter {name!r}; supported: {', '.join(sorted(KNOWN - {'_format'}))}")
+            raise SearchError(
+                f"unsupported search parameter {name!r}; supported: {', '.join(sorted(KNOWN - {'_format'}))}"
+            )
         if name == "_format":
             if raw not in ("json", "application/fhir+json", "application/json"):
                 raise SearchError("only JSON is served (_format=json)")

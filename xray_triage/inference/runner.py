@@ -46,8 +46,7 @@ def choose_providers(requested: list[str] | None) -> list[str]:
         missing = [p for p in requested if p not in available]
         if missing:
             log.warning(
-                "execution providers not available in this onnxruntime build, skipped: %s "
-                "(available: %s)",
+                "execution providers not available in this onnxruntime build, skipped: %s (available: %s)",
                 missing,
                 available,
             )
@@ -113,7 +112,9 @@ class ModelRunner:
         if warm_up:
             self.warm_up()
         if self.batch_max_size > 1:
-            self.batcher = MicroBatcher(self._run_rows, max_size=self.batch_max_size, max_wait_ms=batch_max_wait_ms)
+            self.batcher = MicroBatcher(
+                self._run_rows, max_size=self.batch_max_size, max_wait_ms=batch_max_wait_ms
+            )
             log.info(
                 "micro-batching on",
                 extra={"batch_max_size": self.batch_max_size, "batch_max_wait_ms": batch_max_wait_ms},
@@ -159,7 +160,11 @@ class ModelRunner:
             )
         log.info(
             "model warmed up",
-            extra={"model": self.card.model_version, "providers": self.providers, "ms": round(elapsed * 1000, 1)},
+            extra={
+                "model": self.card.model_version,
+                "providers": self.providers,
+                "ms": round(elapsed * 1000, 1),
+            },
         )
         if self.batch_max_size > 1:  # also the full batch shape (GPU kernels are chosen per shape)
             self.run(np.zeros((self.batch_max_size, *dummy.shape[1:]), dtype=np.float32))

@@ -70,9 +70,16 @@ SUPPORTED_PHOTOMETRIC = MONOCHROME | set(COLOUR)
 JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 JPEG_2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 HTJ2K = {"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
+JPEG = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-DEFAULT_MAX_FRAME_PIXELS = 64_000_000  # 64 megapixels: 8000 x 8000; a 43 x 43 cm detector at 0.1 mm is 4300 x 4300
+DEFAULT_MAX_FRAME_PIXELS = (
+    64_000_000  # 64 megapixels: 8000 x 8000; a 43 x 43 cm detector at 0.1 mm is 4300 x 4300
+)
 # BT.601 luma weights (ITU-R BT.601, the Y of YBR_FULL in PS3.3 C.7.6.3.1.2), for samples
 # wider than 8 bits, which pydicom's convert_color_space does not take.
 BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -139,8 +146,12 @@ def dataset_to_display(
     except PixelError:
         raise
     except Exception as exc:  # numpy/pydicom errors on odd headers must not escape as crashes
-        raise PixelError(f"{source}: cannot apply the image's display settings ({type(exc).__name__}: {exc})") from exc
-    return DisplayImage(pixels=pixels, source_shape=stored_shape(ds, image.values), window=window, notes=image.notes)
+        raise PixelError(
+            f"{source}: cannot apply the image's display settings ({type(exc).__name__}: {exc})"
+        ) from exc
+    return DisplayImage(
+        pixels=pixels, source_shape=stored_shape(ds, image.values), window=window, notes=image.notes
+    )
 
 
 def stored_shape(ds: Dataset, values: np.ndarray) -> tuple[int, int]:
@@ -177,14 +188,22 @@ def display_inverted(ds: Dataset) -> bool:
 
 
 def decode_modality_values(
-    ds: Dataset, *, source: str = "<dataset>", min_side: int = 0, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
+    ds: Dataset,
+    *,
+    source: str = "<dataset>",
+    min_side: int = 0,
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
 ) -> np.ndarray:
     """The Modality-LUT values of the first frame (float32); see :func:`decode_modality`."""
     return decode_modality(ds, source=source, min_side=min_side, max_frame_pixels=max_frame_pixels).values
 
 
 def decode_modality(
-    ds: Dataset, *, source: str = "<dataset>", min_side: int = 0, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
+    ds: Dataset,
+    *,
+    source: str = "<dataset>",
+    min_side: int = 0,
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
 ) -> ModalityImage:
     """Steps 0-4: check, decode the first frame, locate the bits, note padding, Modality LUT.
 
@@ -227,15 +246,21 @@ def _decode_modality(ds: Dataset, source: str, min_side: int, max_frame_pixels: 
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         log.info("multi-frame image, using the first frame", extra={"source": source})
     if photometric in COLOUR:
-        return ModalityImage(values=_colour_luminance(ds, source), padding=None, inverted=False, colour=True, notes=notes)
+        return ModalityImage(
+            values=_colour_luminance(ds, source), padding=None, inverted=False, colour=True, notes=notes
+        )
     stored = None
-    if min_side > 0 and "PixelPaddingValue" not in ds:  # padding needs exact values: a low-pass band blurs them
+    if (
+        min_side > 0 and "PixelPaddingValue" not in ds
+    ):  # padding needs exact values: a low-pass band blurs them
         stored = decode_j2k_reduced(ds, min_side)
     if stored is None:
         stored = locate_sample_bits(_decode_full(ds, source), ds, source)
     padding = padding_mask(stored, ds)
     values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)
-    return ModalityImage(values=values, padding=padding, inverted=display_inverted(ds), colour=False, notes=notes)
+    return ModalityImage(
+        values=values, padding=padding, inverted=display_inverted(ds), colour=False, notes=notes
+    )
 
 
 def check_frame_size(ds: Dataset, *, source: str, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
@@ -247,7 +272,9 @@ def check_frame_size(ds: Dataset, *, source: str, max_frame_pixels: int = DEFAUL
     """
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or cols <= 0:
-        raise PixelError(f"{source}: Rows (0028,0010) / Columns (0028,0011) missing or zero; the image has no size")
+        raise PixelError(
+            f"{source}: Rows (0028,0010) / Columns (0028,0011) missing or zero; the image has no size"
+        )
     _refuse_if_too_large(rows, cols, source, max_frame_pixels, "")
     stream = codestream_shape(ds)
     if stream is None:
@@ -388,7 +415,9 @@ def locate_sample_bits(stored: np.ndarray, ds: Dataset, source: str) -> np.ndarr
     if shift == 0 and bits_stored == bits_allocated:
         return stored
     if shift:
-        log.info("samples shifted down: High Bit is not Bits Stored - 1", extra={"source": source, "shift": shift})
+        log.info(
+            "samples shifted down: High Bit is not Bits Stored - 1", extra={"source": source, "shift": shift}
+        )
         stored = stored >> shift
     return stored & stored.dtype.type((1 << bits_stored) - 1)
 

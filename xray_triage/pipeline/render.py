@@ -195,7 +195,11 @@ def _loaded(
     presets_from: LoadedImage | None,
 ) -> LoadedImage:
     if presets_from is not None:
-        presets, dicom_voi, value_range = presets_from.presets, presets_from.dicom_voi, presets_from.value_range
+        presets, dicom_voi, value_range = (
+            presets_from.presets,
+            presets_from.dicom_voi,
+            presets_from.value_range,
+        )
     else:
         real = unpadded(values, padding)
         value_range = (float(real.min()), float(real.max()))
@@ -221,7 +225,11 @@ def _presets(
     ``values``: the image's values without Pixel Padding (2-D, or 1-D once padding is out).
     """
     dicom_window, dicom_voi = _dicom_window(ds, value_range)
-    sample = values[::PERCENTILE_STEP, ::PERCENTILE_STEP].ravel() if values.ndim == 2 else values[::PERCENTILE_STEP**2]
+    sample = (
+        values[::PERCENTILE_STEP, ::PERCENTILE_STEP].ravel()
+        if values.ndim == 2
+        else values[:: PERCENTILE_STEP**2]
+    )
     presets = {"dicom": dicom_window}
     for name, (low_q, high_q) in PRESET_PERCENTILES.items():
         if inverted:  # high values are dark on screen
@@ -370,7 +378,9 @@ class ImageCache:
         try:
             stat = path.stat()
         except FileNotFoundError as exc:
-            raise PixelError(f"{source or path.name}: the stored DICOM file is missing on the server") from exc
+            raise PixelError(
+                f"{source or path.name}: the stored DICOM file is missing on the server"
+            ) from exc
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if self.capacity <= 0:
             return load_image(path, source=source, size=size, max_frame_pixels=self.max_frame_pixels)
@@ -385,7 +395,11 @@ class ImageCache:
                 coarser = self._images.get(key)  # a reduced decode too small for this picture
             try:
                 image = load_image(
-                    path, source=source, size=size, presets_from=coarser, max_frame_pixels=self.max_frame_pixels
+                    path,
+                    source=source,
+                    size=size,
+                    presets_from=coarser,
+                    max_frame_pixels=self.max_frame_pixels,
                 )
             except BaseException:
                 with self._lock:

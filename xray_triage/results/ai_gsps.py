@@ -62,14 +62,21 @@ def build_ai_gsps(
                     graphic_data=points,
                     units=AnnotationUnitsValues.PIXEL,
                     tracking_id=f"AI {label}"[:64],
-                    tracking_uid=make_uid(uid_root, "gsps-tracking", str(source.SOPInstanceUID), label, content_sha256),
+                    tracking_uid=make_uid(
+                        uid_root, "gsps-tracking", str(source.SOPInstanceUID), label, content_sha256
+                    ),
                 )
             )
             anchor = (float(points[0, 0]), float(points[0, 1]))
         else:
             anchor = (columns * 0.02, rows * (0.04 + 0.04 * n))
         texts.append(
-            TextObject(text_value=caption, units=AnnotationUnitsValues.PIXEL, anchor_point=anchor, anchor_point_visible=False)
+            TextObject(
+                text_value=caption,
+                units=AnnotationUnitsValues.PIXEL,
+                anchor_point=anchor,
+                anchor_point_visible=False,
+            )
         )
     annotations = []
     if graphics or texts:

@@ -71,7 +71,9 @@ def _graphic(mark: Mark) -> tuple[GraphicTypeValues, np.ndarray] | None:
         points = [[float(g["x1"]), float(g["y1"])], [float(g["x2"]), float(g["y2"])]]
         return GraphicTypeValues.POLYLINE, np.array(points, dtype=np.float32)
     if mark.kind == "freehand" and len(g.get("points", [])) >= 2:
-        return GraphicTypeValues.POLYLINE, np.array([[float(x), float(y)] for x, y in g["points"]], dtype=np.float32)
+        return GraphicTypeValues.POLYLINE, np.array(
+            [[float(x), float(y)] for x, y in g["points"]], dtype=np.float32
+        )
     return None
 
 
@@ -84,7 +86,9 @@ def _anchor(mark: Mark) -> tuple[float, float]:
     return float(points[0][0]), float(points[0][1])
 
 
-def _objects(marks: list[Mark], uid_root: str, content_sha256: str) -> tuple[list[GraphicObject], list[TextObject]]:
+def _objects(
+    marks: list[Mark], uid_root: str, content_sha256: str
+) -> tuple[list[GraphicObject], list[TextObject]]:
     graphics: list[GraphicObject] = []
     texts: list[TextObject] = []
     for mark in marks:
@@ -165,4 +169,3 @@ def build_annotation_gsps(
     )
     finish_gsps(gsps, source, now)
     return gsps
-

@@ -73,7 +73,9 @@ def _entry(name: hd.sr.CodedConcept, entry: ThreadEntry) -> ContainerContentItem
                 relationship_type=RelationshipTypeValues.HAS_OBS_CONTEXT,
             )
         )
-    children.append(TextContentItem(name=name, value=entry.body, relationship_type=RelationshipTypeValues.CONTAINS))
+    children.append(
+        TextContentItem(name=name, value=entry.body, relationship_type=RelationshipTypeValues.CONTAINS)
+    )
     item.ContentSequence = children
     return item
 

@@ -39,7 +39,9 @@ class Source:
     content_sha256: str
 
 
-def file_result(session: Session, data_dir: Path, dataset: Dataset, source: Source, version: int) -> ResultObject:
+def file_result(
+    session: Session, data_dir: Path, dataset: Dataset, source: Source, version: int
+) -> ResultObject:
     """Write ``dataset`` into the study and record it (row + ``ResultObjectStored``) in ``session``.
 
     Raises ``OSError`` when the file cannot be written (the caller's transaction then rolls back
@@ -47,7 +49,9 @@ def file_result(session: Session, data_dir: Path, dataset: Dataset, source: Sour
     """
     study_uid = str(dataset.StudyInstanceUID)
     if study_uid != source.study.study_instance_uid:
-        raise ValueError(f"{source.kind} {dataset.SOPInstanceUID} is not in study {source.study.study_instance_uid}")
+        raise ValueError(
+            f"{source.kind} {dataset.SOPInstanceUID} is not in study {source.study.study_instance_uid}"
+        )
     payload = encode(dataset)
     relpath = instance_relpath(study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
     write_durably(data_dir, relpath, payload)
@@ -76,6 +80,11 @@ def file_result(session: Session, data_dir: Path, dataset: Dataset, source: Sour
     )
     log.info(
         "result object filed",
-        extra={"study_uid": study_uid, "kind": source.kind, "sop_uid": row.sop_instance_uid, "version": version},
+        extra={
+            "study_uid": study_uid,
+            "kind": source.kind,
+            "sop_uid": row.sop_instance_uid,
+            "version": version,
+        },
     )
     return row

@@ -150,11 +150,22 @@ def file_ai_results(session: Session, instance_id: int, config: ResultsConfig) -
         version = plan[0]
         if kind == ai_sr.KIND:
             content = ai_sr.AiResult(
-                result.flagged, result.probabilities, result.thresholds, result.heatmaps, result.priority, study.priority
+                result.flagged,
+                result.probabilities,
+                result.thresholds,
+                result.heatmaps,
+                result.priority,
+                study.priority,
             )
             with _building("AI SR", instance.sop_instance_uid):
                 dataset = ai_sr.build_ai_sr(
-                    source, content, config.card, uid_root=config.uid_root, version=version, content_sha256=digest, now=now
+                    source,
+                    content,
+                    config.card,
+                    uid_root=config.uid_root,
+                    version=version,
+                    content_sha256=digest,
+                    now=now,
                 )
         else:
             with _building("AI GSPS", instance.sop_instance_uid):
@@ -171,7 +182,11 @@ def file_ai_results(session: Session, instance_id: int, config: ResultsConfig) -
                 )
         filed.append(
             file_result(
-                session, config.data_dir, dataset, Source(study, instance.id, kind, CATEGORY_AI, key, digest), plan[0]
+                session,
+                config.data_dir,
+                dataset,
+                Source(study, instance.id, kind, CATEGORY_AI, key, digest),
+                plan[0],
             )
         )
     return filed
@@ -210,11 +225,16 @@ def file_annotation_results(session: Session, study_uid: str, config: ResultsCon
         if instance is None:
             continue
         current = [
-            annotation_gsps.Mark(m.id, m.kind, dict(m.geometry), m.label or "", _author(m.author), m.updated_at)
+            annotation_gsps.Mark(
+                m.id, m.kind, dict(m.geometry), m.label or "", _author(m.author), m.updated_at
+            )
             for m in by_instance.get(instance_id, [])
         ]
         digest = content_hash(
-            {"uid_root": config.uid_root, "marks": [[m.id, m.kind, m.geometry, m.label, m.author] for m in current]}
+            {
+                "uid_root": config.uid_root,
+                "marks": [[m.id, m.kind, m.geometry, m.label, m.author] for m in current],
+            }
         )
         key = f"{annotation_gsps.KIND}:{instance.sop_instance_uid}"
         plan = _next_version(session, key, digest)
@@ -224,7 +244,12 @@ def file_annotation_results(session: Session, study_uid: str, config: ResultsCon
         version = plan[0]
         with _building("marks GSPS", instance.sop_instance_uid):
             dataset = annotation_gsps.build_annotation_gsps(
-                source, current, uid_root=config.uid_root, version=version, content_sha256=digest, now=config.clock()
+                source,
+                current,
+                uid_root=config.uid_root,
+                version=version,
+                content_sha256=digest,
+                now=config.clock(),
             )
         filed.append(
             file_result(
@@ -279,7 +304,9 @@ def file_consult_result(session: Session, consult_id: int, config: ResultsConfig
         try:
             previous = [pydicom.dcmread(config.data_dir / latest.file_path, stop_before_pixels=True)]
         except (OSError, InvalidDicomError) as exc:
-            raise CannotBuild(f"consult {consult.id}: version {latest.version} cannot be read: {exc}") from exc
+            raise CannotBuild(
+                f"consult {consult.id}: version {latest.version} cannot be read: {exc}"
+            ) from exc
     source = _source(config, first_image)
     with _building(f"consult {consult.id} SR", first_image.sop_instance_uid):
         dataset = consult_sr.build_consult_sr(

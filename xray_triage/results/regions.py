@@ -9,7 +9,9 @@ import numpy as np
 HOT_LEVEL = 0.5  # grid values are scaled 0..1 per label (triage/heatmaps.py); at or above this is "hot"
 
 
-def hot_box(record: dict[str, Any] | None, level: float = HOT_LEVEL) -> tuple[float, float, float, float] | None:
+def hot_box(
+    record: dict[str, Any] | None, level: float = HOT_LEVEL
+) -> tuple[float, float, float, float] | None:
     """The bounding box ``(top, left, height, width)`` in source pixels of the grid cells at or
     above ``level``, inside the record's ``box``; None without a usable record."""
     if not record or "grid" not in record or "box" not in record:
@@ -30,4 +32,6 @@ def outline(box: tuple[float, float, float, float]) -> np.ndarray:
     """The closed outline of a box as (column, row) points, as SCOORD and GSPS PIXEL data want them."""
     top, left, height, width = box
     right, bottom = left + width, top + height
-    return np.array([[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=np.float32)
+    return np.array(
+        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=np.float32
+    )

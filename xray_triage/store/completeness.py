@@ -12,8 +12,11 @@ element ends where the stream ends.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
@@ -26,13 +29,46 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 DEFER_BYTES = 1024 * 1024  # larger values are bounds-checked and skipped, not read
 
 
-def dataset_offset(part10: bytes) -> int:
-    """Where the data set starts in a Part 10 file: after the 128-byte preamble, ``DICM``
-    and the File Meta Information group (PS3.10 7.1). Raises if there is no preamble."""
-    fp = BytesIO(part10)
+def dataset_offset(part10: bytes | BinaryIO) -> int:
+    """Where the data set starts in a Part 10 file (bytes, or a binary file object read from
+    its start): after the 128-byte preamble, ``DICM`` and the File Meta Information group
+    (PS3.10 7.1). Raises if there is no preamble."""
+    fp = BytesIO(part10) if isinstance(part10, bytes | bytearray | memoryview) else part10
+    fp.seek(0)
     read_preamble(fp, False)
     read_dataset(fp, False, True, stop_when=lambda tag, _vr, _length: tag.group != 0x0002)
     return fp.tell()
+
+
+HASH_CHUNK = 1024 * 1024
+
+
+def dataset_sha256(path: Path) -> str:
+    """SHA-256 of the data set of a Part 10 file (its bytes after the File Meta Information),
+    read in chunks: what identifies a re-sent copy whatever meta a sender wrote."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        fp.seek(dataset_offset(fp))
+        while chunk := fp.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """Whether two Part 10 files hold the same data set bytes (their File Meta may differ)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        offset_a, offset_b = dataset_offset(fa), dataset_offset(fb)
+        size_a, size_b = fa.seek(0, 2) - offset_a, fb.seek(0, 2) - offset_b
+        if size_a != size_b:
+            return False
+        fa.seek(offset_a)
+        fb.seek(offset_b)
+        while True:
+            chunk_a, chunk_b = fa.read(HASH_CHUNK), fb.read(HASH_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
 
 
 def dataset_stream(part10: bytes, transfer_syntax_uid: str) -> bytes:
@@ -49,8 +85,8 @@ def dataset_stream(part10: bytes, transfer_syntax_uid: str) -> bytes:
     return stream
 
 
-def incompleteness(part10: bytes, transfer_syntax_uid: str) -> str | None:
-    """Why the data set in ``part10`` (a Part 10 file as received) is incomplete, or None.
+def incompleteness(part10: bytes | Path, transfer_syntax_uid: str) -> str | None:
+    """Why the data set in ``part10`` (a Part 10 file as received: bytes, or its path) is incomplete, or None.
 
     Walks every top-level element with pydicom's element reader and checks that each
     declared length fits in the bytes received and that the last element ends where
@@ -59,15 +95,29 @@ def incompleteness(part10: bytes, transfer_syntax_uid: str) -> str | None:
     items against their sequence's bytes (the "full parse"). Values over 1 MiB (Pixel
     Data) are skipped over, not copied. Deflated streams are inflated first.
     """
+    if isinstance(part10, Path):
+        with open(part10, "rb") as fp:
+            if UID(transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+                return incompleteness(fp.read(), transfer_syntax_uid)  # inflated in memory: rare, small
+            return _incompleteness(fp, fp.seek(0, 2), transfer_syntax_uid)
+    ts = UID(transfer_syntax_uid)
+    if ts == DeflatedExplicitVRLittleEndian:
+        try:
+            stream = dataset_stream(part10, ts)
+        except Exception as exc:  # pydicom raises EOFError, OSError, struct.error... on cut input
+            return f"data set cut off or malformed: {exc}"
+        fp = BytesIO(stream)
+        return _incompleteness(fp, len(stream), ts, offset=0)
+    return _incompleteness(BytesIO(part10), len(part10), ts)  # no copy of the (large) bytes
+
+
+def _incompleteness(
+    fp: BinaryIO, end: int, transfer_syntax_uid: str, offset: int | None = None
+) -> str | None:
+    """``incompleteness`` of the Part 10 file (``offset`` None) or bare data set (``offset`` 0) in ``fp``, ``end`` bytes long."""
     ts = UID(transfer_syntax_uid)
     try:
-        if ts == DeflatedExplicitVRLittleEndian:
-            fp, end = BytesIO(dataset_stream(part10, ts)), None
-        else:
-            fp, end = BytesIO(part10), len(part10)  # no copy of the (large) bytes
-            fp.seek(dataset_offset(part10))
-        if end is None:
-            end = len(fp.getbuffer())
+        fp.seek(dataset_offset(fp) if offset is None else offset)
         implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
         little = ts.is_little_endian if ts.is_transfer_syntax else True
         elements: dict[BaseTag, RawDataElement | DataElement] = {}

@@ -25,7 +25,13 @@ CONSULT_ANSWERED = "answered"
 CONSULT_CLOSED = "closed"
 CONSULT_STATUSES = (CONSULT_REQUESTED, CONSULT_IN_REVIEW, CONSULT_ANSWERED, CONSULT_CLOSED)
 # Worklist order within one AI priority: open requests first, closed last, no consult in between.
-CONSULT_STATUS_RANK = {CONSULT_REQUESTED: 0, CONSULT_IN_REVIEW: 1, CONSULT_ANSWERED: 2, None: 3, CONSULT_CLOSED: 4}
+CONSULT_STATUS_RANK = {
+    CONSULT_REQUESTED: 0,
+    CONSULT_IN_REVIEW: 1,
+    CONSULT_ANSWERED: 2,
+    None: 3,
+    CONSULT_CLOSED: 4,
+}
 
 URGENCIES = ("routine", "urgent", "emergency")
 CONCLUSIONS = ("normal", "follow_up_station", "refer_hospital", "urgent_transfer")
@@ -112,7 +118,9 @@ class Consult(Base):
 
     requested_by: Mapped[User] = relationship(foreign_keys=[requested_by_id])
     claimed_by: Mapped[User | None] = relationship(foreign_keys=[claimed_by_id])
-    messages: Mapped[list[ConsultMessage]] = relationship(back_populates="consult", order_by="ConsultMessage.id")
+    messages: Mapped[list[ConsultMessage]] = relationship(
+        back_populates="consult", order_by="ConsultMessage.id"
+    )
 
 
 class ConsultMessage(Base):

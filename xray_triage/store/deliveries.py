@@ -74,7 +74,9 @@ def enqueue(session: Session, stored: StoredEvent, now: datetime | None = None) 
             continue
         exists = session.scalar(
             select(Delivery.id).where(
-                Delivery.destination_id == destination.id, Delivery.sop_instance_uid == sop_uid, Delivery.version == 0
+                Delivery.destination_id == destination.id,
+                Delivery.sop_instance_uid == sop_uid,
+                Delivery.version == 0,
             )
         )
         if exists is not None:
@@ -251,4 +253,3 @@ def pending_count(session: Session, destination_id: int | None = None) -> int:
 
 def destination_ids(session: Session) -> list[int]:
     return list(session.scalars(select(Destination.id).order_by(Destination.id)))
-

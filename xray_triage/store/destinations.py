@@ -77,7 +77,9 @@ def _validated(spec: DestinationSpec) -> DestinationSpec:
     rate = spec.rate_limit_bytes_per_s
     if rate is not None and rate <= 0:
         raise DestinationError("rate limit must be a positive number of bytes per second")
-    return DestinationSpec(name, ae_title, spec.host.strip(), int(spec.port), parse_send(spec.send), spec.tls, rate)
+    return DestinationSpec(
+        name, ae_title, spec.host.strip(), int(spec.port), parse_send(spec.send), spec.tls, rate
+    )
 
 
 def add_destination(session: Session, spec: DestinationSpec, *, source: str = SOURCE_CLI) -> Destination:
@@ -133,9 +135,16 @@ def sync_configured(session: Session, specs: Iterable[DestinationSpec]) -> None:
         if row is None:
             add_destination(session, spec, source=SOURCE_CONFIG)
         elif row.source != SOURCE_CONFIG:
-            raise DestinationError(f"destination {name!r} is both in the configuration file and added by the CLI")
+            raise DestinationError(
+                f"destination {name!r} is both in the configuration file and added by the CLI"
+            )
         else:
-            row.ae_title, row.host, row.port, row.send = spec.ae_title, spec.host, spec.port, ",".join(spec.send)
+            row.ae_title, row.host, row.port, row.send = (
+                spec.ae_title,
+                spec.host,
+                spec.port,
+                ",".join(spec.send),
+            )
             row.tls, row.rate_limit_bytes_per_s = spec.tls, spec.rate_limit_bytes_per_s
     for name, row in existing.items():
         if row.source == SOURCE_CONFIG and name not in wanted:
@@ -163,9 +172,9 @@ def destination_states(
                 Delivery.destination_id,
                 func.sum(case((Delivery.state == DELIVERY_PENDING, 1), else_=0)).label("queued"),
                 func.sum(case((Delivery.state == DELIVERY_SENT, 1), else_=0)).label("sent"),
-                func.sum(case(((Delivery.state == DELIVERY_PENDING) & (Delivery.attempts > 0), 1), else_=0)).label(
-                    "failed"
-                ),
+                func.sum(
+                    case(((Delivery.state == DELIVERY_PENDING) & (Delivery.attempts > 0), 1), else_=0)
+                ).label("failed"),
             ).group_by(Delivery.destination_id)
         )
     }

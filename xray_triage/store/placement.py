@@ -51,7 +51,9 @@ def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
     existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
     if existing is not None:
         owner = session.scalar(
-            select(Study.station_ae).join(Series, Series.study_id == Study.id).where(Series.id == existing.series_id)
+            select(Study.station_ae)
+            .join(Series, Series.study_id == Study.id)
+            .where(Series.id == existing.series_id)
         )
         return Placement(
             QUARANTINE_SOP_CONFLICT,

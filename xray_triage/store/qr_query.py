@@ -85,7 +85,9 @@ def _text(identifier: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _wildcard(column: InstrumentedAttribute[str], value: str, *, ignore_case: bool = False) -> ColumnElement[bool]:
+def _wildcard(
+    column: InstrumentedAttribute[str], value: str, *, ignore_case: bool = False
+) -> ColumnElement[bool]:
     """Single value or ``*``/``?`` wildcard matching (PS3.4 C.2.2.2.1 and C.2.2.2.3); ``ignore_case``
     for PatientName (PN), the same on SQLite and PostgreSQL (whose LIKE is case-sensitive)."""
     if "*" not in value and "?" not in value:
@@ -189,7 +191,12 @@ def _statement(level: str, identifier: Dataset, scope: Scope) -> Select[Any]:
         return select(Study).where(*clauses).order_by(Study.id)
     clauses += _series_clauses(identifier)
     if level == "SERIES":
-        return select(Study, Series).join(Series, Series.study_id == Study.id).where(*clauses).order_by(Series.id)
+        return (
+            select(Study, Series)
+            .join(Series, Series.study_id == Study.id)
+            .where(*clauses)
+            .order_by(Series.id)
+        )
     clauses += _image_clauses(identifier)
     return (
         select(Study, Series, Instance)
@@ -252,7 +259,9 @@ def _counts(session: Session, level: str, study_ids: list[int]) -> dict[str, Any
     return {"modalities": modalities, "per_series": per_series, "series_of_study": series_of_study}
 
 
-def _known_values(study: Study, series: Series | None, instance: Instance | None, counts: dict[str, Any]) -> dict[str, Any]:
+def _known_values(
+    study: Study, series: Series | None, instance: Instance | None, counts: dict[str, Any]
+) -> dict[str, Any]:
     series_ids = counts["series_of_study"].get(study.id, [])
     known: dict[str, Any] = {
         "PatientID": study.patient_id,
@@ -320,9 +329,18 @@ def instances_to_retrieve(session: Session, identifier: Dataset, scope: Scope) -
     value = _text(identifier, key)
     if not value:
         raise QueryError(f"a {level} level retrieve needs {key}")
-    column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid, "IMAGE": Instance.sop_instance_uid}[level]
+    column = {
+        "STUDY": Study.study_instance_uid,
+        "SERIES": Series.series_instance_uid,
+        "IMAGE": Instance.sop_instance_uid,
+    }[level]
     statement = (
-        select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid, Instance.file_path)
+        select(
+            Instance.sop_instance_uid,
+            Instance.sop_class_uid,
+            Instance.transfer_syntax_uid,
+            Instance.file_path,
+        )
         .join(Series, Instance.series_id == Series.id)
         .join(Study, Series.study_id == Study.id)
         .where(scope.clause(), _uid_list(column, value))
@@ -331,4 +349,13 @@ def instances_to_retrieve(session: Session, identifier: Dataset, scope: Scope) -
     return [StoredInstance(*row) for row in session.execute(statement)]
 
 
-__all__ = ["LEVELS", "QueryError", "Scope", "StoredInstance", "TooManyMatches", "find", "instances_to_retrieve", "query_level"]
+__all__ = [
+    "LEVELS",
+    "QueryError",
+    "Scope",
+    "StoredInstance",
+    "TooManyMatches",
+    "find",
+    "instances_to_retrieve",
+    "query_level",
+]

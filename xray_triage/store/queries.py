@@ -91,7 +91,9 @@ def row_extras(
         .where(Series.study_id.in_(study_ids))
     ):
         results.setdefault(study_id, []).append((flagged, probabilities, thresholds))
-    return {sid: RowExtras(merge_findings(results.get(sid, []), urgent_labels), n) for sid, n in counts.items()}
+    return {
+        sid: RowExtras(merge_findings(results.get(sid, []), urgent_labels), n) for sid, n in counts.items()
+    }
 
 
 def flagged_clause(label: str) -> ColumnElement[bool]:
@@ -106,7 +108,9 @@ def flagged_clause(label: str) -> ColumnElement[bool]:
         select(TriageResult.id)
         .join(Instance, TriageResult.instance_id == Instance.id)
         .join(Series, Instance.series_id == Series.id)
-        .where(Series.study_id == Study.id, cast(TriageResult.flagged, Text).contains(needle, autoescape=True))
+        .where(
+            Series.study_id == Study.id, cast(TriageResult.flagged, Text).contains(needle, autoescape=True)
+        )
     )
 
 
@@ -221,7 +225,8 @@ def list_studies(
     names = station_names(session)
     extras = row_extras(session, [s.id for s, _, _ in found], urgent_labels)
     return [
-        study_summary(s, names, extras.get(s.id, RowExtras([], 0)), (st, urg), urgent_labels) for s, st, urg in found
+        study_summary(s, names, extras.get(s.id, RowExtras([], 0)), (st, urg), urgent_labels)
+        for s, st, urg in found
     ]
 
 
@@ -236,6 +241,8 @@ def get_study(session: Session, study_uid: str, urgent_labels: Collection[str] =
         return None
     status, urgency = consult_columns()
     consult = session.execute(select(status, urgency).where(Study.id == study.id)).one()
-    detail = study_summary(study, station_names(session), consult=(consult[0], consult[1]), urgent_labels=urgent_labels)
+    detail = study_summary(
+        study, station_names(session), consult=(consult[0], consult[1]), urgent_labels=urgent_labels
+    )
     detail["images"] = [_instance_detail(i, s) for s in study.series for i in s.instances]
     return detail

@@ -175,7 +175,9 @@ def add_quarantined(
     return row
 
 
-def find_quarantined_copy(session: Session, sop_instance_uid: str, calling_ae: str, sha256: str) -> int | None:
+def find_quarantined_copy(
+    session: Session, sop_instance_uid: str, calling_ae: str, sha256: str
+) -> int | None:
     """The id of an identical quarantined copy from the same station (a re-send), if any."""
     return session.scalar(
         select(QuarantinedInstance.id).where(

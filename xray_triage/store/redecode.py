@@ -39,7 +39,9 @@ def redecode_text(
     read is logged and skipped.
     """
     changes: list[TextChange] = []
-    studies = session.scalars(select(Study).options(selectinload(Study.series).selectinload(Series.instances)))
+    studies = session.scalars(
+        select(Study).options(selectinload(Study.series).selectinload(Series.instances))
+    )
     for study in studies:
         for n, series in enumerate(study.series):
             if not series.instances:
@@ -47,12 +49,20 @@ def redecode_text(
             path = Path(data_dir) / series.instances[0].file_path
             try:
                 meta = extract_meta(
-                    pydicom.dcmread(path, stop_before_pixels=True), default_character_set=default_character_set
+                    pydicom.dcmread(path, stop_before_pixels=True),
+                    default_character_set=default_character_set,
                 )
             except Exception as exc:  # a missing or damaged file: leave the study as it is
                 log.warning("cannot re-read header", extra={"file": str(path), "error": str(exc)})
                 continue
-            targets = [(series, "description", meta.series_description, f"series {series.series_instance_uid} description")]
+            targets = [
+                (
+                    series,
+                    "description",
+                    meta.series_description,
+                    f"series {series.series_instance_uid} description",
+                )
+            ]
             if n == 0:
                 targets += [
                     (study, "patient_name", meta.patient_name, "patient_name"),

@@ -34,7 +34,9 @@ class ResultObject(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), nullable=False, index=True)
     # The image it is about (AI results, marks); NULL for a study-level object (consult SR).
     source_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
-    kind: Mapped[str] = mapped_column(String(32), nullable=False)  # ai-sr, ai-gsps, annotation-gsps, consult-sr
+    kind: Mapped[str] = mapped_column(
+        String(32), nullable=False
+    )  # ai-sr, ai-gsps, annotation-gsps, consult-sr
     category: Mapped[str] = mapped_column(String(32), nullable=False)  # CATEGORY_AI / CATEGORY_CONSULT
     source_key: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
@@ -51,14 +53,19 @@ class ResultObject(Base):
 def latest_version(session: Session, source_key: str) -> ResultObject | None:
     """The newest object filed for ``source_key`` (None: none yet)."""
     return session.scalar(
-        select(ResultObject).where(ResultObject.source_key == source_key).order_by(ResultObject.version.desc()).limit(1)
+        select(ResultObject)
+        .where(ResultObject.source_key == source_key)
+        .order_by(ResultObject.version.desc())
+        .limit(1)
     )
 
 
 def result_objects_of(session: Session, study_id: int) -> list[ResultObject]:
     """Every object filed in the study, oldest first (for DICOMweb, exporters and tests)."""
     return list(
-        session.scalars(select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id))
+        session.scalars(
+            select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id)
+        )
     )
 
 

@@ -193,9 +193,15 @@ class TriageResult(Base):
 
 # Why an instance was quarantined instead of filed into a study.
 QUARANTINE_SOP_CONFLICT = "sop_instance_conflict"  # same SOP Instance UID, other content or other station
-QUARANTINE_STUDY_OTHER_STATION = "study_of_other_station"  # Study Instance UID already used by another station
-QUARANTINE_SERIES_OTHER_STATION = "series_of_other_station"  # Series Instance UID already used by another station
-QUARANTINE_SERIES_OTHER_STUDY = "series_of_other_study"  # Series Instance UID already filed under another study
+QUARANTINE_STUDY_OTHER_STATION = (
+    "study_of_other_station"  # Study Instance UID already used by another station
+)
+QUARANTINE_SERIES_OTHER_STATION = (
+    "series_of_other_station"  # Series Instance UID already used by another station
+)
+QUARANTINE_SERIES_OTHER_STUDY = (
+    "series_of_other_study"  # Series Instance UID already filed under another study
+)
 QUARANTINE_REASONS = (
     QUARANTINE_SOP_CONFLICT,
     QUARANTINE_STUDY_OTHER_STATION,

@@ -65,17 +65,25 @@ def pin_certificate(session: Session, ae_title: str, fingerprint: str) -> Statio
 
 
 def pinned_fingerprints(session: Session, ae_title: str) -> set[str]:
-    return set(session.scalars(select(StationCertificate.sha256).where(StationCertificate.ae_title == ae_title.strip())))
+    return set(
+        session.scalars(
+            select(StationCertificate.sha256).where(StationCertificate.ae_title == ae_title.strip())
+        )
+    )
 
 
 def unpin_all(session: Session, ae_title: str) -> int:
-    rows = list(session.scalars(select(StationCertificate).where(StationCertificate.ae_title == ae_title.strip())))
+    rows = list(
+        session.scalars(select(StationCertificate).where(StationCertificate.ae_title == ae_title.strip()))
+    )
     for row in rows:
         session.delete(row)
     return len(rows)
 
 
-def check_certificate(session: Session, calling_ae: str, *, over_tls: bool, peer: PeerCertificate | None) -> str | None:
+def check_certificate(
+    session: Session, calling_ae: str, *, over_tls: bool, peer: PeerCertificate | None
+) -> str | None:
     """None when ``calling_ae`` may use this connection, else the reason it may not (for the log)."""
     ae = calling_ae.strip()
     pinned = pinned_fingerprints(session, ae)

@@ -75,8 +75,12 @@ def admit(session: Session, calling_ae: str, peer_ip: str, *, accept_unknown: bo
     station = session.scalar(select(Station).where(Station.ae_title == ae))
     if station is None:
         if accept_unknown:
-            return Admission(True, "unknown station accepted (accept_unknown_stations = true)", registered=False)
-        return Admission(False, f"calling AE title {ae!r} is not a registered station", calling_ae_unknown=True)
+            return Admission(
+                True, "unknown station accepted (accept_unknown_stations = true)", registered=False
+            )
+        return Admission(
+            False, f"calling AE title {ae!r} is not a registered station", calling_ae_unknown=True
+        )
     networks = parse_allowed_ips(station.allowed_ips)
     if networks:
         try:

@@ -99,7 +99,9 @@ def add_user(
         if not station_ae:
             raise UserError("a station user needs --station AE_TITLE (the station whose studies it sees)")
         if session.scalar(select(Station).where(Station.ae_title == station_ae.strip())) is None:
-            raise UserError(f"station {station_ae!r} is not registered (xray-triage stations add {station_ae})")
+            raise UserError(
+                f"station {station_ae!r} is not registered (xray-triage stations add {station_ae})"
+            )
         station_ae = station_ae.strip()
     elif station_ae:
         raise UserError("--station applies to station users only")
@@ -249,7 +251,9 @@ def user_for_api_token(session: Session, token: str) -> AuthUser | None:
 
 
 def record_api_token_use(session: Session, token: str) -> None:
-    session.execute(update(ApiToken).where(ApiToken.token_hash == sha256_hex(token)).values(last_used_at=utcnow()))
+    session.execute(
+        update(ApiToken).where(ApiToken.token_hash == sha256_hex(token)).values(last_used_at=utcnow())
+    )
 
 
 def revoke_api_tokens(session: Session, username: str) -> int:

@@ -34,7 +34,13 @@ TIERS = ("emergency_consult", "urgent_consult", "ai_urgent", "ai_abnormal", "ai_
 
 def latest_consult(column):  # type: ignore[no-untyped-def]
     """A column of the study's newest consult, as a correlated subquery (NULL: no consult)."""
-    return select(column).where(Consult.study_id == Study.id).order_by(Consult.id.desc()).limit(1).scalar_subquery()
+    return (
+        select(column)
+        .where(Consult.study_id == Study.id)
+        .order_by(Consult.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
 
 
 def why(priority: str | None, consult_status: str | None, consult_urgency: str | None) -> str:

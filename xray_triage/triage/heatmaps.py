@@ -19,7 +19,11 @@ from xray_triage.pipeline.preprocess import model_crop_box
 
 
 def heatmap_records(
-    heatmaps: np.ndarray, labels: tuple[str, ...], wanted: list[str], source_shape: tuple[int, int], spec: InputSpec
+    heatmaps: np.ndarray,
+    labels: tuple[str, ...],
+    wanted: list[str],
+    source_shape: tuple[int, int],
+    spec: InputSpec,
 ) -> dict[str, dict[str, Any]]:
     """One record per wanted label: grid scaled to 0..1, its raw range, and its box.
 

@@ -95,11 +95,14 @@ def recover_dead_local(db: Database, *, host: str | None = None) -> int:
     host = host if host is not None else socket.gethostname()[:40]
     requeued = 0
     with db.session() as session:
-        requeued += session.execute(
-            update(TriageJob)
-            .where(TriageJob.state == JOB_RUNNING, TriageJob.lease_expires_at.is_(None))
-            .values(state=JOB_QUEUED, worker=None)
-        ).rowcount or 0
+        requeued += (
+            session.execute(
+                update(TriageJob)
+                .where(TriageJob.state == JOB_RUNNING, TriageJob.lease_expires_at.is_(None))
+                .values(state=JOB_QUEUED, worker=None)
+            ).rowcount
+            or 0
+        )
         rows = session.execute(
             select(TriageJob.id, TriageJob.worker).where(
                 TriageJob.state == JOB_RUNNING, TriageJob.worker.like(f"{host}:%")
@@ -108,11 +111,16 @@ def recover_dead_local(db: Database, *, host: str | None = None) -> int:
         for job_id, worker in rows:
             pid_text = worker[len(host) + 1 :].split("/", 1)[0]
             if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
-                requeued += session.execute(
-                    update(TriageJob)
-                    .where(TriageJob.id == job_id, TriageJob.state == JOB_RUNNING, TriageJob.worker == worker)
-                    .values(state=JOB_QUEUED, worker=None, lease_expires_at=None)
-                ).rowcount or 0
+                requeued += (
+                    session.execute(
+                        update(TriageJob)
+                        .where(
+                            TriageJob.id == job_id, TriageJob.state == JOB_RUNNING, TriageJob.worker == worker
+                        )
+                        .values(state=JOB_QUEUED, worker=None, lease_expires_at=None)
+                    ).rowcount
+                    or 0
+                )
     return requeued
 
 
@@ -261,7 +269,9 @@ def _finish(session, job: ClaimedJob, ai_status: str, job_state: str, error: str
         .where(TriageJob.id == job.job_id)
         .values(state=job_state, finished_at=utcnow(), error=error, lease_expires_at=None)
     )
-    session.execute(update(Instance).where(Instance.id == job.instance_id).values(ai_status=ai_status, ai_error=error))
+    session.execute(
+        update(Instance).where(Instance.id == job.instance_id).values(ai_status=ai_status, ai_error=error)
+    )
     study = _study_of(session, job.instance_id)
     if study is not None:
         refresh_study(session, study)

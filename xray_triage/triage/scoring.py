@@ -37,4 +37,6 @@ def score(probabilities: np.ndarray, card: ModelCard) -> Score:
         priority = PRIORITY_ABNORMAL
     else:
         priority = PRIORITY_NORMAL
-    return Score(probabilities=probs, flagged=flagged, abnormal_score=round(float(abnormal), 6), priority=priority)
+    return Score(
+        probabilities=probs, flagged=flagged, abnormal_score=round(float(abnormal), 6), priority=priority
+    )

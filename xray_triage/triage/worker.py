@@ -61,7 +61,10 @@ class TriageWorkers:
     def start(self) -> None:
         recovered = jobs.recover_dead_local(self.db)
         if recovered:
-            log.info("re-queued jobs interrupted by a process that is gone (shutdown or crash)", extra={"jobs": recovered})
+            log.info(
+                "re-queued jobs interrupted by a process that is gone (shutdown or crash)",
+                extra={"jobs": recovered},
+            )
         for n in range(self.count):
             name = f"{self.worker_id}/{n}"
             thread = threading.Thread(target=self._loop, name=f"triage-worker-{n}", args=(name,), daemon=True)
@@ -77,7 +80,11 @@ class TriageWorkers:
         else:
             log.info(
                 "triage workers started",
-                extra={"workers": self.count, "worker_id": self.worker_id, "model": self.runner.card.model_version},
+                extra={
+                    "workers": self.count,
+                    "worker_id": self.worker_id,
+                    "model": self.runner.card.model_version,
+                },
             )
 
     def _renew_loop(self) -> None:
