@@ -354,8 +354,10 @@ class DicomGateway:
           (its reader is blocked on a peer that trickles bytes);
         * a connection handed over by the gate that has still not produced an
           A-ASSOCIATE-RQ after ``association_request_timeout_s``.
-        Also frees slots of associations that ended without an end event.
+        Also frees slots of associations that ended without an end event, and removes data
+        sets received to disk by associations that ended before a handler took them.
         """
+        receive_to_disk.discard()
         server = self._server
         if server is None:
             return 0
@@ -493,6 +495,7 @@ class DicomGateway:
 
     def _on_closed(self, event: evt.Event) -> None:
         self.slots.release(event.assoc)
+        receive_to_disk.discard(getattr(event.assoc, "dul", None))  # a data set cut off mid-transfer
         with self._activity_lock:
             self._last_activity.pop(id(event.assoc), None)
 
@@ -524,6 +527,7 @@ class DicomGateway:
             if over:
                 self._oversized.add(assoc)
         if over:
+            receive_to_disk.discard(getattr(assoc, "dul", None))  # what arrived of it so far goes
             log.warning(
                 "data set larger than max_dataset_bytes: association aborted, nothing stored",
                 extra={
@@ -559,6 +563,13 @@ class DicomGateway:
             path = event.dataset_path  # received to disk (receive_to_disk)
         except AttributeError:
             path = None  # pynetdicom's in-memory mode (receive_to_disk not enabled)
+        if path is not None and (error := receive_to_disk.take(path)) is not None:
+            log.error(
+                "cannot write the received data set",
+                extra={"calling_ae": calling_ae, "sop_uid": sop_uid, "error": str(error)},
+            )
+            self._mark_activity(assoc)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"cannot write file: {error.strerror or error}")
         try:
             if path is not None:
                 outcome = self.ingestor.ingest_file(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydicom import dcmread
@@ -405,14 +405,14 @@ class Ingestor:
         )
         if plan.reason is None:
             triage = is_triage_candidate(meta, self.policy.modalities, self.policy.body_parts)
-            instance = add_instance(session, meta, receipt, triage=triage)
-            instance.store_ms = round((time.perf_counter() - rx.started) * 1000, 2)
+            receipt = replace(receipt, store_ms=round((time.perf_counter() - rx.started) * 1000, 2))
+            instance_id = add_instance(session, meta, receipt, triage=triage)
             stored = InstanceStored(
                 meta.study_instance_uid, rx.calling_ae, meta.sop_instance_uid, meta.series_instance_uid,
-                instance.id, triage,
+                instance_id, triage,
             )  # fmt: skip
             outbox.record(session, stored)
-            outcome = IngestOutcome(STATUS_SUCCESS, "stored", instance.id, triage_queued=triage)
+            outcome = IngestOutcome(STATUS_SUCCESS, "stored", instance_id, triage_queued=triage)
         else:
             record = QuarantineRecord(plan.reason, plan.detail, plan.conflicting_station, sha)
             quarantine_id = add_quarantined(session, meta, receipt, record).id

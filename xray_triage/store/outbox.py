@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String, event, func, select, text
+from sqlalchemy import JSON, Integer, String, event, func, insert, select, text
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from xray_triage.events import Event, EventHandlers, UnknownEvent, decode
@@ -80,8 +80,9 @@ def record(session: Session, event: Event) -> None:
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.execute(text(f"LOCK TABLE {OutboxEvent.__tablename__} IN SHARE ROW EXCLUSIVE MODE"))
-    session.add(
-        OutboxEvent(
+    # A Core INSERT, not an ORM object: written for every received image, in the gateway's batch.
+    session.execute(
+        insert(OutboxEvent.__table__).values(
             type=event.type, study_uid=event.study_uid, station_ae=event.station_ae, payload=event.payload()
         )
     )

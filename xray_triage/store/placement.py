@@ -48,7 +48,15 @@ class Placement:
 
 def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
     """Decide in ``session`` (the transaction that will insert) where ``meta`` may go."""
-    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
+    existing = session.execute(
+        select(
+            Instance.id,
+            Instance.series_id,
+            Instance.file_path,
+            Instance.calling_ae,
+            Instance.transfer_syntax_uid,
+        ).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+    ).first()
     if existing is not None:
         owner = session.scalar(
             select(Study.station_ae)
@@ -64,12 +72,14 @@ def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
             existing.calling_ae,
             existing.transfer_syntax_uid,
         )
-    study = session.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
-    if study is not None and study.station_ae != calling_ae:
+    study_station = session.scalar(
+        select(Study.station_ae).where(Study.study_instance_uid == meta.study_instance_uid)
+    )
+    if study_station is not None and study_station != calling_ae:
         return Placement(
             QUARANTINE_STUDY_OTHER_STATION,
             "Study Instance UID already used by another station",
-            study.station_ae,
+            study_station,
         )
     row = session.execute(
         select(Study.station_ae, Study.study_instance_uid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from xray_triage.priority import PRIORITY_RANK
@@ -41,14 +41,22 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
-def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, triage: bool) -> Instance:
-    """Insert the instance (with its study and series if new) and, if asked, its triage job."""
-    study = _get_or_create_study(session, meta, receipt.calling_ae)
-    series = _get_or_create_series(session, meta, study)
-    instance = Instance(
+def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, triage: bool) -> int:
+    """Insert the instance (with its study and series if new) and, if asked, its triage job; return its id.
+
+    Plain SQL expressions (SQLAlchemy Core), not ORM objects: this runs for every received
+    image inside the gateway's write transaction, where the ORM's unit of work cost more CPU
+    than the inserts themselves (issue 17's profile). The study's AI status and priority are
+    kept as ``refresh_study`` computes them.
+    """
+    study_id = _get_or_create_study(session, meta, receipt.calling_ae)
+    series_id = _get_or_create_series(session, meta, study_id)
+    instance_id = _insert(
+        session,
+        Instance.__table__,
         sop_instance_uid=meta.sop_instance_uid,
         sop_class_uid=meta.sop_class_uid,
-        series=series,
+        series_id=series_id,
         transfer_syntax_uid=receipt.transfer_syntax_uid,
         instance_number=meta.instance_number,
         view_position=meta.view_position,
@@ -62,19 +70,33 @@ def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, tria
         store_ms=receipt.store_ms,
         ai_status=AI_PENDING if triage else AI_NOT_APPLICABLE,
     )
-    session.add(instance)
-    session.flush()
     if triage:
-        session.add(TriageJob(instance_id=instance.id))
-    refresh_study(session, study)
-    return instance
+        _insert(session, TriageJob.__table__, instance_id=instance_id)
+        # A waiting image makes the study pending; its priority (from results) is unchanged.
+        session.execute(
+            update(Study.__table__)
+            .where(Study.__table__.c.id == study_id)
+            .values(ai_status=AI_PENDING, updated_at=utcnow())
+        )
+    else:
+        study = session.get(Study, study_id)
+        assert study is not None
+        refresh_study(session, study)
+    return instance_id
 
 
-def _get_or_create_study(session: Session, meta: InstanceMeta, calling_ae: str) -> Study:
-    study = session.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
-    if study is not None:
-        return study
-    study = Study(
+def _insert(session: Session, table: Table, **values: object) -> int:
+    """INSERT one row (column defaults applied); its primary key."""
+    return int(session.execute(insert(table).values(**values)).inserted_primary_key[0])
+
+
+def _get_or_create_study(session: Session, meta: InstanceMeta, calling_ae: str) -> int:
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid))
+    if study_id is not None:
+        return study_id
+    return _insert(
+        session,
+        Study.__table__,
         study_instance_uid=meta.study_instance_uid,
         patient_id=meta.patient_id,
         patient_name=meta.patient_name,
@@ -88,26 +110,24 @@ def _get_or_create_study(session: Session, meta: InstanceMeta, calling_ae: str) 
         institution_name=meta.institution_name,
         station_ae=calling_ae,
     )
-    session.add(study)
-    session.flush()
-    return study
 
 
-def _get_or_create_series(session: Session, meta: InstanceMeta, study: Study) -> Series:
-    series = session.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
-    if series is not None:
-        return series
-    series = Series(
+def _get_or_create_series(session: Session, meta: InstanceMeta, study_id: int) -> int:
+    series_id = session.scalar(
+        select(Series.id).where(Series.series_instance_uid == meta.series_instance_uid)
+    )
+    if series_id is not None:
+        return series_id
+    return _insert(
+        session,
+        Series.__table__,
         series_instance_uid=meta.series_instance_uid,
-        study=study,
+        study_id=study_id,
         modality=meta.modality,
         body_part=meta.body_part,
         series_number=meta.series_number,
         description=meta.series_description,
     )
-    session.add(series)
-    session.flush()
-    return series
 
 
 def refresh_study(session: Session, study: Study) -> None:
