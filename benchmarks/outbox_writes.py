@@ -81,7 +81,9 @@ def measure(data_dir: Path, instances: int, senders: int) -> dict[str, int]:
 
     def on_begin(_conn: object) -> None:
         thread = threading.current_thread().name
-        counts["stop" if phase["name"] == "stop" else "ingest" if thread.startswith("ingest") else thread] += 1
+        counts[
+            "stop" if phase["name"] == "stop" else "ingest" if thread.startswith("ingest") else thread
+        ] += 1
 
     for consumer in consumers:
         consumer.start()
@@ -119,7 +121,9 @@ def measure(data_dir: Path, instances: int, senders: int) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.outbox_writes", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.outbox_writes", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--instances", type=int, default=50)
     parser.add_argument("--senders", type=int, default=4, help="concurrent ingest threads (default 4)")
     args = parser.parse_args(argv)

@@ -145,7 +145,10 @@ class OutboxConsumer:
     def _persist_if_due(self) -> None:
         if self._ahead_since is None:
             return
-        if self._position - self._stored >= self.persist_events or self.clock() - self._ahead_since >= self.persist_s:
+        if (
+            self._position - self._stored >= self.persist_events
+            or self.clock() - self._ahead_since >= self.persist_s
+        ):
             self.persist()
 
     def persist(self) -> None:
@@ -189,7 +192,9 @@ class OutboxConsumer:
         try:
             self.persist()
         except Exception:
-            log.warning("outbox consumer position not saved at stop", exc_info=True, extra={"consumer": self.name})
+            log.warning(
+                "outbox consumer position not saved at stop", exc_info=True, extra={"consumer": self.name}
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -100,7 +100,9 @@ def _wants_triage(_session: Session, event: Event) -> bool:
 
 
 def _consumer(db: Database, handled: Handled, **kwargs) -> OutboxConsumer:  # type: ignore[no-untyped-def]
-    return OutboxConsumer(db, NAME, handled, wants=_wants_triage, clock=kwargs.pop("clock", Clock()), **kwargs)
+    return OutboxConsumer(
+        db, NAME, handled, wants=_wants_triage, clock=kwargs.pop("clock", Clock()), **kwargs
+    )
 
 
 def test_a_batch_of_unwanted_events_takes_no_write_transaction(db: Database, writes: Writes) -> None:
@@ -219,15 +221,20 @@ def test_delivery_skips_images_until_a_destination_takes_them_and_queues_every_o
         queued.extend([stored.id] * deliveries.enqueue(session, stored))
 
     consumer = OutboxConsumer(db, "delivery", enqueue, wants=deliveries.wanted)
-    ai_object = ResultObjectStored("1.2.3", "STATION1", "1.2.3.9", "1.2.840.10008.5.1.4.1.1.88.34", "ai-results")
+    ai_object = ResultObjectStored(
+        "1.2.3", "STATION1", "1.2.3.9", "1.2.840.10008.5.1.4.1.1.88.34", "ai-results"
+    )
     before = _record(db, _image(1), ai_object)
     writes.count = 0
     assert consumer.run_once() == 0 and writes.count == 0  # no destination: nothing to queue
     with db.session() as session:
         add_destination(session, DestinationSpec("pacs", "TESTPACS", "127.0.0.1", 104, ("images",)))
     [image] = _record(db, _image(2))
-    [result] = _record(db, ResultObjectStored("1.2.3", "STATION1", "1.2.3.10", ai_object.sop_class_uid, "ai-results"))
+    [result] = _record(
+        db, ResultObjectStored("1.2.3", "STATION1", "1.2.3.10", ai_object.sop_class_uid, "ai-results")
+    )
     writes.count = 0
     assert consumer.drain() == 2  # one claimed batch: the image and the AI result after it, handed to enqueue
-    assert writes.count == 1 and queued == [image]  # queued: the image after the destination came, not the AI result
+    # queued: the image stored after the destination came, not the AI result it does not take
+    assert writes.count == 1 and queued == [image]
     assert consumer.position == result and before[-1] < image
