@@ -506,6 +506,11 @@ def run_ingest(
         stack.callback(on_db.close)
         stack.callback(off_db.close)
         rx = _Receivers(work_dir, ours_on, on_db, ours_off, off_db, orthanc)
+        section["idle_rss_mb_after_start"] = {
+            "ours_on": round(proc_status_kb(ours_on.pid).get("VmRSS", 0) / 1024, 1),
+            "ours_off": round(proc_status_kb(ours_off.pid).get("VmRSS", 0) / 1024, 1),
+            "orthanc": round(proc_status_kb(orthanc.pid).get("VmRSS", 0) / 1024, 1) if orthanc else None,
+        }
         section["orthanc"] = (
             {
                 "version": orthanc.version,
@@ -596,6 +601,11 @@ def _f(value: Any, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _idle(ingest: Mapping[str, Any]) -> str:
+    idle = ingest.get("idle_rss_mb_after_start") or {}
+    return ", ".join(f"{LABELS[k]} {_f(idle.get(k), 0)} MB" for k in ("ours_on", "ours_off", "orthanc"))
+
+
 def _rate_cell(figures: Mapping[str, Any] | None) -> str:
     if not figures:
         return "n/a"
@@ -662,7 +672,8 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
             "",
             f"Memory: {memory['associations']} associations at once, one {memory['image_mb']} MB image each: ours "
             f"(triage on) peak sampled RSS {memory['ours_on']['peak_rss_mb']} MB (VmHWM since start "
-            f"{memory['ours_on']['vm_hwm_mb_lifetime_after']} MB); Orthanc {o.get('peak_rss_mb', 'n/a')} MB.",
+            f"{memory['ours_on']['vm_hwm_mb_lifetime_after']} MB); Orthanc {o.get('peak_rss_mb', 'n/a')} MB. "
+            f"Idle after start: {_idle(ingest)}.",
         ]
     targets = ingest.get("targets") or []
     if targets:
