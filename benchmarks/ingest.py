@@ -429,7 +429,8 @@ def _warm_up(rx: _Receivers, images: list[ImageInfo]) -> None:
 
 
 def _memory(rx: _Receivers, big: ImageInfo) -> tuple[dict[str, Any], list[str]]:
-    """8 associations at once, one 15.7 MB image each, to our triage-on server, then to Orthanc."""
+    """8 associations at once, one 15.7 MB image each, to our triage-on server (the goal), then to the
+    triage-off one (the gateway alone) and to Orthanc (for reference)."""
     files = unique_copies(big.path, rx.work_dir / "ingest-memory", MEMORY_ASSOCIATIONS, "mem")
     uids = [sop_instance_uid(p) for p in files]
     shares = [[p] for p in files]
@@ -438,6 +439,11 @@ def _memory(rx: _Receivers, big: ImageInfo) -> tuple[dict[str, Any], list[str]]:
     os.sync()
     ours, failures = _measure_ours(rx.ours_on, rx.on_db, True, shares, uids, big, n_bytes, f"{where} ours")
     ours["vm_hwm_mb_lifetime_after"] = round(proc_status_kb(rx.ours_on.pid).get("VmHWM", 0) / 1024, 1)
+    # The same 8 to the triage-off server: what the gateway's receive + store path holds on its own.
+    os.sync()
+    off, more = _measure_ours(rx.ours_off, rx.off_db, False, shares, uids, big, n_bytes, f"{where} ours off")
+    off["vm_hwm_mb_lifetime_after"] = round(proc_status_kb(rx.ours_off.pid).get("VmHWM", 0) / 1024, 1)
+    failures += more
     orthanc = None
     if rx.orthanc is not None:
         os.sync()
@@ -452,6 +458,7 @@ def _memory(rx: _Receivers, big: ImageInfo) -> tuple[dict[str, Any], list[str]]:
         "associations": MEMORY_ASSOCIATIONS,
         "image_mb": round(mb(big.size_bytes), 2),
         "ours_on": ours,
+        "ours_off": off,
         "orthanc": orthanc,
         "target": at_most(
             f"memory, {MEMORY_ASSOCIATIONS} concurrent {mb(big.size_bytes):.1f} MB associations",
@@ -533,6 +540,7 @@ def run_ingest(
             m = section["memory"]
             progress(
                 f"ingest memory: ours peak RSS {m['ours_on']['peak_rss_mb']} MB (goal <= {MEMORY_GOAL_MB:.0f}), "
+                f"triage off {m['ours_off']['peak_rss_mb']} MB, "
                 f"Orthanc {(m['orthanc'] or {}).get('peak_rss_mb', 'n/a')} MB"
             )
         copies: dict[str, list[Path]] = {}
@@ -672,7 +680,8 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
             "",
             f"Memory: {memory['associations']} associations at once, one {memory['image_mb']} MB image each: ours "
             f"(triage on) peak sampled RSS {memory['ours_on']['peak_rss_mb']} MB (VmHWM since start "
-            f"{memory['ours_on']['vm_hwm_mb_lifetime_after']} MB); Orthanc {o.get('peak_rss_mb', 'n/a')} MB. "
+            f"{memory['ours_on']['vm_hwm_mb_lifetime_after']} MB); ours, triage off (the gateway alone) "
+            f"{(memory.get('ours_off') or {}).get('peak_rss_mb', 'n/a')} MB; Orthanc {o.get('peak_rss_mb', 'n/a')} MB. "
             f"Idle after start: {_idle(ingest)}.",
         ]
     targets = ingest.get("targets") or []
