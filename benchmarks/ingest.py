@@ -39,7 +39,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from benchmarks import SHARED_DICOM
 from benchmarks.common import BenchSetupError, mb, percentile, progress
 from benchmarks.dicom_files import ImageInfo, image_info, renew_uids, sop_instance_uid, unique_copies
-from benchmarks.orthanc import CONFIG_KEYS_SET, OrthancReceiver, orthanc_binary
+from benchmarks.orthanc import CONFIG_KEYS_SET, ORTHANC_AET, OrthancReceiver, orthanc_binary
 from benchmarks.scaleout import proc_cpu_s, rates
 from benchmarks.server import (
     REFERENCE_AE,
@@ -335,7 +335,7 @@ def _measure_orthanc(
     count_before = orthanc.count_instances()
     cpu_before = proc_cpu_s(orthanc.pid)
     with RssSampler(orthanc.pid) as rss:
-        sends = send_all(shares, info.storescu_flag, orthanc.dicom_port, "ORTHANC", _timeout(n))
+        sends = send_all(shares, info.storescu_flag, orthanc.dicom_port, ORTHANC_AET, _timeout(n))
     cpu_after = proc_cpu_s(orthanc.pid)
     t0, t1 = _window(sends)
     failures = _send_failures(where, sends)
@@ -423,7 +423,7 @@ def _warm_up(rx: _Receivers, images: list[ImageInfo]) -> None:
         send_all([warm], info.storescu_flag, rx.ours_on.dicom_port, SERVER_AE, 120.0)
         send_all([warm], info.storescu_flag, rx.ours_off.dicom_port, SERVER_AE, 120.0)
         if rx.orthanc is not None:
-            send_all([warm], info.storescu_flag, rx.orthanc.dicom_port, "ORTHANC", 120.0)
+            send_all([warm], info.storescu_flag, rx.orthanc.dicom_port, ORTHANC_AET, 120.0)
         rx.on_db.wait_settled(uid, time.monotonic() + 120.0, 0.1, rx.ours_on.alive)
         shutil.rmtree(rx.work_dir / "ingest-warm", ignore_errors=True)
 

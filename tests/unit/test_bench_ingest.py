@@ -8,12 +8,15 @@ report's figures and its verdicts come from.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
+from benchmarks import ingest
+from benchmarks.common import BenchSetupError
 from benchmarks.dicom_files import EXPLICIT_LE, ImageInfo
 from benchmarks.ingest import (
     RECEIVERS,
@@ -33,7 +36,7 @@ from benchmarks.ingest import (
     summarize_workload,
     workload_targets,
 )
-from benchmarks.orthanc import CONFIG_KEYS_SET, orthanc_config
+from benchmarks.orthanc import CONFIG_KEYS_SET, OrthancReceiver, orthanc_config
 
 
 def _info(name: str, size: int) -> ImageInfo:
@@ -203,3 +206,19 @@ def test_report_says_n_a_for_a_missing_orthanc() -> None:
     row = next(line for line in text.splitlines() if line.startswith("| 40 x 0.5 MB"))
     assert row.count("n/a") >= 3  # Orthanc's column, ours on, and the ratios against them
     assert "100.0 MB/s, 200.0 img/s" in row and "0.50" in row  # off / storescp
+
+
+def test_a_missing_orthanc_is_a_warning_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest, "orthanc_binary", lambda: None)
+    warnings: list[str] = []
+    with ExitStack() as stack:
+        assert ingest._start_orthanc(tmp_path, stack, warnings) is None
+    assert len(warnings) == 1 and "n/a" in warnings[0]
+
+
+def test_orthanc_receiver_without_the_binary_raises_the_setup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("benchmarks.orthanc.orthanc_binary", lambda: None)
+    with pytest.raises(BenchSetupError, match="Orthanc not installed"):
+        OrthancReceiver(tmp_path).start()
