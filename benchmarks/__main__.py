@@ -33,7 +33,17 @@ from benchmarks.report import collect_targets, markdown, write_json
 from benchmarks.server import ResultsDB, TriageServer, env_overrides, proc_status_kb
 from xray_triage_tools.faultproxy import parse_rate
 
-PARTS = ("latency", "throughput", "inference", "viewer", "worklist", "dicomweb", "delivery", "scaleout")
+PARTS = (
+    "latency",
+    "throughput",
+    "ingest",
+    "inference",
+    "viewer",
+    "worklist",
+    "dicomweb",
+    "delivery",
+    "scaleout",
+)
 # --quick without --only leaves out the parts that cannot be made small: scaleout starts 12
 # server processes (each loads the model) and takes ~2-3 min even with 8 images.
 NOT_IN_QUICK_DEFAULT = ("scaleout",)
@@ -321,6 +331,19 @@ def run(args: argparse.Namespace) -> int:
             require_tools(DCMTK_TOOLS)
             _detector_source_ok()
             variants = _server_parts(args, plan, parts, work, report)
+        if "ingest" in parts:
+            from benchmarks.ingest import IngestPlan, run_ingest
+
+            require_tools(("storescu", "storescp", "echoscu", "dcmodify", "dcmdjpls", "dcmcjpeg", "dcmcrle"))
+            _detector_source_ok()
+            ingest_plan = IngestPlan.for_mode(args.quick)
+            if variants is None:
+                progress("ingest: making the 2800x2800 variants (dcmdjpls, dcmcjpeg, dcmcrle)")
+                variants = make_detector_variants(DETECTOR_SOURCE, work / "images", have_gdcm=False)
+            big = {v.name: v for v in variants}.get("explicit-le")
+            report["ingest"], failures = run_ingest(args.model, big, work, ingest_plan)
+            report["failures"] += failures
+            report["warnings"] += report["ingest"]["warnings"]
         if "inference" in parts:
             from benchmarks.inference import run_inference
 

@@ -397,6 +397,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _latency_lines(report["latency"])
     if report.get("throughput"):
         lines += _throughput_lines(report["throughput"])
+    if report.get("ingest"):
+        from benchmarks.ingest import markdown_lines as ingest_lines
+
+        lines += ingest_lines(report["ingest"])
     if report.get("inference"):
         lines += _inference_lines(report["inference"])
     if report.get("viewer"):
@@ -417,7 +421,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Warnings:", *(f"- {w}" for w in report["warnings"])]
     if report.get("failures"):
         lines += ["", f"FAILED ({len(report['failures'])}):", *(f"- {f}" for f in report["failures"])]
-    elif report.get("latency") or report.get("throughput") or report.get("worklist") or report.get("scaleout"):
+    elif any(report.get(p) for p in ("latency", "throughput", "ingest", "worklist", "scaleout")):
         lines += ["", "Every image sent was stored and triaged."]
     else:
         lines += ["", "No failures."]
@@ -432,6 +436,7 @@ def collect_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             targets.append({"where": f"latency {c['case']}", **c["target"]})
     for r in (report.get("throughput") or {}).get("runs", []):
         targets.append({"where": f"throughput K={r['concurrency']}", **r["target"]})
+    targets += (report.get("ingest") or {}).get("targets", [])
     for r in (report.get("inference") or {}).get("results", []):
         targets.append({"where": f"inference {r['provider']} batch {r['batch']}", **r["target"]})
     viewer = report.get("viewer") or {}

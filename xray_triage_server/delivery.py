@@ -3,6 +3,8 @@
 The consumer (``OutboxConsumer(db, "delivery", ...)``) turns each ``InstanceStored`` and
 ``ResultObjectStored`` event into queue rows (``store/deliveries.enqueue``) in the transaction
 that advances its cursor; once that commits, the senders (``dicom_sender/service.py``) are woken.
+Events no destination wants (``deliveries.wanted``: images while no destination takes images,
+any other type) are skipped without a write transaction (``outbox_consumer.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class DeliveryRuntime:
         self.settings = settings
         self.db = db
         self.service = DeliveryService(db, sender_config(settings))
-        self.consumer = OutboxConsumer(db, CONSUMER_NAME, self._handle, poll_s=settings.delivery_poll_s)
+        self.consumer = OutboxConsumer(
+            db, CONSUMER_NAME, self._handle, poll_s=settings.delivery_poll_s, wants=deliveries.wanted
+        )
 
     def _handle(self, session: Session, stored: StoredEvent) -> None:
         if deliveries.enqueue(session, stored) and not session.info.get("delivery_wake"):

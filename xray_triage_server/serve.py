@@ -444,6 +444,7 @@ def results_consumer(settings: Settings, db: Database, card: ModelCard) -> Outbo
         results_producer.CONSUMER,
         lambda session, stored: results_producer.handle(session, stored, config),
         batch=1,
+        wants=results_producer.wants,  # every image's InstanceStored, for one, takes no write lock
     )
 
 

@@ -66,7 +66,9 @@ def env(tmp_path: Path, model_dir: Path, shared_dicom: Path) -> WebEnv:
 
 def _consumer(env: WebEnv) -> OutboxConsumer:
     config = producer.ResultsConfig(env.data_dir, load_card(env.model_dir), ROOT, clock=lambda: NOW)
-    return OutboxConsumer(env.db, producer.CONSUMER, lambda session, stored: producer.handle(session, stored, config))
+    return OutboxConsumer(  # with the server's predicate: what it skips must change no result
+        env.db, producer.CONSUMER, lambda session, stored: producer.handle(session, stored, config), wants=producer.wants
+    )
 
 
 def _objects(env: WebEnv) -> list[ResultObject]:
@@ -186,8 +188,9 @@ def test_an_unreadable_source_is_logged_and_skipped_not_a_stuck_consumer(
     assert "/" not in caplog.records[0].getMessage().split("cannot be read")[1]  # no server path in the message
     assert sorted(o.kind for o in _objects(env)) == ["ai-gsps", "ai-sr"]  # the other image's, filed
     assert {o.sop_instance_uid for o in _objects(env)} == {e.sop_instance_uid for e in _stored_events(env)}
+    consumer.stop()  # writes the position past the ResultObjectStored events it skipped without a write
     with env.db.read_session() as session:
-        assert outbox.cursor(session, producer.CONSUMER) == outbox.latest_id(session)
+        assert outbox.cursor(session, producer.CONSUMER) == outbox.latest_id(session) == consumer.position
         study_ids = set(session.scalars(select(ResultObject.study_id)))
         assert study_ids == {session.scalar(select(Study.id).where(Study.study_instance_uid == other_study))}
     assert other_sop

@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from xray_triage.events import AnnotationChanged, ConsultAnswered, ReplyPosted, TriageCompleted
+from xray_triage.events import AnnotationChanged, ConsultAnswered, Event, ReplyPosted, TriageCompleted
 from xray_triage.inference.card import ModelCard
 from xray_triage.results import ai_gsps, ai_sr, annotation_gsps, consult_sr
 from xray_triage.results.common import content_hash, read_source
@@ -59,6 +59,14 @@ class CannotBuild(Exception):
     """An object cannot be made from what is stored (an unreadable source file, a header highdicom
     refuses): logged and skipped, since trying again would fail the same way and would stop the
     consumer for every later event."""
+
+
+def wants(_session: Session, event: Event) -> bool:
+    """The events ``handle`` acts on (the consumer's ``wants``: the rest, such as every
+    ``InstanceStored``, are skipped without a write transaction, ``outbox_consumer.py``)."""
+    return isinstance(event, (TriageCompleted, AnnotationChanged, ConsultAnswered)) or (
+        isinstance(event, ReplyPosted) and event.status == CONSULT_ANSWERED
+    )
 
 
 def handle(session: Session, stored: StoredEvent, config: ResultsConfig) -> None:

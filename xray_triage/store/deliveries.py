@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, select
 from sqlalchemy.orm import Session
 
-from xray_triage.events import InstanceStored, ResultObjectStored
+from xray_triage.events import Event, InstanceStored, ResultObjectStored
 from xray_triage.store.delivery_schema import (
     CATEGORY_IMAGES,
     DELIVERY_PENDING,
@@ -39,6 +39,7 @@ from xray_triage.store.schema import Instance, Study
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 500
+_WANTED_KEY = "delivery_wanted_categories"  # session.info: the categories some destination wants
 
 
 def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
@@ -49,13 +50,28 @@ def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
     return min(max_s, initial_s * 2 ** min(failures - 1, 62))
 
 
-def _category_and_uid(stored: StoredEvent) -> tuple[str, str] | None:
-    event = stored.event
+def _category_and_uid(event: Event) -> tuple[str, str] | None:
     if isinstance(event, InstanceStored):
         return CATEGORY_IMAGES, event.sop_instance_uid
     if isinstance(event, ResultObjectStored):
         return event.category, event.sop_instance_uid
     return None
+
+
+def wanted(session: Session, event: Event) -> bool:
+    """Whether ``enqueue`` could queue anything for ``event``: it carries an object (an image, a
+    result object) of a category that some destination wants, as the destinations stand in
+    ``session``. The delivery consumer's ``wants`` (``outbox_consumer.py``): events it says False
+    for are skipped without a write transaction. The categories are read once per session, i.e.
+    once per batch of events read."""
+    found = _category_and_uid(event)
+    if found is None:
+        return False
+    categories: set[str] | None = session.info.get(_WANTED_KEY)
+    if categories is None:
+        categories = {category for d in session.scalars(select(Destination)) for category in d.categories}
+        session.info[_WANTED_KEY] = categories
+    return found[0] in categories
 
 
 def enqueue(session: Session, stored: StoredEvent, now: datetime | None = None) -> int:
@@ -64,7 +80,7 @@ def enqueue(session: Session, stored: StoredEvent, now: datetime | None = None) 
     Idempotent: a row that exists (same destination, SOP Instance UID, version 0) is left alone.
     Events of other types add nothing.
     """
-    found = _category_and_uid(stored)
+    found = _category_and_uid(stored.event)
     if found is None:
         return 0
     category, sop_uid = found

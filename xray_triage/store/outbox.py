@@ -128,15 +128,29 @@ def cursor(session: Session, consumer: str) -> int:
     return session.scalar(select(OutboxCursor.last_id).where(OutboxCursor.consumer == consumer)) or 0
 
 
-def claim(session: Session, consumer: str, limit: int = 100) -> tuple[list[StoredEvent], int]:
+def claim(session: Session, consumer: str, limit: int = 100, after: int = 0) -> tuple[list[StoredEvent], int]:
     """The next events for ``consumer`` and the id to ``advance`` to once they are worked off.
 
     Call it in the consumer's write transaction; the cursor row is read ``FOR UPDATE`` (on
     SQLite the transaction already holds the write lock), so two copies of one consumer do not
-    work off the same events at once.
+    work off the same events at once. ``after``: an id the consumer already knows it is past
+    (events it skipped without a write, ``outbox_consumer.py``); the events start after the
+    greater of it and the stored cursor, never before the stored cursor.
     """
+    return read_after(session, max(_locked_cursor(session, consumer), after), limit)
+
+
+def _locked_cursor(session: Session, consumer: str) -> int:
     row = session.scalar(select(OutboxCursor).where(OutboxCursor.consumer == consumer).with_for_update())
-    return read_after(session, row.last_id if row is not None else 0, limit)
+    return row.last_id if row is not None else 0
+
+
+def skip_to(session: Session, consumer: str, last_id: int) -> None:
+    """Move ``consumer``'s cursor forward to ``last_id`` (never back) with nothing else to commit:
+    the events up to it were read and found to be none of the consumer's business. The row is
+    locked first, as in ``claim``, so a copy that moved it further meanwhile is not undone."""
+    _locked_cursor(session, consumer)
+    advance(session, consumer, last_id)
 
 
 def advance(session: Session, consumer: str, last_id: int) -> None:
