@@ -19,7 +19,7 @@ from sqlalchemy import event, func, select
 
 from e2e_helpers import SHARED_DATA
 from xray_triage.store.db import Database
-from xray_triage.store.ingest import STATUS_OUT_OF_RESOURCES, IngestOutcome, Ingestor, TriagePolicy
+from xray_triage.store.ingest import STATUS_OUT_OF_RESOURCES, Ingestor, IngestOutcome, TriagePolicy
 from xray_triage.store.schema import Instance, TriageJob
 
 SOURCE = SHARED_DATA / "dicom" / "dev_06_dx_pa_j2k_lossless.dcm"
