@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -307,38 +308,28 @@ class Ingestor:
             log.debug("group commit", extra={"instances": len(batch)})
 
     def _file_once(self, jobs: list[_Job]) -> list[_Job]:
-        """One write transaction for ``jobs``; returns those to decide again (another writer won a race)."""
+        """One write transaction for ``jobs``; returns those to decide again (another writer won a race).
+
+        Each instance of a batch gets a savepoint, so one that cannot be filed (its rename
+        fails, or a concurrent writer committed the same UIDs first) fails or is decided
+        again alone. A batch of one needs no savepoint (two statements fewer): the failure
+        rolls its whole transaction back instead.
+        """
         placed: list[tuple[_Job, Path, IngestOutcome]] = []  # renamed into the store, outcome on commit
         answered: list[tuple[_Job, IngestOutcome]] = []  # decided without filing anything
         again: list[_Job] = []
         dirs: list[Path] = []
+        alone = len(jobs) == 1
         try:
             with self.db.session() as session:
                 for job in jobs:
                     try:
-                        with session.begin_nested():
+                        with nullcontext() if alone else session.begin_nested():
                             result = self._file_one(session, job.received, dirs)
-                    except IntegrityError as exc:
-                        # Another process committed the same SOP instance, study or series first.
-                        log.info(
-                            "concurrent insert, deciding again",
-                            extra={"sop_uid": job.received.meta.sop_instance_uid, "error": str(exc)},
-                        )
-                        again.append(job)
-                        continue
-                    except OSError as exc:  # the rename or a directory for it failed: this one alone
-                        log.error(
-                            "cannot file DICOM file",
-                            extra={"sop_uid": job.received.meta.sop_instance_uid, "error": str(exc)},
-                        )
-                        answered.append(
-                            (
-                                job,
-                                IngestOutcome(
-                                    STATUS_OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}"
-                                ),
-                            )
-                        )
+                    except (IntegrityError, OSError) as exc:
+                        if alone:
+                            raise  # roll the transaction back; handled below
+                        _one_failed(job, exc, again, answered)
                         continue
                     outcome, final = result
                     if final is None:
@@ -346,13 +337,16 @@ class Ingestor:
                     else:
                         placed.append((job, final, outcome))
                 fsync_dirs(dirs)  # the new names are durable before the rows that point at them
-        except (SQLAlchemyError, OSError) as exc:
+        except (IntegrityError, OSError) as exc:
             for _job, final, _outcome in placed:
                 _unlink(final)
-            log.error("cannot commit instance rows", extra={"instances": len(jobs), "error": str(exc)})
-            for job in jobs:
-                job.outcome = IngestOutcome(STATUS_OUT_OF_RESOURCES, f"cannot record instance: {exc}")
-            return []
+            if not alone or placed:  # a directory fsync or the commit itself failed
+                return self._all_failed(jobs, exc)
+            _one_failed(jobs[0], exc, again, answered)
+        except SQLAlchemyError as exc:
+            for _job, final, _outcome in placed:
+                _unlink(final)
+            return self._all_failed(jobs, exc)
         except BaseException:
             for _job, final, _outcome in placed:
                 _unlink(final)
@@ -365,6 +359,13 @@ class Ingestor:
             if outcome.quarantined:
                 self._log_quarantined(job.received, outcome)
         return again
+
+    @staticmethod
+    def _all_failed(jobs: list[_Job], exc: BaseException) -> list[_Job]:
+        log.error("cannot commit instance rows", extra={"instances": len(jobs), "error": str(exc)})
+        for job in jobs:
+            job.outcome = IngestOutcome(STATUS_OUT_OF_RESOURCES, f"cannot record instance: {exc}")
+        return []
 
     def _file_one(
         self, session: Session, rx: _Received, dirs: list[Path]
@@ -457,6 +458,21 @@ class Ingestor:
                 "cannot compare with the stored copy", extra={"path": plan.existing_file, "error": str(exc)}
             )
             return False
+
+
+def _one_failed(
+    job: _Job, exc: BaseException, again: list[_Job], answered: list[tuple[_Job, IngestOutcome]]
+) -> None:
+    """Sort one instance's failure: decide it again (a concurrent writer won), or answer 0xA700."""
+    sop_uid = job.received.meta.sop_instance_uid
+    if isinstance(exc, IntegrityError):
+        # Another process committed the same SOP instance, study or series first.
+        log.info("concurrent insert, deciding again", extra={"sop_uid": sop_uid, "error": str(exc)})
+        again.append(job)
+        return
+    strerror = getattr(exc, "strerror", None)
+    log.error("cannot file DICOM file", extra={"sop_uid": sop_uid, "error": str(exc)})
+    answered.append((job, IngestOutcome(STATUS_OUT_OF_RESOURCES, f"cannot write file: {strerror or exc}")))
 
 
 def _unlink(path: Path) -> None:

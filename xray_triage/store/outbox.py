@@ -75,16 +75,23 @@ class StoredEvent:
     event: Event
 
 
+_INSERT_EVENT = insert(OutboxEvent.__table__)
+
+
 def record(session: Session, event: Event) -> None:
     """Add ``event`` to the outbox in ``session``'s transaction (committed or rolled back with the change)."""
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.execute(text(f"LOCK TABLE {OutboxEvent.__tablename__} IN SHARE ROW EXCLUSIVE MODE"))
-    # A Core INSERT, not an ORM object: written for every received image, in the gateway's batch.
-    session.execute(
-        insert(OutboxEvent.__table__).values(
-            type=event.type, study_uid=event.study_uid, station_ae=event.station_ae, payload=event.payload()
-        )
+    # A prepared Core INSERT, not an ORM object: written for every received image.
+    session.connection().execute(
+        _INSERT_EVENT,
+        {
+            "type": event.type,
+            "study_uid": event.study_uid,
+            "station_ae": event.station_ae,
+            "payload": event.payload(),
+        },
     )
     session.info.setdefault(_PENDING_KEY, []).append(event)
 

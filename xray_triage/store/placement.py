@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from xray_triage.store.dicom_meta import InstanceMeta
@@ -46,23 +46,30 @@ class Placement:
     existing_transfer_syntax: str = ""
 
 
+# Built once: this runs for every received image, and building and keying a statement each
+# time cost more CPU than running it (issue 17's profile).
+_SAME_SOP = select(
+    Instance.id, Instance.series_id, Instance.file_path, Instance.calling_ae, Instance.transfer_syntax_uid
+).where(Instance.sop_instance_uid == bindparam("uid"))
+_SERIES_OWNER = (
+    select(Study.station_ae)
+    .join(Series, Series.study_id == Study.id)
+    .where(Series.id == bindparam("series_id"))
+)
+_STUDY_STATION = select(Study.station_ae).where(Study.study_instance_uid == bindparam("uid"))
+_SERIES_STUDY = (
+    select(Study.station_ae, Study.study_instance_uid)
+    .join(Series, Series.study_id == Study.id)
+    .where(Series.series_instance_uid == bindparam("uid"))
+)
+
+
 def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
     """Decide in ``session`` (the transaction that will insert) where ``meta`` may go."""
-    existing = session.execute(
-        select(
-            Instance.id,
-            Instance.series_id,
-            Instance.file_path,
-            Instance.calling_ae,
-            Instance.transfer_syntax_uid,
-        ).where(Instance.sop_instance_uid == meta.sop_instance_uid)
-    ).first()
+    conn = session.connection()
+    existing = conn.execute(_SAME_SOP, {"uid": meta.sop_instance_uid}).first()
     if existing is not None:
-        owner = session.scalar(
-            select(Study.station_ae)
-            .join(Series, Series.study_id == Study.id)
-            .where(Series.id == existing.series_id)
-        )
+        owner = conn.execute(_SERIES_OWNER, {"series_id": existing.series_id}).scalar()
         return Placement(
             QUARANTINE_SOP_CONFLICT,
             "SOP Instance UID already stored with other content or from another station",
@@ -72,20 +79,14 @@ def place(session: Session, meta: InstanceMeta, calling_ae: str) -> Placement:
             existing.calling_ae,
             existing.transfer_syntax_uid,
         )
-    study_station = session.scalar(
-        select(Study.station_ae).where(Study.study_instance_uid == meta.study_instance_uid)
-    )
+    study_station = conn.execute(_STUDY_STATION, {"uid": meta.study_instance_uid}).scalar()
     if study_station is not None and study_station != calling_ae:
         return Placement(
             QUARANTINE_STUDY_OTHER_STATION,
             "Study Instance UID already used by another station",
             study_station,
         )
-    row = session.execute(
-        select(Study.station_ae, Study.study_instance_uid)
-        .join(Series, Series.study_id == Study.id)
-        .where(Series.series_instance_uid == meta.series_instance_uid)
-    ).first()
+    row = conn.execute(_SERIES_STUDY, {"uid": meta.series_instance_uid}).first()
     if row is not None:
         series_station, series_study = row
         if series_station != calling_ae:

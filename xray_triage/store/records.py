@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Connection, Insert, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from xray_triage.priority import PRIORITY_RANK
@@ -41,19 +41,62 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
+# Built once: these run for every received image (see ``add_instance``).
+_STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+_SERIES_ID = select(Series.id).where(Series.series_instance_uid == bindparam("uid"))
+_INSERT_STUDY = insert(Study.__table__)
+_INSERT_SERIES = insert(Series.__table__)
+_INSERT_INSTANCE = insert(Instance.__table__)
+_INSERT_JOB = insert(TriageJob.__table__)
+_STUDY_PENDING = (
+    update(Study.__table__)
+    .where(Study.__table__.c.id == bindparam("study_id"))
+    .values(ai_status=AI_PENDING, updated_at=bindparam("now"))
+)
+
+
 def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, triage: bool) -> int:
     """Insert the instance (with its study and series if new) and, if asked, its triage job; return its id.
 
-    Plain SQL expressions (SQLAlchemy Core), not ORM objects: this runs for every received
-    image inside the gateway's write transaction, where the ORM's unit of work cost more CPU
-    than the inserts themselves (issue 17's profile). The study's AI status and priority are
-    kept as ``refresh_study`` computes them.
+    Prepared SQLAlchemy Core statements on the session's connection, not ORM objects: this runs
+    for every received image inside the gateway's write transaction, where the ORM's unit of
+    work and building each statement anew cost more CPU than the inserts themselves (issue 17's
+    profile). The study's AI status and priority are kept as ``refresh_study`` computes them.
     """
-    study_id = _get_or_create_study(session, meta, receipt.calling_ae)
-    series_id = _get_or_create_series(session, meta, study_id)
+    conn = session.connection()
+    study_id = conn.execute(_STUDY_ID, {"uid": meta.study_instance_uid}).scalar()
+    if study_id is None:
+        study_id = _insert(
+            conn,
+            _INSERT_STUDY,
+            study_instance_uid=meta.study_instance_uid,
+            patient_id=meta.patient_id,
+            patient_name=meta.patient_name,
+            patient_sex=meta.patient_sex,
+            patient_birth_date=meta.patient_birth_date,
+            patient_age=meta.patient_age,
+            study_date=meta.study_date,
+            study_time=meta.study_time,
+            accession_number=meta.accession_number,
+            description=meta.study_description,
+            institution_name=meta.institution_name,
+            station_ae=receipt.calling_ae,
+        )
+    series_id = conn.execute(_SERIES_ID, {"uid": meta.series_instance_uid}).scalar()
+    if series_id is None:
+        series_id = _insert(
+            conn,
+            _INSERT_SERIES,
+            series_instance_uid=meta.series_instance_uid,
+            study_id=study_id,
+            modality=meta.modality,
+            body_part=meta.body_part,
+            series_number=meta.series_number,
+            description=meta.series_description,
+        )
     instance_id = _insert(
-        session,
-        Instance.__table__,
+        conn,
+        _INSERT_INSTANCE,
         sop_instance_uid=meta.sop_instance_uid,
         sop_class_uid=meta.sop_class_uid,
         series_id=series_id,
@@ -71,13 +114,9 @@ def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, tria
         ai_status=AI_PENDING if triage else AI_NOT_APPLICABLE,
     )
     if triage:
-        _insert(session, TriageJob.__table__, instance_id=instance_id)
+        _insert(conn, _INSERT_JOB, instance_id=instance_id)
         # A waiting image makes the study pending; its priority (from results) is unchanged.
-        session.execute(
-            update(Study.__table__)
-            .where(Study.__table__.c.id == study_id)
-            .values(ai_status=AI_PENDING, updated_at=utcnow())
-        )
+        conn.execute(_STUDY_PENDING, {"study_id": study_id, "now": utcnow()})
     else:
         study = session.get(Study, study_id)
         assert study is not None
@@ -85,49 +124,9 @@ def add_instance(session: Session, meta: InstanceMeta, receipt: Receipt, *, tria
     return instance_id
 
 
-def _insert(session: Session, table: Table, **values: object) -> int:
-    """INSERT one row (column defaults applied); its primary key."""
-    return int(session.execute(insert(table).values(**values)).inserted_primary_key[0])
-
-
-def _get_or_create_study(session: Session, meta: InstanceMeta, calling_ae: str) -> int:
-    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid))
-    if study_id is not None:
-        return study_id
-    return _insert(
-        session,
-        Study.__table__,
-        study_instance_uid=meta.study_instance_uid,
-        patient_id=meta.patient_id,
-        patient_name=meta.patient_name,
-        patient_sex=meta.patient_sex,
-        patient_birth_date=meta.patient_birth_date,
-        patient_age=meta.patient_age,
-        study_date=meta.study_date,
-        study_time=meta.study_time,
-        accession_number=meta.accession_number,
-        description=meta.study_description,
-        institution_name=meta.institution_name,
-        station_ae=calling_ae,
-    )
-
-
-def _get_or_create_series(session: Session, meta: InstanceMeta, study_id: int) -> int:
-    series_id = session.scalar(
-        select(Series.id).where(Series.series_instance_uid == meta.series_instance_uid)
-    )
-    if series_id is not None:
-        return series_id
-    return _insert(
-        session,
-        Series.__table__,
-        series_instance_uid=meta.series_instance_uid,
-        study_id=study_id,
-        modality=meta.modality,
-        body_part=meta.body_part,
-        series_number=meta.series_number,
-        description=meta.series_description,
-    )
+def _insert(conn: Connection, statement: Insert, **values: object) -> int:
+    """Run a prepared INSERT for one row (column defaults applied); its primary key."""
+    return int(conn.execute(statement, values).inserted_primary_key[0])
 
 
 def refresh_study(session: Session, study: Study) -> None:
