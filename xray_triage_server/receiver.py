@@ -106,6 +106,9 @@ def run_receiver(settings: Settings, index: int, events_fd: int, parent: BinaryI
         stop.wait()
         return 0
     finally:
+        # Stopping already: a further SIGTERM (a supervisor signalling the whole group) must not kill
+        # the interpreter while it exits (Python restores the default action at finalization).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         gateway.stop(settings.shutdown_grace_s)
         if relay.dropped:
             log.warning(

@@ -123,7 +123,10 @@ class ReceiverPool:
         log.info("starting receiver processes", extra={"receivers": len(self.receivers)})
 
     def request_stop(self) -> None:
-        """SIGTERM every receiver (they finish their associations within shutdown_grace_s); no restarts."""
+        """SIGTERM every receiver (they finish their associations within shutdown_grace_s); no restarts.
+        Once: a second SIGTERM could reach a receiver while its interpreter exits."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         with self._lock:
             for receiver in self.receivers:
