@@ -64,12 +64,12 @@ def _serve_receiver(args: argparse.Namespace) -> int:
     if args.events_fd is None or args.receiver_index is None:
         raise CliError("the receiver role is started by the gateway process when gateway_processes > 1")
     try:
-        settings = read_settings(sys.stdin.buffer)
+        settings = read_settings(sys.stdin.fileno())
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     fields = {"receiver": args.receiver_index, "pid": os.getpid()}
     configure_logging(settings.log_level, settings.log_format, fields=fields)
-    return run_receiver(settings, args.receiver_index, args.events_fd, sys.stdin.buffer)
+    return run_receiver(settings, args.receiver_index, args.events_fd, sys.stdin.fileno())
 
 
 # -- stations --------------------------------------------------------------------------

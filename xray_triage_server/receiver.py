@@ -35,7 +35,6 @@ import os
 import signal
 import threading
 from dataclasses import replace
-from typing import BinaryIO
 
 from dicom_gateway.scp import DicomGateway
 from xray_triage.events import Event, EventRelay
@@ -56,17 +55,23 @@ def listening_line(index: int) -> bytes:
     return json.dumps({"receiver": index, "pid": os.getpid()}).encode() + b"\n"
 
 
-def read_settings(stream: BinaryIO) -> Settings:
-    """The settings the gateway process wrote as the first line of ``stream`` (exact: no file,
-    environment or default is read again). Raises ValueError when there is none."""
-    line = stream.readline()
-    if not line:
-        raise ValueError("no settings on stdin: the receiver role is started by the gateway process")
-    return Settings.model_validate(json.loads(line))
+def read_settings(fd: int) -> Settings:
+    """The settings the gateway process wrote as the first line of ``fd`` (stdin; exact: no file,
+    environment or default is read again). Raises ValueError when there is none.
+
+    Plain ``os.read``, no buffered reader: ``_watch_parent`` then blocks on the same descriptor
+    in a daemon thread, and a buffered reader's lock held there aborts the interpreter at exit."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            raise ValueError("no settings on stdin: the receiver role is started by the gateway process")
+        data += chunk
+    return Settings.model_validate(json.loads(data))
 
 
-def run_receiver(settings: Settings, index: int, events_fd: int, parent: BinaryIO) -> int:
-    """Receive until SIGTERM or until ``parent`` (stdin) reaches end-of-file; returns the exit status.
+def run_receiver(settings: Settings, index: int, events_fd: int, parent_fd: int) -> int:
+    """Receive until SIGTERM or until ``parent_fd`` (stdin) reaches end-of-file; returns the exit status.
 
     ``index``: this receiver's number (1 .. gateway_processes - 1), in its log lines;
     ``events_fd``: the write end of the events pipe.
@@ -75,7 +80,7 @@ def run_receiver(settings: Settings, index: int, events_fd: int, parent: BinaryI
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(
-        target=_watch_parent, args=(parent, stop), name="receiver-parent-watch", daemon=True
+        target=_watch_parent, args=(parent_fd, stop), name="receiver-parent-watch", daemon=True
     ).start()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     data_dir_lock = DataDirLock(settings.data_dir)
@@ -132,10 +137,10 @@ def _write_listening(events_fd: int, index: int, stop: threading.Event) -> None:
             return
 
 
-def _watch_parent(parent: BinaryIO, stop: threading.Event) -> None:
+def _watch_parent(parent_fd: int, stop: threading.Event) -> None:
     """Block on stdin: end-of-file (or an error) means the gateway process has gone."""
     try:
-        while parent.read(4096):
+        while os.read(parent_fd, 4096):
             pass
     except OSError:
         pass
