@@ -44,11 +44,12 @@ def _receiver_pids(server: Server) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie whose new parent has not reaped it yet has ended: not alive)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state != "Z"
 
 
 def _small_copies(samples: list[SampleFile], tmp_path: Path, count: int) -> list[Path]:
@@ -171,3 +172,17 @@ def test_a_killed_receiver_is_restarted_and_nothing_acknowledged_is_lost(
     assert not any(_alive(pid) for pid in pids)
     server.start()
     assert_store_consistent(server.data_dir)
+
+
+def test_receivers_stop_by_themselves_when_the_gateway_process_is_killed(launch_server: Any) -> None:
+    server = launch_server.launch("kill-gateway", env={"XRAY_TRIAGE_GATEWAY_PROCESSES": "3"})
+    pids = _receiver_pids(server) + [
+        int(pid) for pid in re.findall(r"receiver process started receiver=2 pid=(\d+)", server.log())
+    ]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids), server.log_tail()
+    server.kill9()  # no SIGTERM reaches the receivers: their stdin reaches end-of-file
+    deadline = time.monotonic() + RESTART_DEADLINE_S
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), server.log_tail()
+    assert server.log().count("the gateway process has gone: stopping") == 2, server.log_tail()
