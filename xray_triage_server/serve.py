@@ -5,6 +5,8 @@ process runs; several processes on the same or other machines share the database
 (PostgreSQL for more than one machine) and the data directory (shared storage). The triage
 queue's job leases (``xray_triage/triage/jobs.py``) let any number of worker processes
 share the work; live updates go through the outbox table, so every web process sees them.
+With ``gateway_processes`` > 1 the gateway role also starts that many - 1 receiver processes on
+the same DICOM port(s) (``receiver_pool.py``, ``receiver.py``), once its own gateway listens.
 
 Start-up order is chosen so that nothing is acknowledged that cannot be
 processed: the model is loaded, checked against its card's sha256 and warmed up
