@@ -52,6 +52,18 @@ def receiver_command() -> list[str]:
     return [sys.executable, "-m", "xray_triage_server.cli"]
 
 
+def settings_line(settings: Settings, plain_port: int | None, tls_port: int | None) -> bytes:
+    """What a receiver reads on its stdin (``receiver.read_settings``): every setting of this
+    process as one JSON line, with the ports this process bound (a configured 0 is a free port
+    chosen at bind time, which the receivers must share)."""
+    overrides: dict[str, Any] = {}
+    if plain_port is not None:
+        overrides["dicom_port"] = plain_port
+    if tls_port is not None:
+        overrides["dicom_tls_port"] = tls_port
+    return json.dumps({**settings.model_dump(mode="json"), **overrides}).encode() + b"\n"
+
+
 @dataclass(eq=False)
 class _Receiver:
     index: int
@@ -102,13 +114,7 @@ class ReceiverPool:
         ``storage_ready``: whether receiving is allowed (the start-up storage work is done); a
         receiver is (re)started only then.
         """
-        overrides: dict[str, Any] = {}
-        if plain_port is not None:
-            overrides["dicom_port"] = plain_port
-        if tls_port is not None:
-            overrides["dicom_tls_port"] = tls_port
-        data = {**self.settings.model_dump(mode="json"), **overrides}
-        self._child_settings = json.dumps(data).encode() + b"\n"
+        self._child_settings = settings_line(self.settings, plain_port, tls_port)
         self._storage_ready = storage_ready
         self._read_fd, self._write_fd = os.pipe()
         with contextlib.suppress(OSError, AttributeError):  # a smaller pipe only drops more under a burst

@@ -25,7 +25,7 @@ from xray_triage.events import (
     relayed,
 )
 from xray_triage.settings import Settings
-from xray_triage_server.receiver_pool import ReceiverPool
+from xray_triage_server.receiver_pool import ReceiverPool, settings_line
 
 STORED = InstanceStored("1.2.3", "STATION_A", "1.2.3.4.5", "1.2.3.4", 7, True)
 QUARANTINED = InstanceQuarantined("1.2.9", "STATION_B", "1.2.9.1", 3, "Thạnh An: other patient")
@@ -118,3 +118,24 @@ def test_health_counts_only_listening_receivers_of_the_running_process(pipe: tup
     # A line from a receiver that is not running (died since it wrote) does not count.
     pool.take_lines([b'{"receiver": 1, "pid": 999999}'])
     assert health["dicom_receivers"] == {"status": "degraded", "configured": 2, "listening": 0}
+
+
+def test_a_receiver_reads_exactly_the_settings_of_its_gateway_process(pipe: tuple[int, int], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What ``ReceiverPool`` writes on a receiver's stdin (with the bound ports) is what
+    ``read_settings`` gives back, however the gateway process got its settings (here: code, not
+    a file or the environment the receiver could read again)."""
+    from xray_triage_server.receiver import read_settings
+
+    read_fd, write_fd = pipe
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        gateway_processes=3,
+        dicom_port=0,
+        max_associations=12,
+        reserved_station_associations=2,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": 104, "send": ["images"]}],
+        triage_body_parts=["CHEST", "THORAX"],
+        default_character_set="ISO_IR 192",
+    )
+    os.write(write_fd, settings_line(settings, plain_port=41104, tls_port=None))
+    assert read_settings(read_fd) == settings.model_copy(update={"dicom_port": 41104})
