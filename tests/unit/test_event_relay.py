@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,7 +121,9 @@ def test_health_counts_only_listening_receivers_of_the_running_process(pipe: tup
     assert health["dicom_receivers"] == {"status": "degraded", "configured": 2, "listening": 0}
 
 
-def test_a_receiver_reads_exactly_the_settings_of_its_gateway_process(pipe: tuple[int, int], tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_receiver_reads_exactly_the_settings_of_its_gateway_process(
+    pipe: tuple[int, int], tmp_path: Path
+) -> None:
     """What ``ReceiverPool`` writes on a receiver's stdin (with the bound ports) is what
     ``read_settings`` gives back, however the gateway process got its settings (here: code, not
     a file or the environment the receiver could read again)."""
@@ -133,7 +136,9 @@ def test_a_receiver_reads_exactly_the_settings_of_its_gateway_process(pipe: tupl
         dicom_port=0,
         max_associations=12,
         reserved_station_associations=2,
-        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": 104, "send": ["images"]}],
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": 104, "send": ["images"]}
+        ],
         triage_body_parts=["CHEST", "THORAX"],
         default_character_set="ISO_IR 192",
     )
