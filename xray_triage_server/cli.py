@@ -48,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_variant=args.variant,
         ae_title=args.ae_title,
         roles=args.roles,
+        gateway_processes=args.gateway_processes,
     )
     configure_logging(settings.log_level, settings.log_format)
     return run_server(settings)
@@ -382,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--roles",
         help="what this process runs, comma-separated: gateway,worker,web (default: all three); "
         "several processes share one database and data directory",
+    )
+    serve.add_argument(
+        "--gateway-processes",
+        type=int,
+        metavar="N",
+        help="gateway_processes: N processes receive DICOM on the same port(s) (default 1; "
+        "recommended for many concurrent senders: the number of CPU cores)",
     )
     # The receiver processes of gateway_processes > 1 (--roles receiver): started by the gateway process.
     serve.add_argument("--events-fd", type=int, help=argparse.SUPPRESS)

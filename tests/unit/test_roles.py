@@ -38,3 +38,14 @@ def test_gateway_processes_is_at_least_one() -> None:
     assert load_settings(None, gateway_processes=4).gateway_processes == 4
     with pytest.raises(SettingsError, match="gateway_processes"):
         load_settings(None, gateway_processes=0)
+
+
+def test_serve_gateway_processes_flag_reaches_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xray_triage import logging_setup
+    from xray_triage_server import cli, serve
+
+    seen: list[int] = []
+    monkeypatch.setattr(logging_setup, "configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "run_server", lambda settings: seen.append(settings.gateway_processes) or 0)
+    assert cli.main(["serve", "--gateway-processes", "3"]) == 0
+    assert seen == [3]
