@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from e2e_helpers import (
+    STATION1,
     SampleFile,
     Server,
     assert_store_consistent,
     copy_with_new_uids,
     counts_for_sop,
+    create_users,
     dataset_bytes,
     http,
     query,
@@ -64,6 +67,7 @@ def test_four_senders_over_two_processes_store_and_triage_everything_then_sigter
     health = server.api("/healthz")  # ready: the helper waited for 200, i.e. the receiver listens
     assert health["dicom_receivers"] == {"status": "ok", "configured": 1, "listening": 1}, health
     (receiver_pid,) = _receiver_pids(server)
+    tokens = create_users(server.data_dir, [("metrics-admin", "admin", None, "metrics-admin-password")])
 
     # 4 senders x 4 images, one association each: 16 associations that the kernel spreads over the
     # two listening sockets by a hash of their addresses (all on one side: p = 2 / 2**16).
@@ -96,6 +100,15 @@ def test_four_senders_over_two_processes_store_and_triage_everything_then_sigter
     assert len(stored_lines) == len(copies), server.log_tail()
     assert by_receiver, "the receiver process stored nothing: the port is not shared"
     assert len(by_receiver) < len(copies), "the gateway process stored nothing: the port is not shared"
+    # The receiver's events are relayed: the gateway process's counters include its images.
+    metrics = http.get(server.url("/metrics"), headers={"Authorization": f"Bearer {tokens['metrics-admin']}"})
+    assert metrics.status_code == 200, metrics.text[:500]
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+    }
+    assert samples[("xray_triage_images_received_total", (("station", STATION1),))] == len(copies)
 
     server.stop_cleanly()  # SIGTERM to the gateway process: exit 0 and its "stopped" line
     assert not _alive(receiver_pid), "the receiver process outlived the gateway process"
