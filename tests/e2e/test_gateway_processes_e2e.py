@@ -158,6 +158,8 @@ def test_a_killed_receiver_is_restarted_and_nothing_acknowledged_is_lost(
         time.sleep(0.25)
     pids = _receiver_pids(server)
     assert len(pids) == 2 and pids[1] != first_pid and _alive(pids[1]), server.log_tail()
+    health = server.api("/healthz")["dicom_receivers"]
+    assert health == {"status": "ok", "configured": 1, "listening": 1}, server.log_tail()
     assert re.search(rf"receiver process died: restarting it receiver=1 pid={first_pid}", server.log())
     assert server.running, server.log_tail()
 
