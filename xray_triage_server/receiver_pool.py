@@ -279,7 +279,10 @@ class ReceiverPool:
         events: list[Event] = []
         for line in lines:
             if line.startswith(b'{"receiver"'):
-                self._listening(json.loads(line))
+                try:
+                    self._listening(json.loads(line))
+                except ValueError as exc:
+                    log.warning("unreadable line from a receiver process", extra={"error": str(exc)})
                 continue
             try:
                 events.append(relayed(line))

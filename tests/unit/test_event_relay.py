@@ -117,7 +117,7 @@ def test_health_counts_only_listening_receivers_of_the_running_process(pipe: tup
     pool = ReceiverPool(Settings(gateway_processes=3), EventHandlers(), health=health)
     assert health["dicom_receivers"] == {"status": "degraded", "configured": 2, "listening": 0}
     # A line from a receiver that is not running (died since it wrote) does not count.
-    pool.take_lines([b'{"receiver": 1, "pid": 999999}'])
+    pool.take_lines([b'{"receiver": 1, "pid": 999999}', b'{"receiver": 1, broken', b"garbage"])
     assert health["dicom_receivers"] == {"status": "degraded", "configured": 2, "listening": 0}
 
 
