@@ -1,4 +1,5 @@
-"""Ingest side by side (issue 17): dcmtk's storescp, Orthanc, and our server with triage off and on.
+"""Ingest side by side (issue 17): dcmtk's storescp, Orthanc, and our server with triage off and on,
+and on with ``gateway_processes`` = the number of cores (at least 2; receiver processes on one port).
 
 Four workloads, the same files to every receiver: N_big copies of the 15.7 MB 2800x2800
 explicit-LE DX from 1 and from 4 concurrent ``storescu`` processes, and N_small copies of a
@@ -11,7 +12,8 @@ storescp is started per send (as in the throughput part), each time in an empty 
 
 Per receiver and workload: img/s and MB/s (first storescu spawned -> last exited), the
 server's CPU seconds per image (utime + stime of its process, before/after; storescp forks a
-child per association and is left out), its peak sampled RSS, and for triage on the time until
+child per association and is left out; with several gateway processes, summed over the gateway
+process and its receiver processes), its peak sampled RSS (summed likewise), and for triage on the time until
 the last result is committed, so "acknowledging at Orthanc's pace while triage catches up" is
 visible. Ratios are taken within a round (same files, same minute) and their median over
 rounds reported. A memory workload (8 associations, one 15.7 MB image each, all at once) gives
@@ -54,18 +56,23 @@ from benchmarks.storescu import SendResult
 from benchmarks.throughput import send_all, split
 
 SMALL_SOURCE = SHARED_DICOM / "dev_01_dx_pa_explicit_window.dcm"  # 1024x1024 16-bit explicit LE DX
-RECEIVERS = ("storescp", "orthanc", "ours_off", "ours_on")
+# "ours_multi": triage on, XRAY_TRIAGE_GATEWAY_PROCESSES = the number of cores (at least 2)
+GATEWAY_PROCESSES = max(2, os.cpu_count() or 1)
+RECEIVERS = ("storescp", "orthanc", "ours_off", "ours_on", "ours_multi")
 LABELS = {
     "storescp": "storescp",
     "orthanc": "Orthanc",
     "ours_on": "ours, triage on",
     "ours_off": "ours, triage off",
+    "ours_multi": f"ours, triage on, {GATEWAY_PROCESSES} gateway processes",
 }
 RATIO_PAIRS = (
     ("ours_on", "storescp"),
     ("ours_on", "orthanc"),
     ("ours_off", "storescp"),
     ("ours_off", "orthanc"),
+    ("ours_multi", "orthanc"),
+    ("ours_multi", "ours_on"),
 )
 GOAL_VS_ORTHANC = 1.0  # issue 17: ours >= 1.0x Orthanc (MB/s big K=4 triage on; img/s small K=4)
 MEMORY_GOAL_MB = 500.0  # issue 17: peak RSS with 8 concurrent 15 MB associations <= 500 MB
@@ -247,6 +254,14 @@ def workload_targets(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, A
                     GOAL_VS_ORTHANC,
                 )
             )
+            targets.append(
+                at_least(
+                    f"ingest {s['label']}, triage on, {GATEWAY_PROCESSES} gateway processes (acknowledged)",
+                    "img/s vs Orthanc",
+                    ratios["ours_multi/orthanc"]["median"],
+                    GOAL_VS_ORTHANC,
+                )
+            )
     return targets
 
 
@@ -297,6 +312,41 @@ class _Receivers:
     ours_off: TriageServer
     off_db: ResultsDB
     orthanc: OrthancReceiver | None
+    ours_multi: TriageServer
+    multi_db: ResultsDB
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (``/proc/PID/task/TID/children``; those gone meanwhile are skipped)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in children.read_text().split()]
+            except OSError:
+                continue
+    return pids
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its live descendants (the gateway process and its
+    receivers); None when ``pid`` itself is gone."""
+    own = proc_cpu_s(pid)
+    if own is None:
+        return None
+    return own + sum(proc_cpu_s(child) or 0.0 for child in tree_pids(pid)[1:])
+
+
+class TreeRssSampler(RssSampler):
+    """``RssSampler`` of a process and its descendants: the sum of their VmRSS at each sample."""
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rss = sum(proc_status_kb(p).get("VmRSS", 0) for p in tree_pids(self.pid))
+            self.peak_kb = max(self.peak_kb, rss)
+            self._stop.wait(self.interval_s)
 
 
 def _window(sends: list[SendResult]) -> tuple[float, float]:
@@ -361,17 +411,20 @@ def _measure_ours(
     info: ImageInfo,
     n_bytes: int,
     where: str,
+    tree: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
+    """``tree``: CPU and RSS of the server and its receiver processes together (gateway_processes > 1)."""
     n = len(uids)
-    cpu_before = proc_cpu_s(server.pid)
-    with RssSampler(server.pid) as rss:
+    cpu_s = tree_cpu_s if tree else proc_cpu_s
+    cpu_before = cpu_s(server.pid)
+    with (TreeRssSampler if tree else RssSampler)(server.pid) as rss:
         sends = send_all(shares, info.storescu_flag, server.dicom_port, SERVER_AE, _timeout(n))
-        cpu_acked = proc_cpu_s(server.pid)
+        cpu_acked = cpu_s(server.pid)
         if triage:
             records, _ = db.wait_settled(uids, time.monotonic() + _timeout(n), 0.1, server.alive)
         else:
             records = db.lookup(uids)  # acknowledged means committed: no waiting
-    cpu_after = proc_cpu_s(server.pid)
+    cpu_after = cpu_s(server.pid)
     t0, t1 = _window(sends)
     failures = _send_failures(where, sends)
     if len(records) != n:
@@ -412,19 +465,24 @@ def _measure(
         return _measure_orthanc(rx, shares, workload.image, len(files), n_bytes, where)
     if name == "ours_off":
         return _measure_ours(rx.ours_off, rx.off_db, False, shares, uids, workload.image, n_bytes, where)
+    if name == "ours_multi":
+        return _measure_ours(rx.ours_multi, rx.multi_db, True, shares, uids, workload.image, n_bytes, where, tree=True)
     return _measure_ours(rx.ours_on, rx.on_db, True, shares, uids, workload.image, n_bytes, where)
 
 
 def _warm_up(rx: _Receivers, images: list[ImageInfo]) -> None:
-    """One untimed image of each size to Orthanc and both servers: first-image costs stay outside."""
+    """One untimed image of each size to Orthanc and our servers: first-image costs stay outside.
+    (With several gateway processes only the process the kernel picks gets it.)"""
     for info in images:
         warm = unique_copies(info.path, rx.work_dir / "ingest-warm", 1, f"warm-{info.name}")
         uid = [sop_instance_uid(warm[0])]
         send_all([warm], info.storescu_flag, rx.ours_on.dicom_port, SERVER_AE, 120.0)
         send_all([warm], info.storescu_flag, rx.ours_off.dicom_port, SERVER_AE, 120.0)
+        send_all([warm], info.storescu_flag, rx.ours_multi.dicom_port, SERVER_AE, 120.0)
         if rx.orthanc is not None:
             send_all([warm], info.storescu_flag, rx.orthanc.dicom_port, ORTHANC_AET, 120.0)
         rx.on_db.wait_settled(uid, time.monotonic() + 120.0, 0.1, rx.ours_on.alive)
+        rx.multi_db.wait_settled(uid, time.monotonic() + 120.0, 0.1, rx.ours_multi.alive)
         shutil.rmtree(rx.work_dir / "ingest-warm", ignore_errors=True)
 
 
@@ -498,7 +556,8 @@ def run_ingest(
     failures: list[str] = []
     section: dict[str, Any] = {"plan": asdict(plan), "warnings": warnings, "small_source": SMALL_SOURCE.name}
     progress(
-        "ingest: starting Orthanc and two xray-triage servers (triage on; triage off with XRAY_TRIAGE_TRIAGE_WORKERS=0)"
+        "ingest: starting Orthanc and three xray-triage servers (triage on; triage off with "
+        f"XRAY_TRIAGE_TRIAGE_WORKERS=0; triage on with XRAY_TRIAGE_GATEWAY_PROCESSES={GATEWAY_PROCESSES})"
     )
     summaries: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -509,13 +568,23 @@ def run_ingest(
                 work_dir, model_dir, name="ingest-off", extra_env={"XRAY_TRIAGE_TRIAGE_WORKERS": "0"}
             )
         )
+        ours_multi = stack.enter_context(
+            TriageServer(
+                work_dir,
+                model_dir,
+                name="ingest-multi",
+                extra_env={"XRAY_TRIAGE_GATEWAY_PROCESSES": str(GATEWAY_PROCESSES)},
+            )
+        )
         on_db, off_db = ResultsDB(ours_on.db_path), ResultsDB(ours_off.db_path)
-        stack.callback(on_db.close)
-        stack.callback(off_db.close)
-        rx = _Receivers(work_dir, ours_on, on_db, ours_off, off_db, orthanc)
+        multi_db = ResultsDB(ours_multi.db_path)
+        for db in (on_db, off_db, multi_db):
+            stack.callback(db.close)
+        rx = _Receivers(work_dir, ours_on, on_db, ours_off, off_db, orthanc, ours_multi, multi_db)
         section["idle_rss_mb_after_start"] = {
             "ours_on": round(proc_status_kb(ours_on.pid).get("VmRSS", 0) / 1024, 1),
             "ours_off": round(proc_status_kb(ours_off.pid).get("VmRSS", 0) / 1024, 1),
+            "ours_multi": round(sum(proc_status_kb(p).get("VmRSS", 0) for p in tree_pids(ours_multi.pid)) / 1024, 1),
             "orthanc": round(proc_status_kb(orthanc.pid).get("VmRSS", 0) / 1024, 1) if orthanc else None,
         }
         section["orthanc"] = (
@@ -567,7 +636,11 @@ def run_ingest(
         summaries = [summarize_workload(w, rounds[w.key]) for w in workloads]
         ours_on_status = proc_status_kb(ours_on.pid)
         section["ours_on_vm_hwm_mb_lifetime"] = round(ours_on_status.get("VmHWM", 0) / 1024, 1)
-    for name, proc in (("triage-on server", ours_on), ("triage-off server", ours_off)):
+    for name, proc in (
+        ("triage-on server", ours_on),
+        ("triage-off server", ours_off),
+        (f"{GATEWAY_PROCESSES}-gateway-process server", ours_multi),
+    ):
         if proc.exit_code != 0:
             failures.append(
                 f"ingest: the {name} exited {proc.exit_code} after SIGTERM; log tail:\n{proc.log_tail()}"
@@ -611,7 +684,9 @@ def _f(value: Any, digits: int) -> str:
 
 def _idle(ingest: Mapping[str, Any]) -> str:
     idle = ingest.get("idle_rss_mb_after_start") or {}
-    return ", ".join(f"{LABELS[k]} {_f(idle.get(k), 0)} MB" for k in ("ours_on", "ours_off", "orthanc"))
+    return ", ".join(
+        f"{LABELS[k]} {_f(idle.get(k), 0)} MB" for k in ("ours_on", "ours_off", "ours_multi", "orthanc")
+    )
 
 
 def _rate_cell(figures: Mapping[str, Any] | None) -> str:
@@ -638,19 +713,24 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
         "",
         f"### Ingest vs storescp and {version}: median of {rounds} round{'s' * (rounds > 1)}, receivers alternated",
         "",
-        "| workload | storescp | Orthanc | ours, triage on | ours, triage off | on / storescp | on / Orthanc "
-        "| off / storescp | off / Orthanc | triage on: all triaged s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| workload | storescp | Orthanc | ours, triage on | ours, triage off | ours, triage on, "
+        f"{GATEWAY_PROCESSES} gateway processes | on / storescp | on / Orthanc "
+        f"| off / storescp | off / Orthanc | {GATEWAY_PROCESSES} procs / Orthanc | {GATEWAY_PROCESSES} procs / on "
+        f"| triage on: all triaged s | {GATEWAY_PROCESSES} procs: all triaged s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         rx, ratios = s["receivers"], s["ratios"]
-        on = rx.get("ours_on") or {}
+        on, multi = rx.get("ours_on") or {}, rx.get("ours_multi") or {}
         lines.append(
             f"| {s['label']} | "
-            + " | ".join(_rate_cell(rx.get(n)) for n in ("storescp", "orthanc", "ours_on", "ours_off"))
+            + " | ".join(
+                _rate_cell(rx.get(n)) for n in ("storescp", "orthanc", "ours_on", "ours_off", "ours_multi")
+            )
             + " | "
-            + " | ".join(_ratio_cell(ratios[f"{a}/{b}"]) for a, b in RATIO_PAIRS)
-            + f" | {_f((on.get('all_triaged_s') or {}).get('median'), 1)} |"
+            + " | ".join(_ratio_cell(ratios.get(f"{a}/{b}") or spread([])) for a, b in RATIO_PAIRS)
+            + f" | {_f((on.get('all_triaged_s') or {}).get('median'), 1)}"
+            + f" | {_f((multi.get('all_triaged_s') or {}).get('median'), 1)} |"
         )
     lines += [
         "",
@@ -658,9 +738,10 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
         "spawned -> last exited; 'all triaged' = first spawn -> last triage result committed (triage runs while "
         "images arrive, so the acknowledgement pace is the 'triage on' column).",
         "",
-        "| workload | CPU s/image: Orthanc | ours on (acked / until triaged) | ours off | peak RSS MB: Orthanc "
-        "| ours on | ours off |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | CPU s/image: Orthanc | ours on (acked / until triaged) | ours off "
+        f"| ours {GATEWAY_PROCESSES} procs (acked / until triaged) | peak RSS MB: Orthanc "
+        f"| ours on | ours off | ours {GATEWAY_PROCESSES} procs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         rx = s["receivers"]
@@ -671,7 +752,9 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"| {s['label']} | {med('orthanc', 'cpu_s_per_image', 3)} | {med('ours_on', 'cpu_s_per_image', 3)} / "
             f"{med('ours_on', 'cpu_s_per_image_until_triaged', 3)} | {med('ours_off', 'cpu_s_per_image', 3)} | "
-            f"{med('orthanc', 'peak_rss_mb', 0)} | {med('ours_on', 'peak_rss_mb', 0)} | {med('ours_off', 'peak_rss_mb', 0)} |"
+            f"{med('ours_multi', 'cpu_s_per_image', 3)} / {med('ours_multi', 'cpu_s_per_image_until_triaged', 3)} | "
+            f"{med('orthanc', 'peak_rss_mb', 0)} | {med('ours_on', 'peak_rss_mb', 0)} | {med('ours_off', 'peak_rss_mb', 0)} | "
+            f"{med('ours_multi', 'peak_rss_mb', 0)} |"
         )
     memory = ingest.get("memory")
     if memory:
@@ -703,7 +786,9 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
             if orthanc
             else "Orthanc: not available. "
         )
-        + "Ours: two servers started once (triage off = XRAY_TRIAGE_TRIAGE_WORKERS=0), fsync + commit before "
+        + "Ours: three servers started once (triage off = XRAY_TRIAGE_TRIAGE_WORKERS=0; "
+        f"{GATEWAY_PROCESSES} gateway processes = XRAY_TRIAGE_GATEWAY_PROCESSES={GATEWAY_PROCESSES}, one port shared "
+        "with SO_REUSEPORT, its CPU and RSS summed over the processes), fsync + commit before "
         f"each acknowledgement. Small image: {ingest.get('small_source')} averaged 2x2 to 512x512, explicit VR LE.",
     ]
     return lines

@@ -328,15 +328,28 @@ class GatedAssociationServer(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(
-        self, *args: object, gate: PendingGate, tls_context: ssl.SSLContext | None = None, **kwargs: object
+        self,
+        *args: object,
+        gate: PendingGate,
+        tls_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
+        **kwargs: object,
     ) -> None:
+        """``reuse_port``: bind with ``SO_REUSEPORT``, so that several gateway processes listen on
+        one port and the kernel spreads incoming connections over them (``gateway_processes``)."""
         self.gate = gate
+        self.allow_reuse_port = reuse_port  # socketserver's attribute; pynetdicom's server_bind ignores it
         # DICOM TLS: our own context, not pynetdicom's ssl_context, whose get_request
         # would run each handshake in the accept loop, where one slow client stalls all.
         self.tls_context = tls_context
         self._entries: dict[int, _Pending] = {}
         self._entries_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def server_bind(self) -> None:
+        if self.allow_reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request: socket.socket, client_address: tuple[str, int]) -> bool:  # type: ignore[override]
         entry = self.gate.register(request, str(client_address[0]))

@@ -127,6 +127,7 @@ class GatewayConfig:
     max_dataset_bytes: int = 256 * 1024 * 1024
     tls: TlsConfig | None = None  # DICOM TLS listener on its own port (None: none)
     plain_enabled: bool = True  # False: TLS only, no plain listener on ``port``
+    reuse_port: bool = False  # SO_REUSEPORT: other gateway processes listen on the same port(s)
 
 
 class _Listeners:
@@ -249,6 +250,7 @@ class DicomGateway:
                     server_class=GatedAssociationServer,
                     gate=self.gate,
                     tls_context=context,
+                    reuse_port=self.config.reuse_port,
                 )
         except OSError:
             # The other port may be bound already: close it (shutdown() would wait for an

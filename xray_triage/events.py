@@ -12,12 +12,21 @@ on an ``EventHandlers`` registry (``Database.events``) are called with them: a f
 things like waking the live-update poller. Consumers that must not miss an event (exporters,
 forwarding, notifications) read the outbox instead (``outbox.claim`` / ``outbox.advance``).
 
+Another process of the same server (a receiver process, ``gateway_processes`` > 1) commits
+events that this process's handlers must also see, e.g. to wake the triage workers at once
+rather than at their next poll: it registers an :class:`EventRelay` for every event, which
+writes each committed event as one line (:func:`relay_line`) to a pipe; this process reads the
+lines back (:func:`relayed`) and calls its own ``EventHandlers.dispatch`` with them.
+
 This module is pure Python (no database, no web): every layer of the core may raise events.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -263,3 +272,61 @@ class EventHandlers:
                         log.exception(
                             "event handler failed", extra={"event": event.type, "study_uid": event.study_uid}
                         )
+
+
+# --- relaying to another process -------------------------------------------------------------
+
+# A write of at most PIPE_BUF bytes to a pipe is atomic (POSIX; 4096 on Linux): lines written by
+# several threads and processes to one pipe never interleave. Events name UIDs and ids only, so a
+# line is a few hundred bytes; a longer one is not relayed (logged).
+RELAY_LINE_MAX = 4096
+
+
+def relay_line(event: Event) -> bytes:
+    """``event`` as one line of UTF-8 JSON, ``{"type": ..., "payload": ...}`` and a newline."""
+    text = json.dumps(
+        {"type": event.type, "payload": event.payload()}, ensure_ascii=False, separators=(",", ":")
+    )
+    return text.encode("utf-8") + b"\n"
+
+
+def relayed(line: bytes) -> Event:
+    """The event of a :func:`relay_line` line; ``UnknownEvent`` for a line this version cannot read."""
+    try:
+        obj = json.loads(line)
+        return decode(obj["type"], obj["payload"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnknownEvent(f"not a relayed event: {exc}") from None
+
+
+class EventRelay:
+    """An in-process handler that writes each committed event to a pipe another process reads.
+
+    Register it for ``Event`` (every event). The pipe is made non-blocking: a commit never
+    waits for the reader. When the pipe is full the event is dropped and counted (``dropped``):
+    the reader still has the pipe's earlier lines to wake it, so nothing that reads the
+    database (triage queue, outbox consumers) misses work, only an in-memory counter of the
+    reader (metrics) misses that event. When the reader has gone (its process died) nothing is
+    written: ``reader_gone`` says so.
+    """
+
+    def __init__(self, fd: int) -> None:
+        """``fd``: the write end of a pipe (owned by the caller, who closes it)."""
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.dropped = 0
+        self.reader_gone = False
+
+    def __call__(self, event: Event) -> None:
+        line = relay_line(event)
+        if len(line) > RELAY_LINE_MAX:
+            log.warning("event too long to relay", extra={"event": event.type, "bytes": len(line)})
+            return
+        try:
+            os.write(self.fd, line)
+        except BlockingIOError:
+            self.dropped += 1
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                raise
+            self.reader_gone = True

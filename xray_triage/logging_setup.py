@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -44,8 +45,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+class _ProcessFields(logging.Filter):
+    """Adds the same fields to every record (which process of the server logged it)."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.fields.items():
+            setattr(record, key, value)
+        return True
+
+
+def configure_logging(
+    level: str = "INFO", fmt: str = "text", fields: Mapping[str, object] | None = None
+) -> None:
+    """``fields``: added to every record of this process, e.g. ``{"receiver": 1, "pid": 4242}`` in a
+    receiver process (``gateway_processes``), whose lines share the gateway process's output."""
     handler = logging.StreamHandler(sys.stderr)
+    if fields:
+        handler.addFilter(_ProcessFields(fields))
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -332,6 +332,14 @@ class Settings(BaseSettings):
         description="what this `serve` process runs, comma-separated: gateway (DICOM), worker (triage), "
         "web (HTTP). Several processes share database_url and data_dir (shared storage)",
     )
+    gateway_processes: int = Field(
+        1,
+        ge=1,
+        description="processes receiving DICOM on the same port(s) (SO_REUSEPORT; Linux spreads incoming "
+        "associations over them): the gateway process starts gateway_processes - 1 receiver processes. "
+        "For a central server that many stations send to at once, or an edge flushing a backlog; "
+        "recommended: the number of CPU cores. Association limits (max_associations...) count per process",
+    )
     job_lease_s: float = Field(
         60.0,
         gt=0,

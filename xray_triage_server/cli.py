@@ -33,6 +33,9 @@ def _print_json(obj: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from xray_triage.logging_setup import configure_logging
+
+    if args.roles is not None and args.roles.strip() == "receiver":
+        return _serve_receiver(args)
     from xray_triage_server.serve import run_server
 
     settings = _settings(
@@ -45,9 +48,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_variant=args.variant,
         ae_title=args.ae_title,
         roles=args.roles,
+        gateway_processes=args.gateway_processes,
     )
     configure_logging(settings.log_level, settings.log_format)
     return run_server(settings)
+
+
+def _serve_receiver(args: argparse.Namespace) -> int:
+    """``serve --roles receiver``: a receiver process that the gateway process started itself
+    (``gateway_processes`` > 1, ``xray_triage_server/receiver.py``); not for starting by hand."""
+    import os
+
+    from xray_triage.logging_setup import configure_logging
+    from xray_triage_server.receiver import read_settings, run_receiver
+
+    if args.events_fd is None or args.receiver_index is None:
+        raise CliError("the receiver role is started by the gateway process when gateway_processes > 1")
+    try:
+        settings = read_settings(sys.stdin.fileno())
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    fields = {"receiver": args.receiver_index, "pid": os.getpid()}
+    configure_logging(settings.log_level, settings.log_format, fields=fields)
+    return run_receiver(settings, args.receiver_index, args.events_fd, sys.stdin.fileno())
 
 
 # -- stations --------------------------------------------------------------------------
@@ -361,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="what this process runs, comma-separated: gateway,worker,web (default: all three); "
         "several processes share one database and data directory",
     )
+    serve.add_argument(
+        "--gateway-processes",
+        type=int,
+        metavar="N",
+        help="gateway_processes: N processes receive DICOM on the same port(s) (default 1; "
+        "recommended for many concurrent senders: the number of CPU cores)",
+    )
+    # The receiver processes of gateway_processes > 1 (--roles receiver): started by the gateway process.
+    serve.add_argument("--events-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--receiver-index", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     stations = sub.add_parser("stations", help="register the X-ray machines allowed to send")

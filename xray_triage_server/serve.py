@@ -5,6 +5,8 @@ process runs; several processes on the same or other machines share the database
 (PostgreSQL for more than one machine) and the data directory (shared storage). The triage
 queue's job leases (``xray_triage/triage/jobs.py``) let any number of worker processes
 share the work; live updates go through the outbox table, so every web process sees them.
+With ``gateway_processes`` > 1 the gateway role also starts that many - 1 receiver processes on
+the same DICOM port(s) (``receiver_pool.py``, ``receiver.py``), once its own gateway listens.
 
 Start-up order is chosen so that nothing is acknowledged that cannot be
 processed: the model is loaded, checked against its card's sha256 and warmed up
@@ -35,15 +37,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from consult_web.app import create_app
-from dicom_gateway.qr import QueryRetrieveConfig, QueryRetrieveSCP
-from dicom_gateway.scp import DicomGateway, GatewayConfig
-from dicom_gateway.tls import TlsConfig, TlsConfigError, server_context
-from dicom_sender.service import tls_context
+from dicom_gateway.scp import DicomGateway
+from dicom_gateway.tls import TlsConfigError, server_context
 from xray_triage.events import InstanceStored
 from xray_triage.inference.card import ModelCard, load_card
 from xray_triage.inference.runner import ModelRunner
 from xray_triage.metrics import Metrics
-from xray_triage.move_destinations import move_resolver
 from xray_triage.outbox_consumer import OutboxConsumer
 from xray_triage.results import producer as results_producer
 from xray_triage.settings import Settings
@@ -58,7 +57,9 @@ from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.store.schema_error import SchemaError
 from xray_triage.triage.worker import TriageWorkers
 from xray_triage_server.cli_error import CliError
-from xray_triage_server.delivery import DeliveryRuntime, DestinationError, sender_config
+from xray_triage_server.delivery import DeliveryRuntime, DestinationError
+from xray_triage_server.gateway_setup import gateway_config, query_retrieve, tls_config
+from xray_triage_server.receiver_pool import ReceiverPool
 
 log = logging.getLogger(__name__)
 
@@ -189,57 +190,6 @@ def _storage_problem(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def gateway_config(settings: Settings) -> GatewayConfig:
-    return GatewayConfig(
-        ae_title=settings.ae_title,
-        host=settings.dicom_host,
-        port=settings.dicom_port,
-        accept_unknown_stations=settings.accept_unknown_stations,
-        max_associations=settings.max_associations,
-        acse_timeout_s=settings.acse_timeout_s,
-        dimse_timeout_s=settings.dimse_timeout_s,
-        network_timeout_s=settings.network_timeout_s,
-        max_pdu=settings.max_pdu,
-        require_called_ae_title=settings.require_called_ae_title,
-        association_request_timeout_s=settings.association_request_timeout_s,
-        max_pending_connections=settings.max_pending_connections,
-        max_pending_per_address=settings.max_pending_per_address,
-        max_associations_per_station=settings.max_associations_per_station,
-        max_associations_per_address=settings.max_associations_per_address,
-        reserved_station_associations=settings.reserved_station_associations,
-        max_dataset_bytes=settings.max_dataset_bytes,
-        tls=tls_config(settings),
-        plain_enabled=settings.dicom_plain_enabled,
-    )
-
-
-def tls_config(settings: Settings) -> TlsConfig | None:
-    """The DICOM TLS listener's settings (None when ``dicom_tls_port`` is unset)."""
-    if settings.dicom_tls_port is None or settings.dicom_tls_cert_file is None or settings.dicom_tls_key_file is None:
-        return None
-    return TlsConfig(
-        port=settings.dicom_tls_port,
-        cert_file=settings.dicom_tls_cert_file,
-        key_file=settings.dicom_tls_key_file,
-        ca_file=settings.dicom_tls_ca_file,
-        require_client_cert=settings.dicom_tls_require_client_cert,
-    )
-
-
-def query_retrieve(settings: Settings, db: Database) -> QueryRetrieveSCP | None:
-    """The gateway's C-FIND / C-MOVE / C-GET handlers (None when ``query_retrieve`` is off)."""
-    if not settings.query_retrieve:
-        return None
-    config = QueryRetrieveConfig(
-        data_dir=settings.data_dir,
-        all_stations_ae_titles=frozenset(ae.strip() for ae in settings.qr_all_stations_ae_titles),
-        resolve_move_destination=move_resolver(db),
-        tls_context=lambda: tls_context(sender_config(settings)),  # the delivery senders' client TLS
-        max_matches=settings.qr_max_matches,
-    )
-    return QueryRetrieveSCP(config, db)
-
-
 def bind_http(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound before anything else starts.
 
@@ -349,6 +299,7 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
     gateway = None
     recovery: StorageRecovery | None = None
     ingestor: Ingestor | None = None
+    receivers: ReceiverPool | None = None
     # The outbox consumers that send to PACS and make the result objects run in the gateway's
     # process: a site runs one of it (it binds the DICOM port), so each destination has one sender.
     delivery = DeliveryRuntime(settings, db) if "gateway" in roles else None
@@ -383,6 +334,13 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
                     "(set dicom_port or --dicom-port, dicom_tls_port)"
                 ) from exc
             health["dicom_gateway"] = "ok"
+            if settings.gateway_processes > 1:  # more interpreters receiving on the same port(s)
+                receivers = ReceiverPool(settings, db.events, health)
+                receivers.start(
+                    plain_port=gateway.port if settings.dicom_plain_enabled else None,
+                    tls_port=gateway.tls_port,
+                    storage_ready=lambda: storage.degraded is None,
+                )
         if http_socket is None:  # no web role: run until SIGTERM / SIGINT
             _install_quiet_signal_handlers(stop_requested)
             log.info("running without the HTTP app", extra={"roles": settings.roles})
@@ -412,8 +370,12 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
         if gateway is not None:
             health["dicom_gateway"] = "stopping"
         stop_requested.set()
+        if receivers is not None:
+            receivers.request_stop()  # they finish their associations while this process finishes its own
         if gateway is not None:
             gateway.stop(settings.shutdown_grace_s)
+        if receivers is not None:
+            receivers.join(settings.shutdown_grace_s)
         if recovery is not None:
             recovery.join()
         if delivery is not None:

@@ -22,6 +22,8 @@ def healthz(request: Request, db: Db, storage: Storage, card: Card, settings: Ap
     ``disk_free_mb`` says how much is free. ``destinations`` lists each PACS destination's queue
     (``destinations list --json``); one failing for longer than ``destination_failing_degraded_s``
     makes the status ``degraded`` (503) and names it in ``destinations_degraded``.
+    ``dicom_receivers`` (only with ``gateway_processes`` > 1): how many receiver processes are
+    ``configured`` and ``listening``; fewer listening than configured is ``degraded``.
     """
     state = request.app.state.health
     try:
@@ -44,7 +46,7 @@ def healthz(request: Request, db: Db, storage: Storage, card: Card, settings: Ap
     ok = (
         database == "ok"
         and report["storage"] == "ok"
-        and all(v == "ok" for v in state.values())
+        and all(_part_ok(v) for v in state.values())
         and not degraded_destinations
     )
     body = {
@@ -59,3 +61,11 @@ def healthz(request: Request, db: Db, storage: Storage, card: Card, settings: Ap
     }
     # JSON either way (never the HTML error page): monitoring reads which part failed.
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _part_ok(value: object) -> bool:
+    """A part of the server's state: ``"ok"``, or a dict whose ``status`` is (e.g. ``dicom_receivers``:
+    ``{"status": "ok", "configured": 3, "listening": 3}``, ``gateway_processes``)."""
+    if isinstance(value, dict):
+        return value.get("status") == "ok"
+    return value == "ok"

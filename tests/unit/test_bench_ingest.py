@@ -140,7 +140,14 @@ def test_a_receiver_absent_in_every_round_is_none() -> None:
 def test_targets_come_from_the_workloads_the_issue_names() -> None:
     big, small = _info("big", 15_700_000), _info("small", 500_000)
     rounds_big = [{"ours_on": _rates(30.0, 2), "orthanc": _rates(20.0, 1)}]
-    rounds_small = [{"ours_on": _rates(9.0, 18), "ours_off": _rates(12.0, 24), "orthanc": _rates(10.0, 20)}]
+    rounds_small = [
+        {
+            "ours_on": _rates(9.0, 18),
+            "ours_off": _rates(12.0, 24),
+            "ours_multi": _rates(15.0, 30),
+            "orthanc": _rates(10.0, 20),
+        }
+    ]
     summaries = [
         summarize_workload(Workload("big-k1", big, 48, 1), rounds_big),
         summarize_workload(Workload("big-k4", big, 48, 4), rounds_big),
@@ -151,8 +158,10 @@ def test_targets_come_from_the_workloads_the_issue_names() -> None:
         ("MB/s vs Orthanc", 1.5, True),  # big, 4 senders, triage on
         ("img/s vs Orthanc", 1.2, True),  # small, 4 senders, triage off
         ("img/s vs Orthanc", 0.9, False),  # small, 4 senders, triage on (acknowledged)
+        ("img/s vs Orthanc", 1.5, True),  # small, 4 senders, triage on, several gateway processes
     ]
     assert "triage off" in targets[1]["where"] and "triage on" in targets[2]["where"]
+    assert "gateway processes" in targets[3]["where"]
 
 
 def test_quick_plan_has_only_the_small_workloads() -> None:
