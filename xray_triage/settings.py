@@ -207,6 +207,13 @@ class Settings(BaseSettings):
         5.0, ge=0, description="micro-batching: how long the first image of a batch waits for others"
     )
     triage_workers: int = Field(1, ge=0, description="0 = store only; jobs wait in the queue")
+    triage_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="scheduling niceness of the triage worker threads (Linux, per thread): the gateway "
+        "acknowledges images first while triage catches up; 0 = same priority as the gateway",
+    )
     j2k_reduced_decode: bool = Field(
         True,
         description="decode JPEG 2000 images for the model only down to the resolution it needs "

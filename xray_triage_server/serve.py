@@ -285,6 +285,7 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
             runner,
             settings.data_dir,
             count=settings.triage_workers,
+            nice=settings.triage_nice,
             max_attempts=settings.max_job_attempts,
             reduced_decode=settings.j2k_reduced_decode,
             max_frame_pixels=settings.max_frame_pixels,

@@ -10,6 +10,7 @@ every third of ``job_lease_s`` (``jobs.py``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -38,8 +39,15 @@ class TriageWorkers:
         reduced_decode: bool = True,
         max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
         lease_s: float = jobs.DEFAULT_LEASE_S,
+        nice: int = 0,
     ) -> None:
+        """``nice``: the worker threads' scheduling niceness (Linux, per thread; 0 = as the process).
+
+        Positive values let the gateway's association threads win the CPU while triage catches
+        up behind them: the station's image is acknowledged first, triaged next (issue 17).
+        """
         self.db = db
+        self.nice = nice
         self.reduced_decode = reduced_decode
         self.max_frame_pixels = max_frame_pixels
         self.runner = runner
@@ -108,6 +116,8 @@ class TriageWorkers:
         self._threads.clear()
 
     def _loop(self, name: str) -> None:
+        if self.nice:
+            _lower_priority(self.nice)
         while not self._stop.is_set():
             self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
@@ -171,3 +181,13 @@ class TriageWorkers:
             },
         )
         return True
+
+
+def _lower_priority(nice: int) -> None:
+    """Give the calling thread ``nice`` more niceness (on Linux ``setpriority`` with a thread id
+    affects that thread alone); logged and ignored where the platform does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot lower the triage worker's priority", extra={"nice": nice, "error": str(exc)})
