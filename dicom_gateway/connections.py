@@ -344,7 +344,23 @@ class GatedAssociationServer(ThreadedAssociationServer):
         self.tls_context = tls_context
         self._entries: dict[int, _Pending] = {}
         self._entries_lock = threading.Lock()
+        # ``handoff(sock, address) -> bool``: offered each plain connection once its A-ASSOCIATE-RQ
+        # has arrived; True = another process took it (this one only closes its copy).
+        self.handoff: Callable[[socket.socket, tuple[str, int]], bool] | None = None
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def adopt(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        """Serve a connection accepted by another process (handed over with ``SCM_RIGHTS``) as if
+        this server had accepted it: the same gate, limits and association handling
+        (socketserver's own ``verify_request`` / ``process_request`` sequence)."""
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+        else:
+            self.shutdown_request(request)
 
     def server_bind(self) -> None:
         if self.allow_reuse_port:
@@ -376,7 +392,21 @@ class GatedAssociationServer(ThreadedAssociationServer):
             log.exception("error while waiting for an association request", extra={"peer": client_address[0]})
             self.shutdown_request(request)
             return
+        if self.handoff is not None and self.tls_context is None and self._handed_off(request, client_address):
+            return
         super().process_request_thread(request, client_address)
+
+    def _handed_off(self, request: socket.socket, client_address: tuple[str, int]) -> bool:
+        """Offer the connection to ``handoff``; when taken, close this process's copy only (no
+        ``shutdown``: that would end the connection for the process that took it)."""
+        try:
+            taken = self.handoff is not None and self.handoff(request, client_address)
+        except Exception:
+            log.exception("connection hand-off failed: served here", extra={"peer": client_address[0]})
+            return False
+        if taken:
+            request.close()
+        return taken
 
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket (pynetdicom's own ``shutdown``

@@ -104,6 +104,7 @@ CLOSE_LINGER_S = 2.0
 # Room for a command set and PDV headers on top of the largest data set a PDU may carry.
 PDU_READ_SLACK = 64 * 1024
 REAPER_INTERVAL_S = 0.25
+ADOPT_ONLY_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class GatewayConfig:
     tls: TlsConfig | None = None  # DICOM TLS listener on its own port (None: none)
     plain_enabled: bool = True  # False: TLS only, no plain listener on ``port``
     reuse_port: bool = False  # SO_REUSEPORT: other gateway processes listen on the same port(s)
+    adopt_only: bool = False  # plain connections only come handed over by the gateway process (a receiver)
 
 
 class _Listeners:
@@ -239,13 +241,16 @@ class DicomGateway:
         listeners = _Listeners()
         ports = []
         if self.config.plain_enabled:
-            ports.append(("plain", self.config.port, None))
+            # adopt_only: a receiver process serves plain connections the gateway process hands
+            # it; its own plain server only listens on a loopback port nobody is told of.
+            address = (ADOPT_ONLY_HOST, 0) if self.config.adopt_only else (self.config.host, self.config.port)
+            ports.append(("plain", address, None))
         if self.config.tls is not None:
-            ports.append(("tls", self.config.tls.port, self.tls_context))
+            ports.append(("tls", (self.config.host, self.config.tls.port), self.tls_context))
         try:
-            for kind, port, context in ports:
+            for kind, address, context in ports:
                 listeners.by_kind[kind] = self.ae.make_server(
-                    (self.config.host, port),
+                    address,
                     evt_handlers=handlers,
                     server_class=GatedAssociationServer,
                     gate=self.gate,
@@ -274,6 +279,21 @@ class DicomGateway:
                 "tls_port": self.tls_port,
             },
         )
+
+    def set_handoff(self, handoff: Callable[[object, tuple[str, int]], bool] | None) -> None:
+        """Offer each plain-port connection (once its A-ASSOCIATE-RQ has arrived) to ``handoff``,
+        which may pass it to another process (``gateway_processes``); TLS connections stay here."""
+        server = self._server.by_kind.get("plain") if self._server else None
+        if server is not None:
+            server.handoff = handoff
+
+    def adopt(self, sock: object, address: tuple[str, int]) -> bool:
+        """Serve a plain connection another process accepted; False when there is no plain listener."""
+        server = self._server.by_kind.get("plain") if self._server else None
+        if server is None:
+            return False
+        server.adopt(sock, address)  # type: ignore[arg-type]
+        return True
 
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0

@@ -70,7 +70,7 @@ def _serve_receiver(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     fields = {"receiver": args.receiver_index, "pid": os.getpid()}
     configure_logging(settings.log_level, settings.log_format, fields=fields)
-    return run_receiver(settings, args.receiver_index, args.events_fd, sys.stdin.fileno())
+    return run_receiver(settings, args.receiver_index, args.events_fd, sys.stdin.fileno(), handoff_fd=args.handoff_fd)
 
 
 # -- stations --------------------------------------------------------------------------
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The receiver processes of gateway_processes > 1 (--roles receiver): started by the gateway process.
     serve.add_argument("--events-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--receiver-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     stations = sub.add_parser("stations", help="register the X-ray machines allowed to send")

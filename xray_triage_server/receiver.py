@@ -4,7 +4,11 @@ One Python process receives about 80 small images a second however many stations
 pynetdicom's threads, pydicom and SQLAlchemy share one interpreter lock (issue 17). With
 ``gateway_processes = N`` the gateway process (``serve.py``) starts N - 1 of these with
 ``xray-triage serve --roles receiver`` (:mod:`xray_triage_server.receiver_pool`); each binds the
-same plain and TLS ports with ``SO_REUSEPORT``, so Linux spreads incoming associations over all N.
+same TLS port with ``SO_REUSEPORT`` (Linux spreads TLS connections over all N by a hash of their
+addresses), and is handed plain connections by the gateway process in turn (round robin over the
+N processes, after the connection's A-ASSOCIATE-RQ has arrived), over a Unix socket with
+``SCM_RIGHTS`` (``--handoff-fd``): a hash spreads a few long associations unevenly (4 stations
+on 2 processes split 2-2 only 3 times in 8), a turn does not.
 
 A receiver runs only the DICOM side: its own ``Database``, ``StorageGuard``, ``Ingestor`` and
 ``DicomGateway`` (C-ECHO, C-STORE, Q/R if configured). No triage workers, delivery senders,
@@ -17,6 +21,9 @@ Talking to the gateway process, which starts it:
 * stdin: the first line is the settings, as JSON (``Settings.model_dump``, with the ports the
   gateway process actually bound); after it stdin stays open and reaches end-of-file only when
   the gateway process has gone (however it ended, kill -9 included): the receiver then stops;
+* ``--handoff-fd``: a ``SOCK_SEQPACKET`` Unix socket on which the gateway process sends plain
+  connections (one file descriptor per message); its end-of-file also means the gateway
+  process has gone;
 * ``--events-fd``: the write end of the events pipe: one JSON line per committed event, and
   :func:`listening_line` once the listeners are bound;
 * SIGTERM: stop (in-flight associations get ``shutdown_grace_s``), exit 0. SIGINT is ignored:
@@ -33,6 +40,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import replace
 
@@ -70,11 +78,14 @@ def read_settings(fd: int) -> Settings:
     return Settings.model_validate(json.loads(data))
 
 
-def run_receiver(settings: Settings, index: int, events_fd: int, parent_fd: int) -> int:
+def run_receiver(
+    settings: Settings, index: int, events_fd: int, parent_fd: int, handoff_fd: int | None = None
+) -> int:
     """Receive until SIGTERM or until ``parent_fd`` (stdin) reaches end-of-file; returns the exit status.
 
     ``index``: this receiver's number (1 .. gateway_processes - 1), in its log lines;
-    ``events_fd``: the write end of the events pipe.
+    ``events_fd``: the write end of the events pipe; ``handoff_fd``: the Unix socket on which
+    plain connections arrive (None: this receiver listens on the plain port itself, ``SO_REUSEPORT``).
     """
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
@@ -99,7 +110,7 @@ def run_receiver(settings: Settings, index: int, events_fd: int, parent_fd: int)
         default_character_set=settings.default_character_set,
         storage=storage,
     )
-    config = replace(gateway_config(settings), reuse_port=True)
+    config = replace(gateway_config(settings), reuse_port=True, adopt_only=handoff_fd is not None)
     gateway = DicomGateway(config, db, ingestor, qr=query_retrieve(settings, db))
     try:
         try:
@@ -107,6 +118,10 @@ def run_receiver(settings: Settings, index: int, events_fd: int, parent_fd: int)
         except OSError as exc:
             log.error("receiver cannot listen", extra={"port": settings.dicom_port, "error": str(exc)})
             return 1
+        if handoff_fd is not None:
+            threading.Thread(
+                target=_adopt_loop, args=(handoff_fd, gateway, stop), name="receiver-handoff", daemon=True
+            ).start()
         _write_listening(events_fd, index, stop)
         stop.wait()
         return 0
@@ -147,3 +162,35 @@ def _watch_parent(parent_fd: int, stop: threading.Event) -> None:
     if not stop.is_set():
         log.warning("the gateway process has gone: stopping")
         stop.set()
+
+
+def _adopt_loop(handoff_fd: int, gateway: DicomGateway, stop: threading.Event) -> None:
+    """Serve each connection the gateway process hands over; end-of-file: it has gone."""
+    channel = socket.socket(fileno=handoff_fd)
+    try:
+        while not stop.is_set():
+            try:
+                message, fds, _flags, _address = socket.recv_fds(channel, 16, 4)
+            except OSError as exc:
+                log.warning("hand-off channel failed", extra={"error": str(exc)})
+                break
+            if not message and not fds:
+                break
+            for fd in fds:
+                _adopt(fd, gateway)
+    finally:
+        channel.close()
+    if not stop.is_set():
+        log.warning("the gateway process has gone: stopping")
+        stop.set()
+
+
+def _adopt(fd: int, gateway: DicomGateway) -> None:
+    conn = socket.socket(fileno=fd)
+    try:
+        address = conn.getpeername()
+    except OSError:  # the station has gone already
+        conn.close()
+        return
+    if not gateway.adopt(conn, (str(address[0]), int(address[1]))):
+        conn.close()

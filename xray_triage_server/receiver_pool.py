@@ -5,6 +5,9 @@ receivers (:mod:`xray_triage_server.receiver`) as ``xray-triage serve --roles re
 handed the settings on stdin (with the ports this process actually bound) and the write end of
 one shared events pipe. This module:
 
+* hands plain connections to the receivers in turn (``handoff``, round robin over this process
+  and the receivers that listen; one ``SOCK_SEQPACKET`` Unix socket each, ``SCM_RIGHTS``), once
+  the connection's A-ASSOCIATE-RQ has arrived (the gate ran here);
 * reads the events pipe and dispatches the events the receivers committed on this process's
   ``EventHandlers`` (triage workers, outbox consumers, live updates and metrics react to them
   as to their own), and notes which receivers listen;
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +48,7 @@ RESTART_BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a receiver that ran this long before dying starts the back-off again from the first wait
 SUPERVISE_INTERVAL_S = 0.25
 STOP_MARGIN_S = 5.0  # on top of shutdown_grace_s: the receiver's own shutdown after its associations
+HANDOFF_TIMEOUT_S = 1.0  # a receiver that cannot take a connection in this long: it is served here
 PIPE_SIZE = 1 << 20  # asked for (F_SETPIPE_SZ; Linux caps it at /proc/sys/fs/pipe-max-size)
 
 
@@ -72,6 +77,7 @@ class _Receiver:
     listening: bool = False
     failures: int = 0  # deaths in a row (reset by a run of STABLE_S)
     start_after: float = 0.0
+    channel: socket.socket | None = None  # our end of its hand-off socket
 
 
 class ReceiverPool:
@@ -104,6 +110,8 @@ class ReceiverPool:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._storage_ready: Callable[[], bool] = lambda: True
+        self._turn = 0
+        self.handed_off = 0  # plain connections passed to a receiver (tests, logs)
         self._update_health()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -163,6 +171,9 @@ class ReceiverPool:
                     extra={"receiver": receiver.index, "pid": proc.pid, "exit_status": proc.returncode},
                 )
             self._close_stdin(proc)
+            if receiver.channel is not None:
+                receiver.channel.close()
+                receiver.channel = None
         for thread in self._threads:
             thread.join(5)
         for fd in (self._read_fd, self._write_fd):
@@ -206,6 +217,9 @@ class ReceiverPool:
                 with self._lock:
                     receiver.proc = None
                     receiver.listening = False
+                    channel, receiver.channel = receiver.channel, None
+                if channel is not None:
+                    channel.close()
                 receiver.start_after = now + wait_s
                 self._update_health()
             if receiver.proc is None and now >= receiver.start_after and self._storage_ready():
@@ -222,15 +236,21 @@ class ReceiverPool:
             "--receiver-index",
             str(receiver.index),
         ]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.settimeout(HANDOFF_TIMEOUT_S)
+        args += ["--handoff-fd", str(theirs.fileno())]
         try:
-            proc = subprocess.Popen(args, stdin=subprocess.PIPE, pass_fds=(self._write_fd,))
+            proc = subprocess.Popen(args, stdin=subprocess.PIPE, pass_fds=(self._write_fd, theirs.fileno()))
         except OSError as exc:
+            ours.close()
+            theirs.close()
             log.error(
                 "cannot start a receiver process", extra={"receiver": receiver.index, "error": str(exc)}
             )
             receiver.failures += 1
             receiver.start_after = self.clock() + RESTART_BACKOFF_MAX_S
             return
+        theirs.close()
         assert proc.stdin is not None
         try:
             proc.stdin.write(
@@ -241,6 +261,7 @@ class ReceiverPool:
             pass  # it died at once: the next round sees it
         with self._lock:
             receiver.proc = proc
+            receiver.channel = ours
             receiver.started_at = self.clock()
             receiver.listening = False
             if self._stopping.is_set():  # stop requested while it was starting
@@ -252,6 +273,30 @@ class ReceiverPool:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
+
+    # -- plain connections ----------------------------------------------------------------
+
+    def handoff(self, sock: socket.socket, address: tuple[str, int]) -> bool:
+        """Pass ``sock`` to the receiver whose turn it is (True), or keep it (False: this process's
+        turn, or that receiver is not listening or cannot take it within HANDOFF_TIMEOUT_S)."""
+        with self._lock:
+            self._turn = (self._turn + 1) % (len(self.receivers) + 1)
+            if self._turn == 0 or self._stopping.is_set():
+                return False
+            receiver = self.receivers[self._turn - 1]
+            channel = receiver.channel if receiver.listening else None
+        if channel is None:
+            return False
+        try:
+            socket.send_fds(channel, [b"c"], [sock.fileno()])
+        except OSError as exc:
+            log.warning(
+                "cannot hand a connection to a receiver: served here",
+                extra={"receiver": receiver.index, "peer": address[0], "error": str(exc)},
+            )
+            return False
+        self.handed_off += 1
+        return True
 
     # -- the events pipe ------------------------------------------------------------------
 

@@ -342,6 +342,7 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
                     tls_port=gateway.tls_port,
                     storage_ready=lambda: storage.degraded is None,
                 )
+                gateway.set_handoff(receivers.handoff)
         if http_socket is None:  # no web role: run until SIGTERM / SIGINT
             _install_quiet_signal_handlers(stop_requested)
             log.info("running without the HTTP app", extra={"roles": settings.roles})
