@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks.common import BenchSetupError, dcmtk_env
+from benchmarks.common import BenchSetupError, dcmtk_env, terminate
 from benchmarks.server import HOST, free_port
 
 ORTHANC_AET = "ORTHANC"
@@ -171,14 +170,7 @@ class OrthancReceiver:
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM and wait (SIGKILL after ``timeout_s``); Orthanc exits 0 after a clean shutdown."""
         if self.proc is not None and self.exit_code is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.exit_code = self.proc.returncode
+            self.exit_code = terminate(self.proc, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -34,6 +34,7 @@ from pydicom.uid import generate_uid
 from benchmarks import DEFAULT_MODEL_DIR
 from benchmarks.common import median, progress
 from benchmarks.ingest import SMALL_SOURCE, make_small_image
+from benchmarks.scaleout import proc_cpu_s
 from benchmarks.server import TriageServer
 from benchmarks.throughput import send_all, split
 
@@ -99,20 +100,15 @@ def _copies(source: Path, out_dir: Path, count: int) -> list[Path]:
     return paths
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _send(server: TriageServer, files: list[Path], k: int) -> tuple[float, float]:
     """Send ``files`` from ``k`` storescu; (seconds first spawn -> last exit, server CPU seconds)."""
-    before = _cpu_s(server.pid)
+    before = proc_cpu_s(server.pid) or 0.0
     sends = send_all(split(files, k), "-xe", server.dicom_port, "XRAY_TRIAGE", 120.0 + 2.0 * len(files))
     failed = [s for s in sends if not s.ok]
     if failed:
         raise SystemExit(f"storescu failed: {failed[0].output[-300:]}")
     seconds = max(s.exited_at for s in sends) - min(s.started_at for s in sends)
-    return seconds, _cpu_s(server.pid) - before
+    return seconds, (proc_cpu_s(server.pid) or 0.0) - before
 
 
 def _recorded_ms(server: TriageServer, uids: set[str]) -> tuple[float | None, float | None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks.common import BenchSetupError, dcmtk_env, parse_db_time
+from benchmarks.common import BenchSetupError, dcmtk_env, parse_db_time, terminate
 
 BENCH_AE = "BENCH"
 SERVER_AE = "XRAY_TRIAGE"
@@ -307,14 +306,7 @@ class TriageServer:
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM, as an init system would; the server should exit 0 after a clean shutdown."""
         if self.proc is not None and self.exit_code is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.exit_code = self.proc.returncode
+            self.exit_code = terminate(self.proc, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None

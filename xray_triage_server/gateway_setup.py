@@ -14,7 +14,20 @@ from dicom_sender.service import tls_context
 from xray_triage.move_destinations import move_resolver
 from xray_triage.settings import Settings
 from xray_triage.store.db import Database
+from xray_triage.store.diskspace import StorageGuard
+from xray_triage.store.ingest import Ingestor, TriagePolicy
 from xray_triage_server.delivery import sender_config
+
+
+def ingestor(settings: Settings, db: Database, storage: StorageGuard) -> Ingestor:
+    """The gateway's ingest path (validation, group commit, triage policy) as the settings say."""
+    return Ingestor(
+        settings.data_dir,
+        db,
+        TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
+        default_character_set=settings.default_character_set,
+        storage=storage,
+    )
 
 
 def gateway_config(settings: Settings) -> GatewayConfig:

@@ -50,7 +50,7 @@ from xray_triage.settings import Settings
 from xray_triage.store.data_dir_lock import DataDirLock
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
-from xray_triage.store.ingest import Ingestor, TriagePolicy
+from xray_triage_server import gateway_setup
 from xray_triage_server.gateway_setup import gateway_config, query_retrieve
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,7 @@ def run_receiver(
     relay = EventRelay(events_fd)
     db.events.register(Event, relay)
     storage = StorageGuard(settings.data_dir, settings.min_free_disk_mb)
-    ingestor = Ingestor(
-        settings.data_dir,
-        db,
-        TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
-        default_character_set=settings.default_character_set,
-        storage=storage,
-    )
+    ingestor = gateway_setup.ingestor(settings, db, storage)
     config = replace(gateway_config(settings), reuse_port=True, adopt_only=handoff_fd is not None)
     gateway = DicomGateway(config, db, ingestor, qr=query_retrieve(settings, db))
     try:

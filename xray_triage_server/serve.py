@@ -51,11 +51,12 @@ from xray_triage.store.data_dir_lock import DataDirLock, other_processes_alive
 from xray_triage.store.db import Database
 from xray_triage.store.diskspace import StorageGuard
 from xray_triage.store.files import clean_incoming, quarantined_files, remove_file, stored_files
-from xray_triage.store.ingest import Ingestor, TriagePolicy
+from xray_triage.store.ingest import Ingestor
 from xray_triage.store.result_objects import ResultObject
 from xray_triage.store.schema import Instance, QuarantinedInstance
 from xray_triage.store.schema_error import SchemaError
 from xray_triage.triage.worker import TriageWorkers
+from xray_triage_server import gateway_setup
 from xray_triage_server.cli_error import CliError
 from xray_triage_server.delivery import DeliveryRuntime, DestinationError
 from xray_triage_server.gateway_setup import gateway_config, query_retrieve, tls_config
@@ -317,13 +318,7 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
             except DestinationError as exc:
                 raise CliError(f"[[destinations]]: {exc}") from exc
         if "gateway" in roles:
-            ingestor = Ingestor(
-                settings.data_dir,
-                db,
-                TriagePolicy(settings.triage_modalities, settings.triage_body_parts),
-                default_character_set=settings.default_character_set,
-                storage=storage,
-            )
+            ingestor = gateway_setup.ingestor(settings, db, storage)
             gateway = DicomGateway(gateway_config(settings), db, ingestor, qr=query_retrieve(settings, db))
             try:
                 gateway.start()

@@ -60,21 +60,13 @@ def _fsync_dir(path: Path) -> None:
 
 def write_durably(data_dir: Path, relpath: Path, payload: bytes) -> Path:
     """Write ``payload`` to ``data_dir/relpath`` atomically and durably; return the path."""
-    incoming = data_dir / "incoming"
-    final = data_dir / relpath
-    incoming.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    part = incoming / f"{uuid.uuid4().hex}.part"
+    staged = stage_bytes(data_dir, payload)
     try:
-        with open(part, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, final)
+        final, dirs = place_staged(data_dir, staged, relpath)
     except BaseException:
-        part.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dirs(dirs)
     return final
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -180,16 +181,8 @@ class Ingestor:
         problem = validate(ds, meta) or incompleteness(encoded, transfer_syntax_uid)
         if problem:
             return IngestOutcome(STATUS_DATASET_MISMATCH, problem)
-        started = time.perf_counter()
-        try:
-            staged = stage_bytes(self.data_dir, encoded)
-        except OSError as exc:
-            log.error("cannot write DICOM file", extra={"sop_uid": meta.sop_instance_uid, "error": str(exc)})
-            return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}")
-        rx = _Received(
-            meta, staged, len(encoded), transfer_syntax_uid, calling_ae, peer_address, receive_ms, started
-        )
-        return self._commit(rx)
+        arrival = (len(encoded), transfer_syntax_uid, calling_ae, peer_address, receive_ms)
+        return self._stage_and_commit(meta, lambda: stage_bytes(self.data_dir, encoded), *arrival)
 
     def ingest_file(
         self,
@@ -238,17 +231,30 @@ class Ingestor:
         del ds  # deferred values point at ``path``, which is about to move
         if problem:
             return IngestOutcome(STATUS_DATASET_MISMATCH, problem)
+        arrival = (size, transfer_syntax_uid, calling_ae, peer_address, receive_ms)
+        return self._stage_and_commit(meta, lambda: stage_file(self.data_dir, path), *arrival)
+
+    def _stage_and_commit(
+        self,
+        meta: InstanceMeta,
+        stage: Callable[[], Path],
+        file_size: int,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        peer_address: str,
+        receive_ms: float | None,
+    ) -> IngestOutcome:
+        """Make the instance's bytes durable in ``incoming/`` (``stage``), then file it (``_commit``)."""
         started = time.perf_counter()
         try:
-            staged = stage_file(self.data_dir, path)
+            staged = stage()
         except OSError as exc:
             log.error("cannot write DICOM file", extra={"sop_uid": meta.sop_instance_uid, "error": str(exc)})
             return IngestOutcome(STATUS_OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}")
-        rx = _Received(meta, staged, size, transfer_syntax_uid, calling_ae, peer_address, receive_ms, started)
-        outcome = self._commit(rx)
-        if staged != path:
-            _unlink(staged)  # our copy of a file from another file system, if it was not filed
-        return outcome
+        rx = _Received(
+            meta, staged, file_size, transfer_syntax_uid, calling_ae, peer_address, receive_ms, started
+        )
+        return self._commit(rx)
 
     # -- group commit -----------------------------------------------------------------
 
