@@ -85,7 +85,8 @@ class ReceiverPool:
 
     ``events``: this process's in-process handlers (``Database.events``), called with the
     receivers' events; ``health``: the ``/healthz`` state dict; ``command``: the CLI to start
-    (default :func:`receiver_command`); ``clock``: monotonic seconds.
+    (default :func:`receiver_command`); ``clock``: monotonic seconds; ``serve_here``: whether this
+    process takes its turn at serving plain connections (``handoff``).
     """
 
     def __init__(
@@ -95,8 +96,10 @@ class ReceiverPool:
         health: dict[str, Any],
         command: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        serve_here: bool = True,
     ) -> None:
         self.settings = settings
+        self.serve_here = serve_here
         self.events = events
         self.health = health
         self.command = list(command or receiver_command())
@@ -277,15 +280,27 @@ class ReceiverPool:
     # -- plain connections ----------------------------------------------------------------
 
     def handoff(self, sock: socket.socket, address: tuple[str, int]) -> bool:
-        """Pass ``sock`` to the receiver whose turn it is (True), or keep it (False: this process's
-        turn, or that receiver is not listening or cannot take it within HANDOFF_TIMEOUT_S)."""
+        """Pass ``sock`` to the process whose turn it is (True), or keep it (False).
+
+        Round robin over the receivers, and this process too when ``serve_here`` (it does not
+        triage; one that does keeps its interpreter for triage and hands every connection on).
+        A receiver that is not listening is skipped; one that cannot take the connection within
+        HANDOFF_TIMEOUT_S leaves it here, as does having no receiver listening at all.
+        """
         with self._lock:
-            self._turn = (self._turn + 1) % (len(self.receivers) + 1)
-            if self._turn == 0 or self._stopping.is_set():
+            if self._stopping.is_set():
                 return False
-            receiver = self.receivers[self._turn - 1]
-            channel = receiver.channel if receiver.listening else None
-        if channel is None:
+            turns = len(self.receivers) + (1 if self.serve_here else 0)
+            channel, receiver = None, None
+            for _ in range(turns):
+                self._turn = (self._turn + 1) % turns
+                if self._turn == len(self.receivers):  # this process's turn
+                    return False
+                candidate = self.receivers[self._turn]
+                if candidate.listening and candidate.channel is not None:
+                    channel, receiver = candidate.channel, candidate
+                    break
+        if channel is None or receiver is None:
             return False
         try:
             socket.send_fds(channel, [b"c"], [sock.fileno()])

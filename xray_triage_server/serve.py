@@ -331,7 +331,10 @@ def _run(settings: Settings, http_socket: socket.socket | None) -> int:
                 ) from exc
             health["dicom_gateway"] = "ok"
             if settings.gateway_processes > 1:  # more interpreters receiving on the same port(s)
-                receivers = ReceiverPool(settings, db.events, health)
+                # A gateway process that triages leaves the receiving to its receivers: its interpreter
+                # is busy enough with triage (issue 17's figures), theirs are free.
+                triaging = workers is not None and settings.triage_workers > 0
+                receivers = ReceiverPool(settings, db.events, health, serve_here=not triaging)
                 receivers.start(
                     plain_port=gateway.port if settings.dicom_plain_enabled else None,
                     tls_port=gateway.tls_port,

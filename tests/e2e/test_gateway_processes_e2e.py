@@ -1,8 +1,9 @@
 """End to end: several gateway processes on one DICOM port (``gateway_processes = 2``).
 
 A real ``serve`` process starts one receiver process (``serve --roles receiver``); the gateway
-process accepts plain connections and hands every other one to the receiver (``SCM_RIGHTS``).
-Checked: concurrent senders are spread evenly over both and every
+process accepts plain connections and, since it triages, hands every one of them to the receiver
+(``SCM_RIGHTS``; the turns themselves are in tests/unit/test_connection_handoff.py).
+Checked: concurrent senders' associations all go to the receiver and every
 image is stored and triaged (the receiver's commits wake the gateway process's triage workers
 through the events pipe); SIGTERM stops both, exit 0; a receiver killed with SIGKILL while
 senders send is restarted and nothing it acknowledged is lost.
@@ -70,8 +71,8 @@ def test_four_senders_over_two_processes_store_and_triage_everything_then_sigter
     (receiver_pid,) = _receiver_pids(server)
     tokens = create_users(server.data_dir, [("metrics-admin", "admin", None, "metrics-admin-password")])
 
-    # 4 senders x 4 images, one association each: 16 associations, handed to the two processes
-    # in turn, whatever order they arrive in.
+    # 4 senders x 4 images, one association each: 16 associations, all handed to the receiver
+    # (the gateway process triages: its interpreter is left to triage).
     copies = _small_copies(samples, tmp_path, 16)
     errors: list[BaseException] = []
 
@@ -99,7 +100,7 @@ def test_four_senders_over_two_processes_store_and_triage_everything_then_sigter
     stored_lines = [line for line in server.log().splitlines() if "C-STORE stored" in line]
     by_receiver = [line for line in stored_lines if f"receiver=1 pid={receiver_pid}" in line]
     assert len(stored_lines) == len(copies), server.log_tail()
-    assert len(by_receiver) == len(copies) // 2, f"{len(by_receiver)} of {len(copies)} stored by the receiver"
+    assert len(by_receiver) == len(copies), f"{len(by_receiver)} of {len(copies)} stored by the receiver"
     # The receiver's events are relayed: the gateway process's counters include its images.
     metrics = http.get(server.url("/metrics"), headers={"Authorization": f"Bearer {tokens['metrics-admin']}"})
     assert metrics.status_code == 200, metrics.text[:500]
