@@ -95,6 +95,9 @@ class OutboxConsumer:
     persist_events: int = 1000
     persist_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
+    # Called with the next wanted event before the write transaction that hands it to ``handle``
+    # (outside any transaction): slow work that needs no lock goes here (``AiResultsAhead``).
+    prepare: Callable[[StoredEvent], None] | None = None
     _position: int = field(default=0, init=False)  # every event up to this id is worked off or skipped
     _stored: int = field(default=0, init=False)  # the stored cursor as last read or written
     _ahead_since: float | None = field(default=None, init=False)  # clock() when _position passed _stored
@@ -119,6 +122,8 @@ class OutboxConsumer:
                 wanted = next((stored for stored in events if self.wants(session, stored.event)), None)
             if wanted is not None:
                 self._moved_to(max(start, wanted.id - 1))  # the unwanted ones before it are skipped
+                if self.prepare is not None:
+                    self.prepare(wanted)
                 return self._work_off()
             if last_id == start:  # up to date
                 self._moved_to(start)

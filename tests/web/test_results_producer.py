@@ -194,3 +194,43 @@ def test_an_unreadable_source_is_logged_and_skipped_not_a_stuck_consumer(
         study_ids = set(session.scalars(select(ResultObject.study_id)))
         assert study_ids == {session.scalar(select(Study.id).where(Study.study_instance_uid == other_study))}
     assert other_sop
+
+
+def test_ai_objects_are_made_before_the_write_transaction_that_records_them(env: WebEnv) -> None:
+    """Issue 17: the SR + GSPS are built and written ahead (``AiResultsAhead``); the write lock is
+    only taken to record their rows, so the gateway's commits do not wait for highdicom."""
+    from sqlalchemy import event as sa_event
+
+    config = producer.ResultsConfig(env.data_dir, load_card(env.model_dir), ROOT, clock=lambda: NOW)
+    ahead = producer.AiResultsAhead(env.db, config)
+    consumer = OutboxConsumer(
+        env.db,
+        producer.CONSUMER,
+        lambda session, stored: producer.handle(session, stored, config, ahead),
+        wants=producer.wants,
+        batch=1,
+        prepare=ahead.prepare,
+    )
+    study_dir = env.data_dir / "dicom" / env.study  # type: ignore[attr-defined]
+    files_at_begin: list[int] = []
+
+    def on_begin(_conn) -> None:  # type: ignore[no-untyped-def]
+        files_at_begin.append(len(list(study_dir.rglob("*.dcm"))))
+
+    sa_event.listen(env.db.engine, "begin", on_begin)
+    try:
+        assert consumer.drain() > 0
+    finally:
+        sa_event.remove(env.db.engine, "begin", on_begin)
+    objects = _objects(env)
+    assert [(o.kind, o.version) for o in objects] == [("ai-sr", 1), ("ai-gsps", 1)]
+    assert files_at_begin and files_at_begin[0] == 3, files_at_begin  # the image + both objects, before the lock
+    for row in objects:
+        assert dciodvfy(env.data_dir / row.file_path) == []
+    assert [e.sop_instance_uid for e in _stored_events(env)] == [o.sop_instance_uid for o in objects]
+    # Handled again (as after a crash before the cursor's commit): nothing new, made ahead or not.
+    with env.db.session() as session:
+        session.execute(update(OutboxCursor).where(OutboxCursor.consumer == producer.CONSUMER).values(last_id=0))
+    consumer._position = 0
+    consumer.drain()
+    assert [o.sop_instance_uid for o in _objects(env)] == [o.sop_instance_uid for o in objects]

@@ -27,16 +27,42 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class StudyRef:
+    """The study columns filing needs, copied out of a session (a ``Study`` row works as well)."""
+
+    id: int
+    study_instance_uid: str
+    station_ae: str
+
+
+@dataclass(frozen=True)
 class Source:
     """What an object is made from: its study, the image it is about (None: the whole study),
     its ``source_key`` (``result_objects``) and the hash of its inputs."""
 
-    study: Study
+    study: Study | StudyRef
     instance_id: int | None
     kind: str
     category: str
     source_key: str
     content_sha256: str
+
+    def detached(self) -> Source:
+        """The same, with the study as plain values (usable after its session has closed)."""
+        study = StudyRef(self.study.id, self.study.study_instance_uid, self.study.station_ae)
+        return Source(study, self.instance_id, self.kind, self.category, self.source_key, self.content_sha256)
+
+
+@dataclass(frozen=True)
+class WrittenResult:
+    """An object's file, written and fsync'ed in its study, whose row is not recorded yet."""
+
+    relpath: str
+    file_size: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
 
 
 def file_result(
@@ -47,6 +73,12 @@ def file_result(
     Raises ``OSError`` when the file cannot be written (the caller's transaction then rolls back
     and the consumer retries), ``ValueError`` for a UID that is not a valid DICOM UID.
     """
+    return record_result(session, write_result(data_dir, dataset, source), source, version)
+
+
+def write_result(data_dir: Path, dataset: Dataset, source: Source) -> WrittenResult:
+    """Write ``dataset``'s file durably (no database work: this may run outside any write
+    transaction, ``AiResultsAhead``). Raises ``OSError``, ``ValueError`` as ``file_result``."""
     study_uid = str(dataset.StudyInstanceUID)
     if study_uid != source.study.study_instance_uid:
         raise ValueError(
@@ -55,6 +87,19 @@ def file_result(
     payload = encode(dataset)
     relpath = instance_relpath(study_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID))
     write_durably(data_dir, relpath, payload)
+    return WrittenResult(
+        str(relpath),
+        len(payload),
+        str(dataset.SOPInstanceUID),
+        str(dataset.SOPClassUID),
+        str(dataset.SeriesInstanceUID),
+        str(dataset.file_meta.TransferSyntaxUID),
+    )
+
+
+def record_result(session: Session, written: WrittenResult, source: Source, version: int) -> ResultObject:
+    """Record a written object in ``session``: its ``result_objects`` row and ``ResultObjectStored``."""
+    study_uid = source.study.study_instance_uid
     row = ResultObject(
         study_id=source.study.id,
         source_instance_id=source.instance_id,
@@ -63,12 +108,12 @@ def file_result(
         source_key=source.source_key,
         version=version,
         content_sha256=source.content_sha256,
-        sop_instance_uid=str(dataset.SOPInstanceUID),
-        sop_class_uid=str(dataset.SOPClassUID),
-        series_instance_uid=str(dataset.SeriesInstanceUID),
-        transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
-        file_path=str(relpath),
-        file_size=len(payload),
+        sop_instance_uid=written.sop_instance_uid,
+        sop_class_uid=written.sop_class_uid,
+        series_instance_uid=written.series_instance_uid,
+        transfer_syntax_uid=written.transfer_syntax_uid,
+        file_path=written.relpath,
+        file_size=written.file_size,
     )
     session.add(row)
     session.flush()
