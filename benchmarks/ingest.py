@@ -466,7 +466,9 @@ def _measure(
     if name == "ours_off":
         return _measure_ours(rx.ours_off, rx.off_db, False, shares, uids, workload.image, n_bytes, where)
     if name == "ours_multi":
-        return _measure_ours(rx.ours_multi, rx.multi_db, True, shares, uids, workload.image, n_bytes, where, tree=True)
+        return _measure_ours(
+            rx.ours_multi, rx.multi_db, True, shares, uids, workload.image, n_bytes, where, tree=True
+        )
     return _measure_ours(rx.ours_on, rx.on_db, True, shares, uids, workload.image, n_bytes, where)
 
 
@@ -584,7 +586,9 @@ def run_ingest(
         section["idle_rss_mb_after_start"] = {
             "ours_on": round(proc_status_kb(ours_on.pid).get("VmRSS", 0) / 1024, 1),
             "ours_off": round(proc_status_kb(ours_off.pid).get("VmRSS", 0) / 1024, 1),
-            "ours_multi": round(sum(proc_status_kb(p).get("VmRSS", 0) for p in tree_pids(ours_multi.pid)) / 1024, 1),
+            "ours_multi": round(
+                sum(proc_status_kb(p).get("VmRSS", 0) for p in tree_pids(ours_multi.pid)) / 1024, 1
+            ),
             "orthanc": round(proc_status_kb(orthanc.pid).get("VmRSS", 0) / 1024, 1) if orthanc else None,
         }
         section["orthanc"] = (
@@ -787,8 +791,9 @@ def markdown_lines(ingest: Mapping[str, Any]) -> list[str]:
             else "Orthanc: not available. "
         )
         + "Ours: three servers started once (triage off = XRAY_TRIAGE_TRIAGE_WORKERS=0; "
-        f"{GATEWAY_PROCESSES} gateway processes = XRAY_TRIAGE_GATEWAY_PROCESSES={GATEWAY_PROCESSES}, one port shared "
-        "with SO_REUSEPORT, its CPU and RSS summed over the processes), fsync + commit before "
+        f"{GATEWAY_PROCESSES} gateway processes = XRAY_TRIAGE_GATEWAY_PROCESSES={GATEWAY_PROCESSES}: the gateway "
+        "process triages and hands every association to its receivers, CPU and RSS summed over the processes), "
+        "fsync + commit before "
         f"each acknowledgement. Small image: {ingest.get('small_source')} averaged 2x2 to 512x512, explicit VR LE.",
     ]
     return lines
