@@ -45,7 +45,10 @@ from xray_triage.store.schema import Study
 
 DX = "dev_01_dx_pa_explicit_window.dcm"
 JPEG_LS = "dev_04_cr_pa_rescale_jpegls.dcm"
-T0 = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
+# The injected clock's start: rows queued by ``_consume`` take the real time (the column default), so
+# T0 must lie after any real "now" for them to be due. It was 2026-11-30 08:00 UTC, which stopped
+# being in the future at 08:00 on that day and failed every sending test from then on.
+T0 = datetime(2100, 1, 1, 8, 0, tzinfo=UTC)
 INITIAL_S, MAX_S = 5.0, 40.0
 
 
