@@ -530,6 +530,71 @@ def is_failure_status(status: int) -> bool:
 http = httpx.Client(trust_env=False, timeout=30)
 
 
+class AcknowledgedBurst:
+    """Files sent from one thread per share, each with its own ``storescu``, so that its exit code
+    is that file's acknowledgement: ``results[file]`` is the run, and ``wait_acknowledged(n)``
+    returns once ``n`` files were acknowledged (to pull a plug mid-burst)."""
+
+    def __init__(self, shares: Sequence[Sequence[Path]], port: int) -> None:
+        self.port = port
+        self.results: dict[Path, DcmtkRun] = {}
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._acknowledged = threading.Semaphore(0)
+        self._threads = [threading.Thread(target=self._send, args=(list(share),)) for share in shares]
+
+    def _send(self, files: list[Path]) -> None:
+        try:
+            for f in files:
+                run = storescu([f], self.port)
+                with self._lock:
+                    self.results[f] = run
+                if run.returncode == 0:
+                    self._acknowledged.release()
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            self.errors.append(exc)
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def wait_acknowledged(self, n: int, timeout_s: float = 120.0) -> None:
+        for _ in range(n):
+            assert self._acknowledged.acquire(timeout=timeout_s), f"fewer than {n} files acknowledged"
+
+    def join(self, timeout_s: float = 300.0) -> list[Path]:
+        """Wait for every sender; returns the files acknowledged (each answered Success)."""
+        for t in self._threads:
+            t.join(timeout_s)
+        assert not self.errors, self.errors
+        acked = [f for f, run in self.results.items() if run.returncode == 0]
+        for f in acked:
+            assert self.results[f].store_responses == ["Success"], self.results[f].describe()
+        return acked
+
+
+def assert_acknowledged_kept(server: Server, acked: Iterable[Path]) -> None:
+    """Every acknowledged file is stored, with the data set bytes it was sent with."""
+    stored = {r[0] for r in query(server.data_dir, "SELECT sop_instance_uid FROM instances")}
+    for f in acked:
+        uids = read_uids(f)
+        assert uids.sop in stored, f"{f.name} was acknowledged but is not stored"
+        image = next(i for i in server.study(uids.study)["images"] if i["sop_instance_uid"] == uids.sop)
+        assert dataset_bytes(server.data_dir / image["file_path"]) == dataset_bytes(f), f.name
+
+
+def resend_and_assert_each_once(server: Server, copies: Sequence[Path], acked: Sequence[Path]) -> None:
+    """The modality retries what was not acknowledged; then every file is stored and triaged exactly once."""
+    for f in copies:
+        if f not in acked:
+            store_ok([f], server.dicom_port)
+    studies = server.wait_final(read_uids(f).study for f in copies)
+    for f in copies:
+        uids = read_uids(f)
+        assert studies[uids.study]["ai_status"] == "done", studies[uids.study]
+        assert counts_for_sop(server.data_dir, uids.sop) == (1, 1, 1), f.name
+
+
 class ServerExited(RuntimeError):
     """The server process ended while we waited for it to become ready."""
 

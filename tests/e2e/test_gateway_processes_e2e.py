@@ -23,18 +23,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e_helpers import (
     STATION1,
+    AcknowledgedBurst,
     SampleFile,
     Server,
+    assert_acknowledged_kept,
     assert_store_consistent,
     copy_with_new_uids,
     counts_for_sop,
     create_users,
-    dataset_bytes,
     http,
-    query,
     read_uids,
+    resend_and_assert_each_once,
     store_ok,
-    storescu,
 )
 
 pytestmark = pytest.mark.slow
@@ -123,32 +123,12 @@ def test_a_killed_receiver_is_restarted_and_nothing_acknowledged_is_lost(
     server = launch_server.launch("kill-receiver", env=TWO_PROCESSES)
     (first_pid,) = _receiver_pids(server)
     copies = _small_copies(samples, tmp_path, 24)
-    results: dict[Path, Any] = {}
-    lock = threading.Lock()
-    acknowledged = threading.Semaphore(0)
-    errors: list[BaseException] = []
-
-    def sender(files: list[Path]) -> None:
-        try:
-            for f in files:  # one storescu per file: its exit code is that file's acknowledgement
-                run = storescu([f], server.dicom_port)
-                with lock:
-                    results[f] = run
-                if run.returncode == 0:
-                    acknowledged.release()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=sender, args=(copies[n::3],)) for n in range(3)]
-    for t in threads:
-        t.start()
-    for _ in range(4):  # let a few through, then kill the receiver mid-burst
-        assert acknowledged.acquire(timeout=120), "no file acknowledged before the kill"
+    burst = AcknowledgedBurst([copies[n::3] for n in range(3)], server.dicom_port)
+    burst.start()
+    burst.wait_acknowledged(4)  # let a few through, then kill the receiver mid-burst
     os.kill(first_pid, 9)
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    assert len(results) == len(copies)
+    acked = burst.join()
+    assert len(burst.results) == len(copies)
 
     # The gateway process noticed, said so, and started another receiver that listens again.
     deadline = time.monotonic() + RESTART_DEADLINE_S
@@ -164,25 +144,8 @@ def test_a_killed_receiver_is_restarted_and_nothing_acknowledged_is_lost(
     assert re.search(rf"receiver process died: restarting it receiver=1 pid={first_pid}", server.log())
     assert server.running, server.log_tail()
 
-    acked = [f for f, run in results.items() if run.returncode == 0]
-    for f in acked:
-        assert results[f].store_responses == ["Success"], results[f].describe()
-    stored = {r[0] for r in query(server.data_dir, "SELECT sop_instance_uid FROM instances")}
-    for f in acked:
-        uids = read_uids(f)
-        assert uids.sop in stored, f"{f.name} was acknowledged but is not stored"
-        image = next(i for i in server.study(uids.study)["images"] if i["sop_instance_uid"] == uids.sop)
-        assert dataset_bytes(server.data_dir / image["file_path"]) == dataset_bytes(f), f.name
-
-    # The modality retries what was not acknowledged; then everything is there exactly once.
-    for f in copies:
-        if f not in acked:
-            store_ok([f], server.dicom_port)
-    studies = server.wait_final(read_uids(f).study for f in copies)
-    for f in copies:
-        uids = read_uids(f)
-        assert studies[uids.study]["ai_status"] == "done", studies[uids.study]
-        assert counts_for_sop(server.data_dir, uids.sop) == (1, 1, 1), f.name
+    assert_acknowledged_kept(server, acked)
+    resend_and_assert_each_once(server, copies, acked)
     # What the killed receiver was writing is removed at the next start (alone on the data directory).
     server.stop_cleanly()
     assert not any(_alive(pid) for pid in pids)

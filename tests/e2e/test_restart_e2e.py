@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,19 +9,20 @@ from typing import Any
 import pytest
 
 from e2e_helpers import (
+    AcknowledgedBurst,
     SampleFile,
+    assert_acknowledged_kept,
     assert_store_consistent,
     assert_triaged,
     copy_with_new_uids,
     counts_for_sop,
-    dataset_bytes,
     execute,
     model_labels,
     port_open,
     query,
     read_uids,
+    resend_and_assert_each_once,
     store_ok,
-    storescu,
 )
 
 pytestmark = pytest.mark.slow
@@ -77,59 +77,20 @@ def test_kill_9_during_a_burst_loses_nothing_acknowledged(
     server = launch_server.launch("kill9")
     sources = [s.path for s in samples if s.rows <= 1024] * 2  # small files: many sends per second
     copies = copy_with_new_uids(sources, tmp_path / "burst")
-    halves = [copies[0::2], copies[1::2]]
-    results: dict[Path, Any] = {}
-    lock = threading.Lock()
-    acknowledged = threading.Semaphore(0)
-    errors: list[BaseException] = []
-
-    def sender(files: list[Path]) -> None:
-        try:
-            for f in files:  # one storescu per file: its exit code is that file's acknowledgement
-                run = storescu([f], server.dicom_port)
-                with lock:
-                    results[f] = run
-                if run.returncode == 0:
-                    acknowledged.release()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=sender, args=(h,)) for h in halves]
-    for t in threads:
-        t.start()
-    for _ in range(4):  # let a few through, then pull the plug mid-burst
-        assert acknowledged.acquire(timeout=120), "no file acknowledged before the kill"
+    burst = AcknowledgedBurst([copies[0::2], copies[1::2]], server.dicom_port)
+    burst.start()
+    burst.wait_acknowledged(4)  # let a few through, then pull the plug mid-burst
     server.kill9()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
-    assert len(results) == len(copies)
-
-    acked = [f for f, run in results.items() if run.returncode == 0]
-    for f in acked:
-        assert results[f].store_responses == ["Success"], results[f].describe()
+    acked = burst.join()
+    assert len(burst.results) == len(copies)
     not_acked = [f for f in copies if f not in acked]
     assert len(acked) >= 4
     assert not_acked, "the kill did not land during the burst"
 
     server.start()  # same data directory, fresh process
     assert_store_consistent(server.data_dir)
-    stored = {r[0] for r in query(server.data_dir, "SELECT sop_instance_uid FROM instances")}
-    for f in acked:
-        uids = read_uids(f)
-        assert uids.sop in stored, f"{f.name} was acknowledged but is not stored"
-        study = server.study(uids.study)
-        image = next(i for i in study["images"] if i["sop_instance_uid"] == uids.sop)
-        assert dataset_bytes(server.data_dir / image["file_path"]) == dataset_bytes(f), f.name
-
-    # The modality retries what was not acknowledged; afterwards everything is there exactly once.
-    for f in not_acked:
-        store_ok([f], server.dicom_port)
-    studies = server.wait_final(read_uids(f).study for f in copies)
-    for f in copies:
-        uids = read_uids(f)
-        assert studies[uids.study]["ai_status"] == "done", studies[uids.study]
-        assert counts_for_sop(server.data_dir, uids.sop) == (1, 1, 1), f.name
+    assert_acknowledged_kept(server, acked)
+    resend_and_assert_each_once(server, copies, acked)
     assert_store_consistent(server.data_dir)
 
 
